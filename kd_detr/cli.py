@@ -1,0 +1,252 @@
+"""The ``kd-detr`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def parse_overrides(pairs: tuple[str, ...], option: str) -> dict[str, Any]:
+    """``key=value`` pairs; values are parsed as JSON when they parse (numbers, bools, lists), else strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise click.BadParameter(f"expected key=value, got {pair!r}", param_hint=option)
+        key, value = pair.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+class KdDetrGroup(click.Group):
+    """Turns expected user errors (bad files, bad options) into one clear line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            if ctx.obj and ctx.obj.get("verbose"):
+                raise
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise click.ClickException(str(msg)) from e
+
+
+@click.group(cls=KdDetrGroup)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging and full tracebacks.")
+@click.version_option(package_name="kd-detr")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
+    """kd-detr: knowledge distillation for DETR-style object detectors."""
+    ctx.obj = {"verbose": verbose}
+    _setup_logging(verbose)
+
+
+# --------------------------------------------------------------------------- models / convert
+@main.command("models")
+def models_cmd() -> None:
+    """List the registered model architectures."""
+    from kd_detr.models import list_models
+
+    for name, desc in list_models().items():
+        click.echo(f"{name:24s} {desc}")
+
+
+@main.command("convert")
+@click.option("--from-official", "official", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Official Conditional DETR checkpoint (.pth holding {'model': state_dict}).")
+@click.option("--model", "model_name", required=True, help="Registered architecture, e.g. cond_detr_r50.")
+@click.option("--num-classes", type=int, default=91, show_default=True,
+              help="Number of class logits in the checkpoint (91 for the official COCO models).")
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="COCO JSON whose categories give the label map (default: COCO ids used as indices).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .safetensors file.")
+def convert_cmd(official: str, model_name: str, num_classes: int, annotations: str | None, out: str) -> None:
+    """Convert an official checkpoint to kd-detr's safetensors format (weights + metadata)."""
+    from kd_detr.data import LabelMap, read_categories
+    from kd_detr.models import convert_official
+
+    if annotations:
+        label_map = LabelMap.raw_ids(read_categories(annotations), num_classes=num_classes)
+    else:
+        label_map = LabelMap.raw_ids(range(1, num_classes), num_classes=num_classes)
+    convert_official(official, model_name, num_classes, out, label_map=label_map)
+    click.echo(f"wrote {out}")
+
+
+# --------------------------------------------------------------------------- data
+@main.group("data")
+def data_group() -> None:
+    """Data sets: the synthetic COCO-format generator."""
+
+
+@data_group.command("synth")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (COCO tree).")
+@click.option("--train", "num_train", type=int, default=1000, show_default=True, help="Training images.")
+@click.option("--val", "num_val", type=int, default=200, show_default=True, help="Validation images.")
+@click.option("--image-size", type=int, default=128, show_default=True, help="Image side in pixels.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def synth_cmd(out: str, num_train: int, num_val: int, image_size: int, seed: int) -> None:
+    """Write a synthetic COCO-format detection data set (deterministic for a seed)."""
+    from kd_detr.data import generate_synthetic
+
+    generate_synthetic(out, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed)
+    click.echo(f"wrote {num_train} train / {num_val} val images to {out}")
+
+
+# --------------------------------------------------------------------------- train
+def _data_options(f):
+    opts = [
+        click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
+                     help="COCO tree: annotations/instances_{train,val}2017.json, train2017/, val2017/."),
+        click.option("--train-ann", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Custom training annotation JSON (with --train-images)."),
+        click.option("--train-images", type=click.Path(exists=True, file_okay=False), default=None),
+        click.option("--val-ann", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Custom validation annotation JSON (with --val-images)."),
+        click.option("--val-images", type=click.Path(exists=True, file_okay=False), default=None),
+        click.option("--image-size", type=int, default=None,
+                     help="Small-image preset (e.g. 128); default: official sizes (800, max 1333)."),
+        click.option("--label-map", type=click.Choice(["contiguous", "coco91"]), default="contiguous",
+                     show_default=True, help="contiguous class indices, or COCO ids as indices (official 91)."),
+        click.option("--num-workers", type=int, default=2, show_default=True),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@main.command("train")
+@click.option("--model", "model_name", default="cond_detr_r18_tiny", show_default=True)
+@click.option("--model-opt", multiple=True, metavar="KEY=VALUE",
+              help="Override a model config field (repeatable), e.g. --model-opt num_queries=30.")
+@click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Local torchvision ImageNet ResNet weights for the backbone.")
+@click.option("--init-checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Start from these weights (kd-detr .safetensors or official .pth).")
+@_data_options
+@click.option("--batch-size", type=int, default=2, show_default=True, help="Images per process.")
+@click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--lr-backbone", type=float, default=1e-5, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--clip-max-norm", type=float, default=0.1, show_default=True)
+@click.option("--epochs", type=int, default=50, show_default=True)
+@click.option("--max-iters", type=int, default=None, help="Iteration budget (overrides --epochs).")
+@click.option("--lr-drop", type=int, default=40, show_default=True, help="Epoch after which lr x0.1.")
+@click.option("--lr-drop-iter", type=int, default=None, help="Iteration after which lr x0.1 (wins over --lr-drop).")
+@click.option("--warmup-iters", type=int, default=0, show_default=True)
+@click.option("--amp", is_flag=True, help="Mixed precision (CUDA only).")
+@click.option("--output-dir", default="runs/train", show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--log-every", type=int, default=10, show_default=True)
+@click.option("--checkpoint-every", type=int, default=500, show_default=True, help="Iterations.")
+@click.option("--eval-every-epochs", type=int, default=1, show_default=True)
+@click.option("--eval-every-iters", type=int, default=None)
+@click.option("--eval-batch-size", type=int, default=2, show_default=True)
+@click.option("--eval-max-images", type=int, default=None, help="Evaluate on the first N validation images.")
+@click.option("--resume", default=None, help="'auto' (latest in --output-dir) or a checkpoint path.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train_cmd(model_name, model_opt, backbone_weights, init_checkpoint, data, train_ann, train_images, val_ann,
+              val_images, image_size, label_map, num_workers, batch_size, lr, lr_backbone, weight_decay,
+              clip_max_norm, epochs, max_iters, lr_drop, lr_drop_iter, warmup_iters, amp, output_dir, seed,
+              device, log_every, checkpoint_every, eval_every_epochs, eval_every_iters, eval_batch_size,
+              eval_max_images, resume, no_progress) -> None:
+    """Train a Conditional DETR (official recipe by default). Multi-GPU: torchrun --nproc_per_node N -m kd_detr train ..."""
+    from kd_detr.engine.trainer import TrainConfig, train
+
+    cfg = TrainConfig(
+        model=model_name, model_overrides=parse_overrides(model_opt, "--model-opt"),
+        backbone_weights=backbone_weights, init_checkpoint=init_checkpoint, data=data, train_ann=train_ann,
+        train_images=train_images, val_ann=val_ann, val_images=val_images, image_size=image_size,
+        label_map=label_map, num_workers=num_workers, batch_size=batch_size, lr=lr, lr_backbone=lr_backbone,
+        weight_decay=weight_decay, clip_max_norm=clip_max_norm, epochs=epochs, max_iters=max_iters,
+        lr_drop=lr_drop, lr_drop_iter=lr_drop_iter, warmup_iters=warmup_iters, amp=amp, output_dir=output_dir,
+        seed=seed, device=device, log_every=log_every, checkpoint_every=checkpoint_every,
+        eval_every_epochs=eval_every_epochs, eval_every_iters=eval_every_iters, eval_batch_size=eval_batch_size,
+        eval_max_images=eval_max_images, resume=resume, progress=not no_progress)
+    metrics = train(cfg)
+    if metrics:
+        click.echo(f"final AP {100 * metrics['AP']:.1f} (best {100 * metrics['best_ap']:.1f}); "
+                   f"outputs in {output_dir}")
+
+
+# --------------------------------------------------------------------------- eval / predict
+@main.command("eval")
+@click.option("--model", "model_name", default=None,
+              help="Architecture (needed for official .pth checkpoints; checked against safetensors metadata).")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="kd-detr .safetensors or official .pth.")
+@click.option("--num-classes", type=int, default=None, help="For official .pth checkpoints (default 91).")
+@_data_options
+@click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
+@click.option("--batch-size", type=int, default=2, show_default=True,
+              help="Images per batch (padding changes DETR AP; the official repo uses 1-2).")
+@click.option("--max-images", type=int, default=None, help="Evaluate on the first N images only.")
+@click.option("--output-dir", default=None, help="Where results.json and metrics.json go (default: beside the checkpoint).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--per-class", is_flag=True, help="Also print the per-class AP table.")
+def eval_cmd(model_name, checkpoint, num_classes, data, train_ann, train_images, val_ann, val_images, image_size,
+             label_map, num_workers, split, batch_size, max_images, output_dir, device, per_class) -> None:
+    """Evaluate a checkpoint with pycocotools COCOeval (bbox): 12-line summary, results and metrics JSON."""
+    from kd_detr.inference import evaluate_checkpoint
+
+    result, out_dir = evaluate_checkpoint(
+        checkpoint, model_name=model_name, num_classes=num_classes, data=data,
+        ann=(train_ann if split == "train" else val_ann), images=(train_images if split == "train" else val_images),
+        split=split, image_size=image_size, label_map_mode=label_map, num_workers=num_workers,
+        batch_size=batch_size, max_images=max_images, output_dir=output_dir, device=device)
+    click.echo(result.summary_text)
+    if per_class:
+        from kd_detr.evaluation import format_per_class_table
+        click.echo(format_per_class_table(result.per_class))
+    click.echo(f"AP {100 * result.metrics['AP']:.1f}; wrote {out_dir}/results.json and {out_dir}/metrics.json")
+
+
+@main.command("predict")
+@click.option("--model", "model_name", default=None, help="Architecture (needed for official .pth checkpoints).")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--num-classes", type=int, default=None, help="For official .pth checkpoints (default 91).")
+@click.option("--image", "images", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Image file (repeatable).")
+@click.option("--output", required=True, type=click.Path(dir_okay=False), help="Output JSON file.")
+@click.option("--no-resize", is_flag=True, help="Run at the image's own size (default: the eval resize).")
+@click.option("--image-size", type=int, default=None, help="Eval resize preset used in training (e.g. 128).")
+@click.option("--top-k", type=int, default=100, show_default=True, help="Detections per image.")
+@click.option("--device", default="auto", show_default=True)
+def predict_cmd(model_name, checkpoint, num_classes, images, output, no_resize, image_size, top_k, device) -> None:
+    """Detect objects in images; writes one JSON entry per image with absolute xyxy boxes."""
+    from kd_detr.inference import predict_images
+
+    entries = predict_images(checkpoint, list(images), model_name=model_name, num_classes=num_classes,
+                             resize=not no_resize, image_size=image_size, top_k=top_k, device=device)
+    from kd_detr.evaluation import write_json_atomic
+    write_json_atomic(output, entries, indent=2)
+    click.echo(f"wrote {len(entries)} image(s) to {output}")
+
+
+# --------------------------------------------------------------------------- quickstart
+@main.command("quickstart")
+@click.option("--out", default="runs/quickstart", show_default=True, help="Output folder.")
+@click.option("--iters", type=int, default=600, show_default=True, help="Training iterations.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def quickstart_cmd(out: str, iters: int, seed: int) -> None:
+    """Generate the synthetic data set, train a tiny Conditional DETR on the CPU and evaluate it."""
+    from kd_detr.quickstart import run_quickstart
+
+    run_quickstart(Path(out), iters=iters, seed=seed, echo=click.echo)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

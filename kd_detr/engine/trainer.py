@@ -1,0 +1,485 @@
+"""The training loop: data, model, criterion, AdamW, schedule, logging, checkpoints, resume, DDP, AMP.
+
+``Trainer.training_step`` computes the loss of one batch; distillation subclasses override it and
+keep everything else (schedule, logging, checkpoints, resume, DDP, evaluation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from kd_detr import data as kd_data
+from kd_detr.criterion import SetCriterion, weighted_total
+from kd_detr.matcher import HungarianMatcher
+from kd_detr.models import build_model, load_model
+
+from . import checkpointing, distributed
+from .logger import Progress, RunLogger, truncate_log
+from .run_record import run_record, write_json_atomic
+from .sampler import ResumableBatchSampler
+
+log = logging.getLogger("kd_detr.train")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved (resolved) as ``config.json`` in the output dir."""
+
+    # model
+    model: str = "cond_detr_r18_tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    backbone_weights: str | None = None
+    init_checkpoint: str | None = None  # start from these weights (safetensors or official .pth)
+    # data
+    data: str | None = None  # COCO-style root (annotations/instances_{train,val}2017.json + folders)
+    train_ann: str | None = None
+    train_images: str | None = None
+    val_ann: str | None = None
+    val_images: str | None = None
+    image_size: int | None = None  # None: official DETR sizes (800/1333); else small-image preset
+    label_map: str = "contiguous"  # contiguous | coco91
+    num_workers: int = 2
+    # optimisation (official Conditional DETR defaults)
+    batch_size: int = 2
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 1e-4
+    clip_max_norm: float = 0.1
+    epochs: int = 50
+    max_iters: int | None = None  # overrides epochs when set
+    lr_drop: int | None = 40  # epoch after which lr is multiplied by 0.1
+    lr_drop_iter: int | None = None  # the same in iterations (wins over lr_drop)
+    warmup_iters: int = 0
+    amp: bool = False
+    # loss (official)
+    cost_class: float = 2.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    cls_loss_coef: float = 2.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    focal_alpha: float = 0.25
+    aux_loss: bool = True
+    # run
+    output_dir: str = "runs/train"
+    seed: int = 42
+    device: str = "auto"
+    log_every: int = 10
+    checkpoint_every: int = 500  # iterations; a checkpoint is also written at every epoch end
+    keep_checkpoints: int = 2
+    eval_every_epochs: int = 1
+    eval_every_iters: int | None = None
+    eval_batch_size: int = 2
+    eval_max_images: int | None = None
+    resume: str | None = None  # auto | path
+    deterministic: bool = False
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    # ru_maxrss is KiB on Linux: the process's peak resident set
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def param_groups(model: torch.nn.Module, lr: float, lr_backbone: float, weight_decay: float) -> list[dict]:
+    """Official Conditional DETR groups: backbone parameters at ``lr_backbone``, the rest at ``lr``."""
+    backbone, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (backbone if name.startswith("backbone.") else rest).append(p)
+    groups = [{"params": rest, "lr": lr, "name": "transformer"}]
+    if backbone:
+        groups.append({"params": backbone, "lr": lr_backbone, "name": "backbone"})
+    for g in groups:
+        g["weight_decay"] = weight_decay
+    return groups
+
+
+def lr_lambda(warmup_iters: int, drop_iter: int | None):
+    """Linear warm-up from 0.001 to 1, then x0.1 after ``drop_iter`` (StepLR at iteration granularity)."""
+
+    def f(it: int) -> float:
+        factor = 1.0
+        if warmup_iters > 0 and it < warmup_iters:
+            factor = 0.001 + (1 - 0.001) * it / warmup_iters
+        if drop_iter is not None and it >= drop_iter:
+            factor *= 0.1
+        return factor
+
+    return f
+
+
+def build_label_map(cfg: TrainConfig, ann_file: str):
+    categories = kd_data.read_categories(ann_file)
+    if cfg.label_map == "contiguous":
+        return kd_data.LabelMap.contiguous(categories)
+    if cfg.label_map == "coco91":
+        return kd_data.LabelMap.raw_ids(categories, num_classes=91)
+    raise ValueError(f"--label-map must be 'contiguous' or 'coco91', got {cfg.label_map!r}")
+
+
+def dataset_files(cfg: TrainConfig, split: str) -> tuple[str, str]:
+    """The (annotation JSON, image folder) of ``split``: explicit paths win over ``--data``."""
+    ann, img = (cfg.train_ann, cfg.train_images) if split == "train" else (cfg.val_ann, cfg.val_images)
+    if ann and img:
+        return ann, img
+    if cfg.data is None:
+        raise ValueError(f"no {split} data: give --data DIR (a COCO tree) or --{split}-ann and --{split}-images")
+    a, i = kd_data.coco_paths(cfg.data, split)
+    return str(ann or a), str(img or i)
+
+
+class Trainer:
+    """Trains a Conditional DETR with the official recipe (or whatever ``TrainConfig`` says)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dist = distributed.init_distributed(self.device)
+        if self.dist.enabled and self.device.startswith("cuda"):
+            self.device = f"cuda:{self.dist.local_rank}"
+        self.main = self.dist.is_main
+        self.out = Path(cfg.output_dir)
+        if cfg.amp and not self.device.startswith("cuda"):
+            log.warning("--amp is only used on CUDA devices; training in float32 on %s", self.device)
+        seed_everything(cfg.seed + self.dist.rank)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+    # ---------------------------------------------------------------- setup
+    def build_data(self) -> None:
+        cfg = self.cfg
+        train_ann, train_img = dataset_files(cfg, "train")
+        self.label_map = build_label_map(cfg, train_ann)
+        self.train_set = kd_data.CocoDetection(
+            train_img, train_ann, policy=kd_data.make_policy(True, cfg.image_size),
+            label_map=self.label_map, seed=cfg.seed)
+        self.val_set = None
+        try:
+            val_ann, val_img = dataset_files(cfg, "val")
+        except (ValueError, FileNotFoundError) as e:
+            log.warning("no validation data (%s): evaluation is skipped", e)
+        else:
+            self.val_set = kd_data.CocoDetection(
+                val_img, val_ann, policy=kd_data.make_policy(False, cfg.image_size),
+                label_map=self.label_map)
+        self.sampler = ResumableBatchSampler(len(self.train_set), cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                             rank=self.dist.rank, world_size=self.dist.world_size)
+        self.train_loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=cfg.num_workers,
+                                       collate_fn=kd_data.collate_fn,
+                                       persistent_workers=False, pin_memory=self.device.startswith("cuda"))
+
+    def build_model(self) -> torch.nn.Module:
+        cfg = self.cfg
+        if cfg.init_checkpoint:
+            model = load_init_checkpoint(cfg.init_checkpoint, cfg.model, self.label_map.num_classes,
+                                         cfg.model_overrides)
+        else:
+            model = build_model(cfg.model, num_classes=self.label_map.num_classes,
+                                backbone_weights=cfg.backbone_weights, **cfg.model_overrides)
+        return model
+
+    def build_criterion(self) -> SetCriterion:
+        cfg = self.cfg
+        matcher = HungarianMatcher(cost_class=cfg.cost_class, cost_bbox=cfg.cost_bbox, cost_giou=cfg.cost_giou,
+                                   focal_alpha=cfg.focal_alpha)
+        num_layers = self.model_config().dec_layers
+        base = {"loss_ce": cfg.cls_loss_coef, "loss_bbox": cfg.bbox_loss_coef, "loss_giou": cfg.giou_loss_coef}
+        weight_dict = dict(base)
+        if cfg.aux_loss:  # the same weights for every intermediate decoder layer (official)
+            for i in range(num_layers - 1):
+                weight_dict.update({f"{k}_{i}": v for k, v in base.items()})
+        return SetCriterion(self.label_map.num_classes, matcher, weight_dict=weight_dict,
+                            focal_alpha=cfg.focal_alpha)
+
+    def model_config(self):
+        return self.raw_model.config
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.build_data()
+        self.raw_model = self.build_model().to(self.device)
+        self.criterion = self.build_criterion().to(self.device)
+        self.model = self.raw_model
+        if self.dist.enabled:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.raw_model, device_ids=[self.dist.local_rank] if self.device.startswith("cuda") else None)
+        self.optimizer = torch.optim.AdamW(param_groups(self.raw_model, cfg.lr, cfg.lr_backbone, cfg.weight_decay),
+                                           lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.iters_per_epoch = self.sampler.batches_per_epoch()
+        self.total_iters = cfg.max_iters if cfg.max_iters is not None else cfg.epochs * self.iters_per_epoch
+        drop = cfg.lr_drop_iter
+        if drop is None and cfg.lr_drop is not None:
+            drop = cfg.lr_drop * self.iters_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.warmup_iters, drop))
+        self.use_amp = cfg.amp and self.device.startswith("cuda")
+        self.scaler = torch.amp.GradScaler("cuda") if self.use_amp else None
+        self.iteration, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.best_ap = -1.0
+        if cfg.resume:
+            self._resume(cfg.resume)
+
+    def _resume(self, resume: str) -> None:
+        point = checkpointing.find_resume_point(resume, self.out)
+        if point is None:
+            log.info("--resume auto: no checkpoint in %s, starting from scratch", self.out)
+            return
+        model, _meta = load_model(point.weights)
+        self.raw_model.load_state_dict(model.state_dict(), strict=True)
+        state = checkpointing.load_training_state(point)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.iteration, self.epoch, self.batch_in_epoch = state["iteration"], state["epoch"], state["batch_in_epoch"]
+        if self.dist.rank == 0:
+            checkpointing.set_rng_state(state["rng"])
+        else:  # other ranks keep their own streams, offset by rank as at the start
+            seed_everything(self.cfg.seed + self.dist.rank + self.iteration)
+        if self.main:
+            truncate_log(self.out / "log.jsonl", self.iteration)
+            metrics = self.out / "metrics.json"
+            if metrics.exists():
+                import json
+                self.best_ap = json.loads(metrics.read_text()).get("best_ap", -1.0)
+        log.info("resumed from %s at iteration %d (epoch %d, batch %d)", point.weights, self.iteration,
+                 self.epoch, self.batch_in_epoch)
+
+    # ---------------------------------------------------------------- steps
+    def training_step(self, images: torch.Tensor, mask: torch.Tensor, targets: list[dict]
+                      ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward + loss for one batch. Returns the total loss and per-term log values
+        (each term scaled by its weight, plus ``<term>_unscaled``)."""
+        outputs = self.model(images, mask)
+        loss_dict = self.criterion(outputs, targets)
+        total = weighted_total(loss_dict, self.criterion.weight_dict)
+        logs = {}
+        for k, v in loss_dict.items():
+            if k in self.criterion.weight_dict:
+                logs[k] = float(v.detach()) * self.criterion.weight_dict[k]
+                logs[k + "_unscaled"] = float(v.detach())
+        return total, logs
+
+    def _to_device(self, images, mask, targets):
+        images = images.to(self.device, non_blocking=True)
+        mask = mask.to(self.device, non_blocking=True)
+        targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+        return images, mask, targets
+
+    def step(self, images, mask, targets) -> dict[str, float]:
+        self.model.train()
+        self.criterion.train()
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
+            loss, logs = self.training_step(images, mask, targets)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at iteration {self.iteration}: {logs}")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.cfg.clip_max_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_max_norm)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        logs["loss"] = float(loss.detach())
+        logs["grad_norm"] = float(grad_norm)
+        return logs
+
+    # ---------------------------------------------------------------- loop
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.setup()
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.out / "config.json", run_record(self.run_config()))
+        logger = RunLogger(self.out, enabled=self.main)
+        progress = Progress(self.total_iters, initial=self.iteration, enabled=self.main and cfg.progress)
+        sums: dict[str, float] = {}
+        n_in_window, t_data, t_iter = 0, 0.0, 0.0
+        t_start, it_start = time.perf_counter(), self.iteration
+        metrics: dict[str, Any] = {}
+        try:
+            while self.iteration < self.total_iters:
+                self.train_set.set_epoch(self.epoch)
+                self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+                t0 = time.perf_counter()
+                for images, mask, targets in self.train_loader:
+                    images, mask, targets = self._to_device(images, mask, targets)
+                    t1 = time.perf_counter()
+                    logs = self.step(images, mask, targets)
+                    t2 = time.perf_counter()
+                    self.iteration += 1
+                    self.batch_in_epoch += 1
+                    for k, v in logs.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    n_in_window += 1
+                    t_data += t1 - t0
+                    t_iter += t2 - t0
+                    progress.update(1, loss=logs["loss"])
+                    if self.iteration % cfg.log_every == 0 or self.iteration == self.total_iters:
+                        rec = {k: v / n_in_window for k, v in sums.items()}
+                        rec = distributed.reduce_dict_mean(rec, self.device)
+                        done = self.iteration - it_start
+                        rate = (time.perf_counter() - t_start) / max(done, 1)
+                        rec.update({
+                            "iteration": self.iteration, "epoch": self.epoch,
+                            "lr": self.optimizer.param_groups[0]["lr"],
+                            "lr_backbone": self.optimizer.param_groups[-1]["lr"],
+                            "iter_time": t_iter / n_in_window, "data_time": t_data / n_in_window,
+                            "peak_mem_mb": peak_memory_mb(self.device),
+                            "eta_s": rate * (self.total_iters - self.iteration),
+                        })
+                        logger.log(rec)
+                        sums, n_in_window, t_data, t_iter = {}, 0, 0.0, 0.0
+                    end_of_epoch = self.batch_in_epoch >= self.iters_per_epoch
+                    finished = self.iteration >= self.total_iters
+                    if end_of_epoch:
+                        self.epoch += 1
+                        self.batch_in_epoch = 0
+                    if self.iteration % cfg.checkpoint_every == 0 or end_of_epoch or finished:
+                        self.save_checkpoint()
+                    if self._eval_due(end_of_epoch, finished):
+                        metrics = self.evaluate_and_log(logger)
+                    if finished or end_of_epoch:
+                        break
+                    t0 = time.perf_counter()
+        finally:
+            progress.close()
+            logger.close()
+        if self.main:
+            from kd_detr.models import save_model
+            save_model(self.raw_model, self.out / "model_final.safetensors", label_map=self.label_map,
+                       extra_metadata={"iteration": self.iteration})
+        distributed.barrier()
+        return metrics
+
+    def _eval_due(self, end_of_epoch: bool, finished: bool) -> bool:
+        cfg = self.cfg
+        if self.val_set is None:
+            return False
+        if finished:
+            return True
+        if cfg.eval_every_iters:
+            return self.iteration % cfg.eval_every_iters == 0
+        return end_of_epoch and cfg.eval_every_epochs > 0 and self.epoch % cfg.eval_every_epochs == 0
+
+    def save_checkpoint(self) -> None:
+        if self.main:
+            checkpointing.save_checkpoint(
+                self.out / "checkpoints", self.raw_model, optimizer=self.optimizer, scheduler=self.scheduler,
+                scaler=self.scaler, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
+                iteration=self.iteration, metadata={"epoch": self.epoch}, label_map=self.label_map,
+                keep_last=self.cfg.keep_checkpoints)
+        distributed.barrier()
+
+    def run_config(self) -> dict[str, Any]:
+        return {"train": self.cfg.to_dict(), "model_config": dataclasses.asdict(self.raw_model.config),
+                "label_map": self.label_map.to_dict(), "world_size": self.dist.world_size,
+                "device": self.device, "iters_per_epoch": self.iters_per_epoch, "total_iters": self.total_iters}
+
+    def evaluate(self) -> tuple[Any, list]:
+        from kd_detr.evaluation import evaluate_model
+
+        cfg = self.cfg
+        val = self.val_set
+        if cfg.eval_max_images is not None:
+            val = torch.utils.data.Subset(val, range(min(cfg.eval_max_images, len(val))))
+        sampler = None
+        if self.dist.enabled:
+            sampler = torch.utils.data.distributed.DistributedSampler(
+                val, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=False)
+        loader = DataLoader(val, batch_size=cfg.eval_batch_size, sampler=sampler, shuffle=False,
+                            num_workers=cfg.num_workers, collate_fn=kd_data.collate_fn)
+        image_ids = None
+        if cfg.eval_max_images is not None:
+            image_ids = [self.val_set.image_ids[i] for i in range(min(cfg.eval_max_images, len(self.val_set)))]
+        return evaluate_model(self.raw_model, loader, self.val_set.coco, self.label_map, self.device,
+                              progress=self.main and cfg.progress, image_ids=image_ids)
+
+    def evaluate_and_log(self, logger: RunLogger) -> dict[str, Any]:
+        result, results = self.evaluate()
+        if not self.main:
+            return {}
+        ap = result.metrics["AP"]
+        record = {"iteration": self.iteration, "epoch": self.epoch,
+                  **{f"eval/{k}": v for k, v in result.metrics.items()}}
+        logger.log(record)
+        log.info("evaluation at iteration %d:\n%s", self.iteration, result.summary_text)
+        if ap > self.best_ap:
+            self.best_ap = ap
+            from kd_detr.models import save_model
+            save_model(self.raw_model, self.out / "model_best.safetensors", label_map=self.label_map,
+                       extra_metadata={"iteration": self.iteration, "AP": ap})
+        from kd_detr.evaluation import write_json_atomic as write_results
+        write_results(self.out / "results.json", results)
+        metrics = {"iteration": self.iteration, **result.metrics, "best_ap": self.best_ap,
+                   "per_class": result.per_class}
+        write_json_atomic(self.out / "metrics.json", metrics)
+        return metrics
+
+
+def load_init_checkpoint(path: str, model_name: str, num_classes: int, overrides: dict[str, Any]) -> torch.nn.Module:
+    """Weights to start from: our safetensors (model rebuilt from its metadata) or an official ``.pth``."""
+    from kd_detr.models import load_official_state_dict
+
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        model, _ = load_model(p)
+        if model.config.num_classes != num_classes:
+            raise ValueError(f"{p}: the checkpoint has {model.config.num_classes} classes but the data's label "
+                             f"map has {num_classes}")
+        return model
+    model = build_model(model_name, num_classes=num_classes, **overrides)
+    sd = torch.load(p, map_location="cpu", weights_only=True)
+    load_official_state_dict(model, sd.get("model", sd) if isinstance(sd, dict) else sd)
+    return model
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run a whole training job (used by ``kd-detr train``)."""
+    try:
+        return Trainer(cfg).fit()
+    finally:
+        distributed.cleanup()

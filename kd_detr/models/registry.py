@@ -1,0 +1,220 @@
+"""Model configurations and the named-model registry (timm-style).
+
+A :class:`ModelConfig` fully describes a Conditional DETR architecture; it is stored on
+every built model (``model.config``) and serialised into checkpoints so that a file can
+rebuild its model without any other information.
+
+Named configs:
+
+* ``cond_detr_r50``, ``cond_detr_r101``, ``cond_detr_r50_dc5``, ``cond_detr_r101_dc5``:
+  the official Conditional DETR models (300 queries, 6+6 layers, d=256, 8 heads, FFN 2048,
+  frozen BatchNorm, 91 class slots). These load the official ``.pth`` files.
+* small CPU-friendly variants with trainable BatchNorm for experiments and tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+__all__ = [
+    "ModelConfig",
+    "BACKBONES",
+    "BACKBONE_NORMS",
+    "register_model",
+    "list_models",
+    "get_config",
+    "build_model",
+]
+
+# name -> (block type, blocks per stage); resnet10 is torchvision's ResNet with BasicBlock [1,1,1,1].
+BACKBONES: dict[str, tuple[str, tuple[int, int, int, int]]] = {
+    "resnet10": ("basic", (1, 1, 1, 1)),
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+    "resnet101": ("bottleneck", (3, 4, 23, 3)),
+    "resnet152": ("bottleneck", (3, 8, 36, 3)),
+}
+BACKBONE_NORMS = ("frozen_bn", "bn", "gn")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a Conditional DETR model.
+
+    Fields mirror the official command-line arguments where one exists
+    (``backbone``, ``dilation``, ``hidden_dim`` -> ``d_model``, ``nheads``, ``enc_layers``,
+    ``dec_layers``, ``dim_feedforward``, ``dropout``, ``num_queries``).
+
+    * ``backbone_norm``: ``"frozen_bn"`` (official, torchvision ``FrozenBatchNorm2d``),
+      ``"bn"`` (trainable ``BatchNorm2d``) or ``"gn"`` (``GroupNorm(gn_groups, C)``).
+    * ``freeze_stem``: freeze conv1/bn1 + layer1 as the official ``train_backbone`` logic does.
+      ``None`` means "auto" and is resolved by :func:`build_model`: frozen when the backbone is
+      pretrained (``backbone_weights`` given) or uses frozen BN (the official setting).
+    * ``train_backbone``: ``False`` freezes the whole backbone (official ``lr_backbone=0``).
+    """
+
+    name: str = "custom"
+    description: str = ""
+    backbone: str = "resnet50"
+    dilation: bool = False
+    backbone_norm: str = "frozen_bn"
+    gn_groups: int = 32
+    freeze_stem: Optional[bool] = None
+    train_backbone: bool = True
+    d_model: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    activation: str = "relu"
+    num_queries: int = 300
+    num_classes: int = 91
+    pe_temperature: int = 10000
+
+    def validate(self) -> "ModelConfig":
+        """Raise ``ValueError`` on an inconsistent configuration; return ``self``."""
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; valid: {sorted(BACKBONES)}")
+        if self.backbone_norm not in BACKBONE_NORMS:
+            raise ValueError(f"unknown backbone_norm {self.backbone_norm!r}; valid: {list(BACKBONE_NORMS)}")
+        if self.dilation and BACKBONES[self.backbone][0] != "bottleneck":
+            # torchvision's BasicBlock refuses dilation > 1.
+            raise ValueError(f"dilation (DC5) needs a Bottleneck ResNet, not {self.backbone!r}")
+        if self.backbone_norm == "gn" and (self.gn_groups < 1 or 64 % self.gn_groups):
+            raise ValueError(f"gn_groups={self.gn_groups} must divide 64 (the smallest ResNet width)")
+        if self.d_model % 4:
+            # The sine embeddings use d/2 features per axis made of sin/cos pairs.
+            raise ValueError(f"d_model={self.d_model} must be a multiple of 4")
+        if self.nheads < 1 or self.d_model % self.nheads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by nheads={self.nheads}")
+        for key in ("enc_layers", "dec_layers", "dim_feedforward", "num_queries", "num_classes"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.activation not in ("relu", "gelu"):
+            raise ValueError(f"activation must be 'relu' or 'gelu', got {self.activation!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; valid: {sorted(valid)}")
+        return cls(**data).validate()
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """Copy with ``changes`` applied; unknown keys raise ``ValueError`` listing the valid ones."""
+        valid = {f.name for f in dataclasses.fields(self)} - {"name", "description"}
+        unknown = sorted(set(changes) - valid)
+        if unknown:
+            raise ValueError(
+                f"unknown model override(s) {unknown}; valid keys: {sorted(valid)}"
+            )
+        return dataclasses.replace(self, **changes).validate()
+
+
+_REGISTRY: dict[str, ModelConfig] = {}
+
+
+def register_model(config: ModelConfig) -> ModelConfig:
+    """Add a named config to the registry (name must be new)."""
+    if config.name in _REGISTRY:
+        raise ValueError(f"model {config.name!r} is already registered")
+    _REGISTRY[config.name] = config.validate()
+    return config
+
+
+def list_models() -> dict[str, str]:
+    """Registered model names mapped to a one-line description (registration order)."""
+    return {name: cfg.description for name, cfg in _REGISTRY.items()}
+
+
+def get_config(name: str) -> ModelConfig:
+    """A copy of the registered config ``name`` (``ValueError`` listing names if unknown)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {list(_REGISTRY)}")
+    return dataclasses.replace(_REGISTRY[name])
+
+
+def build_model(
+    name: str | ModelConfig,
+    num_classes: Optional[int] = None,
+    backbone_weights: Optional[str] = None,
+    **overrides: Any,
+):
+    """Build a :class:`~kd_detr.models.conditional_detr.ConditionalDETR`.
+
+    Args:
+        name: a registered model name, or a :class:`ModelConfig`.
+        num_classes: number of class logits ``C`` (default: the config's, 91 for official models).
+        backbone_weights: optional local torchvision ImageNet ResNet state dict
+            (``.pth`` / ``.safetensors``) loaded into the backbone trunk.
+        **overrides: any :class:`ModelConfig` field (``d_model=128``, ``backbone_norm="bn"`` ...);
+            an unknown key raises ``ValueError`` naming it and listing the valid keys.
+
+    The returned model carries the fully resolved config as ``model.config``.
+    """
+    from .conditional_detr import ConditionalDETR  # local: conditional_detr imports this module
+
+    config = name if isinstance(name, ModelConfig) else get_config(name)
+    if num_classes is not None:
+        overrides["num_classes"] = int(num_classes)
+    config = config.replace(**overrides)
+    if config.freeze_stem is None:
+        # Official models always start from ImageNet weights and freeze stem + layer1.
+        config = config.replace(
+            freeze_stem=backbone_weights is not None or config.backbone_norm == "frozen_bn"
+        )
+    model = ConditionalDETR(config)
+    if backbone_weights is not None:
+        from .backbone import load_backbone_weights
+
+        load_backbone_weights(model.backbone, backbone_weights)
+    return model
+
+
+def _official(name: str, backbone: str, dilation: bool, desc: str) -> ModelConfig:
+    return ModelConfig(name=name, description=desc, backbone=backbone, dilation=dilation)
+
+
+register_model(_official("cond_detr_r50", "resnet50", False,
+                         "official Conditional DETR R50-C5 (300 queries, 6+6 layers, d=256, frozen BN)"))
+register_model(_official("cond_detr_r101", "resnet101", False,
+                         "official Conditional DETR R101-C5 (300 queries, 6+6 layers, d=256, frozen BN)"))
+register_model(_official("cond_detr_r50_dc5", "resnet50", True,
+                         "official Conditional DETR DC5-R50 (dilated C5, stride 16)"))
+register_model(_official("cond_detr_r101_dc5", "resnet101", True,
+                         "official Conditional DETR DC5-R101 (dilated C5, stride 16)"))
+register_model(ModelConfig(
+    name="cond_detr_r18", backbone="resnet18",
+    description="R18 backbone (frozen BN) with the official transformer: a common KD student",
+))
+register_model(ModelConfig(
+    name="cond_detr_r34_small", backbone="resnet34", backbone_norm="bn", d_model=256, nheads=8,
+    enc_layers=3, dec_layers=3, dim_feedforward=1024, num_queries=100,
+    description="small R34 model (trainable BN, d=256, 3+3 layers, FFN 1024, 100 queries)",
+))
+register_model(ModelConfig(
+    name="cond_detr_r18_tiny", backbone="resnet18", backbone_norm="bn", d_model=128, nheads=8,
+    enc_layers=3, dec_layers=3, dim_feedforward=512, num_queries=50,
+    description="tiny CPU model: R18 (trainable BN), d=128, 3+3 layers, FFN 512, 50 queries",
+))
+register_model(ModelConfig(
+    name="cond_detr_r10_tiny", backbone="resnet10", backbone_norm="bn", d_model=128, nheads=8,
+    enc_layers=2, dec_layers=2, dim_feedforward=512, num_queries=30,
+    description="tiniest CPU model: ResNet-10 (BasicBlock [1,1,1,1], trainable BN), d=128, 2+2 layers, 30 queries",
+))
