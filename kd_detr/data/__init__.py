@@ -1,0 +1,38 @@
+"""Data: COCO-format datasets, label maps, replayable DETR augmentation, synthetic data, collation."""
+
+from .coco import CocoDetection, DatasetError, DatasetReport, coco_paths, load_coco_json
+from .collate import collate_fn, pad_images
+from .label_map import LabelMap, LabelMapError
+from .synth import CATEGORY_NAMES, generate_synthetic
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugmentationPolicy,
+    View,
+    apply_view,
+    make_policy,
+    resize_size,
+    view_generator,
+)
+
+__all__ = [
+    "CATEGORY_NAMES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "AugmentationPolicy",
+    "CocoDetection",
+    "DatasetError",
+    "DatasetReport",
+    "LabelMap",
+    "LabelMapError",
+    "View",
+    "apply_view",
+    "coco_paths",
+    "collate_fn",
+    "generate_synthetic",
+    "load_coco_json",
+    "make_policy",
+    "pad_images",
+    "resize_size",
+    "view_generator",
+]

@@ -20,8 +20,7 @@ The recipe is the official DETR one (``datasets/coco.py::make_coco_transforms``)
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Union
 
 import numpy as np

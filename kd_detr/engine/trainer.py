@@ -142,13 +142,13 @@ def lr_lambda(warmup_iters: int, drop_iter: int | None):
     return f
 
 
-def build_label_map(cfg: TrainConfig, ann_file: str):
-    categories = kd_data.read_categories(ann_file)
-    if cfg.label_map == "contiguous":
-        return kd_data.LabelMap.contiguous(categories)
-    if cfg.label_map == "coco91":
-        return kd_data.LabelMap.raw_ids(categories, num_classes=91)
-    raise ValueError(f"--label-map must be 'contiguous' or 'coco91', got {cfg.label_map!r}")
+LABEL_MAP_MODES = {"contiguous": "contiguous", "coco91": "raw_ids"}
+
+
+def label_map_mode(name: str) -> str:
+    if name not in LABEL_MAP_MODES:
+        raise ValueError(f"--label-map must be one of {sorted(LABEL_MAP_MODES)}, got {name!r}")
+    return LABEL_MAP_MODES[name]
 
 
 def dataset_files(cfg: TrainConfig, split: str) -> tuple[str, str]:
@@ -183,10 +183,10 @@ class Trainer:
     def build_data(self) -> None:
         cfg = self.cfg
         train_ann, train_img = dataset_files(cfg, "train")
-        self.label_map = build_label_map(cfg, train_ann)
         self.train_set = kd_data.CocoDetection(
-            train_img, train_ann, policy=kd_data.make_policy(True, cfg.image_size),
-            label_map=self.label_map, seed=cfg.seed)
+            train_img, train_ann, transforms=kd_data.make_policy(True, cfg.image_size),
+            label_map=label_map_mode(cfg.label_map), seed=cfg.seed, log_report=self.main)
+        self.label_map = self.train_set.label_map
         self.val_set = None
         try:
             val_ann, val_img = dataset_files(cfg, "val")
@@ -194,8 +194,8 @@ class Trainer:
             log.warning("no validation data (%s): evaluation is skipped", e)
         else:
             self.val_set = kd_data.CocoDetection(
-                val_img, val_ann, policy=kd_data.make_policy(False, cfg.image_size),
-                label_map=self.label_map)
+                val_img, val_ann, transforms=kd_data.make_policy(False, cfg.image_size),
+                label_map=self.label_map, log_report=self.main)
         self.sampler = ResumableBatchSampler(len(self.train_set), cfg.batch_size, shuffle=True, seed=cfg.seed,
                                              rank=self.dist.rank, world_size=self.dist.world_size)
         self.train_loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=cfg.num_workers,
@@ -432,11 +432,8 @@ class Trainer:
                 val, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=False)
         loader = DataLoader(val, batch_size=cfg.eval_batch_size, sampler=sampler, shuffle=False,
                             num_workers=cfg.num_workers, collate_fn=kd_data.collate_fn)
-        image_ids = None
-        if cfg.eval_max_images is not None:
-            image_ids = [self.val_set.image_ids[i] for i in range(min(cfg.eval_max_images, len(self.val_set)))]
         return evaluate_model(self.raw_model, loader, self.val_set.coco, self.label_map, self.device,
-                              progress=self.main and cfg.progress, image_ids=image_ids)
+                              progress=self.main and cfg.progress)
 
     def evaluate_and_log(self, logger: RunLogger) -> dict[str, Any]:
         result, results = self.evaluate()
