@@ -67,22 +67,29 @@ def models_cmd() -> None:
 @click.option("--from-official", "official", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Official Conditional DETR checkpoint (.pth holding {'model': state_dict}).")
 @click.option("--model", "model_name", required=True, help="Registered architecture, e.g. cond_detr_r50.")
-@click.option("--num-classes", type=int, default=91, show_default=True,
-              help="Number of class logits in the checkpoint (91 for the official COCO models).")
+@click.option("--model-opt", multiple=True, metavar="KEY=VALUE",
+              help="Override a model config field (repeatable), for checkpoints of non-registry variants.")
+@click.option("--num-classes", type=int, default=None,
+              help="Number of class logits (default: read from the checkpoint; 91 for the official COCO models).")
 @click.option("--annotations", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="COCO JSON whose categories give the label map (default: COCO ids used as indices).")
+              help="COCO JSON whose categories label the class slots (default: slot i is COCO category id i).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .safetensors file.")
-def convert_cmd(official: str, model_name: str, num_classes: int, annotations: str | None, out: str) -> None:
+def convert_cmd(official: str, model_name: str, model_opt: tuple[str, ...], num_classes: int | None,
+                annotations: str | None, out: str) -> None:
     """Convert an official checkpoint to kd-detr's safetensors format (weights + metadata)."""
-    from kd_detr.data import LabelMap, read_categories
-    from kd_detr.models import convert_official
+    from kd_detr.data import COCO_CATEGORIES, LabelMap, read_categories
+    from kd_detr.models import convert_official, read_official_checkpoint
 
-    if annotations:
-        label_map = LabelMap.raw_ids(read_categories(annotations), num_classes=num_classes)
-    else:
-        label_map = LabelMap.raw_ids(range(1, num_classes), num_classes=num_classes)
-    convert_official(official, model_name, num_classes, out, label_map=label_map)
-    click.echo(f"wrote {out}")
+    if num_classes is None:
+        state = read_official_checkpoint(official)
+        if "class_embed.bias" not in state:
+            raise ValueError(f"{official}: no 'class_embed.bias' tensor; is it a Conditional DETR checkpoint?")
+        num_classes = int(state["class_embed.bias"].shape[0])
+    n = num_classes
+    categories = read_categories(annotations) if annotations else COCO_CATEGORIES
+    label_map = LabelMap.raw_ids([c for c in categories if c["id"] < n], num_classes=n)
+    convert_official(official, model_name, n, out, label_map=label_map, **parse_overrides(model_opt, "--model-opt"))
+    click.echo(f"wrote {out} ({model_name}, {n} class slots, label map: {label_map!r})")
 
 
 # --------------------------------------------------------------------------- data
@@ -136,6 +143,7 @@ def _data_options(f):
 @click.option("--init-checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Start from these weights (kd-detr .safetensors or official .pth).")
 @_data_options
+@click.option("--no-augment", is_flag=True, help="Train on the eval resize only (no flip/crop/multi-scale).")
 @click.option("--batch-size", type=int, default=2, show_default=True, help="Images per process.")
 @click.option("--lr", type=float, default=1e-4, show_default=True)
 @click.option("--lr-backbone", type=float, default=1e-5, show_default=True)
@@ -159,7 +167,7 @@ def _data_options(f):
 @click.option("--resume", default=None, help="'auto' (latest in --output-dir) or a checkpoint path.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train_cmd(model_name, model_opt, backbone_weights, init_checkpoint, data, train_ann, train_images, val_ann,
-              val_images, image_size, label_map, num_workers, batch_size, lr, lr_backbone, weight_decay,
+              val_images, image_size, label_map, num_workers, no_augment, batch_size, lr, lr_backbone, weight_decay,
               clip_max_norm, epochs, max_iters, lr_drop, lr_drop_iter, warmup_iters, amp, output_dir, seed,
               device, log_every, checkpoint_every, eval_every_epochs, eval_every_iters, eval_batch_size,
               eval_max_images, resume, no_progress) -> None:
@@ -170,7 +178,7 @@ def train_cmd(model_name, model_opt, backbone_weights, init_checkpoint, data, tr
         model=model_name, model_overrides=parse_overrides(model_opt, "--model-opt"),
         backbone_weights=backbone_weights, init_checkpoint=init_checkpoint, data=data, train_ann=train_ann,
         train_images=train_images, val_ann=val_ann, val_images=val_images, image_size=image_size,
-        label_map=label_map, num_workers=num_workers, batch_size=batch_size, lr=lr, lr_backbone=lr_backbone,
+        label_map=label_map, num_workers=num_workers, augment=not no_augment, batch_size=batch_size, lr=lr, lr_backbone=lr_backbone,
         weight_decay=weight_decay, clip_max_norm=clip_max_norm, epochs=epochs, max_iters=max_iters,
         lr_drop=lr_drop, lr_drop_iter=lr_drop_iter, warmup_iters=warmup_iters, amp=amp, output_dir=output_dir,
         seed=seed, device=device, log_every=log_every, checkpoint_every=checkpoint_every,

@@ -36,8 +36,6 @@ __all__ = [
     "weighted_total",
 ]
 
-LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
-
 
 def _dist_world_size() -> int:
     if dist.is_available() and dist.is_initialized():

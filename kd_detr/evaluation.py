@@ -259,19 +259,37 @@ def format_per_class_table(per_class: Sequence[Mapping[str, Any]], num_columns: 
 
 
 # ---------------------------------------------------------------------------- files
+def _json_safe(obj: Any) -> Any:
+    """Replace non-finite floats (invalid in strict JSON) by ``None``, recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = None) -> Path:
     """Write ``obj`` as JSON to ``path`` atomically (temp file in the same dir + ``os.replace``).
 
     A reader never sees a partially written file, even if the process dies mid-write.
+    NaN / Inf floats (e.g. the AP of a category without ground truth) are written as ``null``
+    so the file stays valid JSON for other tools.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        text = json.dumps(obj, indent=indent, allow_nan=False)
+    except ValueError:  # only pay for the recursive copy when there is something to replace
+        text = json.dumps(_json_safe(obj), indent=indent, allow_nan=False)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -333,13 +351,15 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     is_main = _rank() == 0
+    idx2cat = _index_to_category(label_map)  # validate and normalise once, not per image
     per_image: dict[int, list[dict]] = {}
     iterator = data_loader
+    bar = None
     if progress and is_main:
         try:
             from tqdm.auto import tqdm
 
-            iterator = tqdm(data_loader, desc="eval", dynamic_ncols=True)
+            iterator = bar = tqdm(data_loader, desc="eval", dynamic_ncols=True)
         except ImportError:  # tqdm is a dependency, but a bar is not worth failing over
             pass
     try:
@@ -351,9 +371,15 @@ def evaluate_model(
             dets = postprocess(outputs, sizes)
             for t, d in zip(targets, dets):
                 image_id = int(t["image_id"])
-                per_image[image_id] = to_coco_results({image_id: d}, label_map)
+                per_image[image_id] = to_coco_results({image_id: d}, idx2cat)
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
+            # tqdm writes the bar's final newline without flushing: flush it so that the
+            # summary printed next does not land on the bar's line (buffered stderr, logs).
+            with contextlib.suppress(Exception):
+                bar.fp.flush()
 
     if _dist_ready():
         gathered: list[Any] = [None] * dist.get_world_size()

@@ -26,7 +26,7 @@ def load_detector(checkpoint: str | Path, model_name: str | None = None, num_cla
     Returns ``(model in eval mode on device, label map or None, metadata)``. ``None`` label map means
     the class index is the category id (official checkpoints).
     """
-    from kd_detr.models import build_model, load_model, load_official_state_dict
+    from kd_detr.models import load_model, model_from_official
 
     checkpoint = Path(checkpoint)
     if checkpoint.suffix == ".safetensors":
@@ -42,12 +42,7 @@ def load_detector(checkpoint: str | Path, model_name: str | None = None, num_cla
         if model_name is None:
             raise ValueError(f"{checkpoint} is not a kd-detr .safetensors file: give --model NAME for an "
                              "official .pth checkpoint")
-        model = build_model(model_name, num_classes=num_classes or 91)
-        try:
-            sd = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises several types for foreign files
-            raise ValueError(f"cannot read checkpoint {checkpoint}: {e}") from e
-        load_official_state_dict(model, sd["model"] if isinstance(sd, dict) and "model" in sd else sd)
+        model = model_from_official(checkpoint, model_name, num_classes)
         meta, label_map = {"model_name": model_name}, None
     return model.to(device).eval(), label_map, meta
 
@@ -63,7 +58,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, model_name: str | None = None
     device = resolve_device(device)
     model, label_map, meta = load_detector(checkpoint, model_name, num_classes, device)
     if image_size is None:
-        image_size = meta.get("image_size")
+        image_size = meta.get("extra_metadata", {}).get("image_size")
     if not (ann and images):
         if data is None:
             raise ValueError(f"no {split} data: give --data DIR or --{split}-ann and --{split}-images")
@@ -98,7 +93,10 @@ def predict_images(checkpoint: str | Path, image_paths: list[str], *, model_name
     device = resolve_device(device)
     model, label_map, meta = load_detector(checkpoint, model_name, num_classes, device)
     if image_size is None:
-        image_size = meta.get("image_size")
+        image_size = meta.get("extra_metadata", {}).get("image_size")
+    if label_map is None:  # official checkpoint: slot i is COCO category id i
+        n = model.config.num_classes
+        label_map = LabelMap.raw_ids([c for c in kd_data.COCO_CATEGORIES if c["id"] < n], num_classes=n)
     policy = kd_data.make_policy(False, image_size)
     post = PostProcess(num_select=top_k)
     entries = []
@@ -119,9 +117,9 @@ def predict_images(checkpoint: str | Path, image_paths: list[str], *, model_name
         for score, label, box, query in zip(det["scores"].tolist(), det["labels"].tolist(),
                                             det["boxes"].tolist(), det["query"].tolist()):
             # a slot with no category (e.g. unused COCO ids) keeps its index as the label
-            cat = label_map.index_to_category.get(label, label) if label_map is not None else label
+            cat = label_map.index_to_category.get(label, label)
             entry = {"score": score, "label": cat, "query": query, "box": box}
-            if label_map is not None and cat in label_map.names:
+            if cat in label_map.names:
                 entry["name"] = label_map.names[cat]
             detections.append(entry)
         entries.append({"image": str(path), "width": w, "height": h, "detections": detections})

@@ -1,8 +1,8 @@
 """Data: COCO-format datasets, label maps, replayable DETR augmentation, synthetic data, collation."""
 
-from .coco import CocoDetection, DatasetError, DatasetReport, coco_paths, load_coco_json
+from .coco import CocoDetection, DatasetError, DatasetReport, coco_paths, load_coco_json, read_categories
 from .collate import collate_fn, pad_images
-from .label_map import LabelMap, LabelMapError
+from .label_map import COCO_CATEGORIES, LabelMap, LabelMapError
 from .synth import CATEGORY_NAMES, generate_synthetic
 from .transforms import (
     IMAGENET_MEAN,
@@ -16,6 +16,7 @@ from .transforms import (
 )
 
 __all__ = [
+    "COCO_CATEGORIES",
     "CATEGORY_NAMES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -33,6 +34,7 @@ __all__ = [
     "load_coco_json",
     "make_policy",
     "pad_images",
+    "read_categories",
     "resize_size",
     "view_generator",
 ]

@@ -45,7 +45,7 @@ from PIL import Image, UnidentifiedImageError
 from .label_map import LabelMap, LabelMapError
 from .transforms import AugmentationPolicy, View, apply_view, view_generator
 
-__all__ = ["CocoDetection", "DatasetError", "DatasetReport", "coco_paths", "load_coco_json"]
+__all__ = ["CocoDetection", "DatasetError", "DatasetReport", "coco_paths", "load_coco_json", "read_categories"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,14 +95,7 @@ def _require(record: Any, keys: tuple[str, ...], where: str, ann_file: Path) -> 
             raise DatasetError(f"{ann_file}: {where} is missing required key {k!r}")
 
 
-def load_coco_json(ann_file: str | os.PathLike) -> dict[str, Any]:
-    """Read and structurally validate a COCO detection JSON.
-
-    Checks that ``images``, ``annotations`` and ``categories`` exist and are lists, every image has
-    ``id/file_name/width/height``, every annotation ``image_id/bbox/category_id`` (``bbox`` a list of 4
-    numbers) and every category ``id``. Raises :class:`DatasetError` naming the file, key and record.
-    """
-    ann_file = Path(ann_file)
+def _read_json(ann_file: Path) -> dict[str, Any]:
     try:
         text = ann_file.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -117,6 +110,39 @@ def load_coco_json(ann_file: str | os.PathLike) -> dict[str, Any]:
         ) from None
     if not isinstance(data, dict):
         raise DatasetError(f"{ann_file}: top level must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _check_categories(data: dict[str, Any], ann_file: Path) -> None:
+    seen_cats: set[Any] = set()
+    for i, cat in enumerate(data["categories"]):
+        _require(cat, ("id",), f"categories[{i}]", ann_file)
+        if isinstance(cat["id"], bool) or not isinstance(cat["id"], int):
+            raise DatasetError(f"{ann_file}: categories[{i}] 'id' must be an integer, got {cat['id']!r}")
+        if cat["id"] in seen_cats:
+            raise DatasetError(f"{ann_file}: categories[{i}] repeats category id {cat['id']!r}")
+        seen_cats.add(cat["id"])
+
+
+def read_categories(ann_file: str | os.PathLike) -> list[dict[str, Any]]:
+    """The validated ``categories`` list of a COCO JSON (to build a :class:`LabelMap` without a dataset)."""
+    ann_file = Path(ann_file)
+    data = _read_json(ann_file)
+    if not isinstance(data.get("categories"), list):
+        raise DatasetError(f"{ann_file}: missing required top-level key 'categories' (a list)")
+    _check_categories(data, ann_file)
+    return data["categories"]
+
+
+def load_coco_json(ann_file: str | os.PathLike) -> dict[str, Any]:
+    """Read and structurally validate a COCO detection JSON.
+
+    Checks that ``images``, ``annotations`` and ``categories`` exist and are lists, every image has
+    ``id/file_name/width/height``, every annotation ``image_id/bbox/category_id`` (``bbox`` a list of 4
+    numbers) and every category ``id``. Raises :class:`DatasetError` naming the file, key and record.
+    """
+    ann_file = Path(ann_file)
+    data = _read_json(ann_file)
     for key in ("images", "annotations", "categories"):
         if key not in data:
             raise DatasetError(f"{ann_file}: missing required top-level key {key!r}")
@@ -146,14 +172,7 @@ def load_coco_json(ann_file: str | os.PathLike) -> dict[str, Any]:
             or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in b)
         ):
             raise DatasetError(f"{ann_file}: annotations[{i}] 'bbox' must be [x, y, w, h] numbers, got {b!r}")
-    seen_cats: set[Any] = set()
-    for i, cat in enumerate(data["categories"]):
-        _require(cat, ("id",), f"categories[{i}]", ann_file)
-        if isinstance(cat["id"], bool) or not isinstance(cat["id"], int):
-            raise DatasetError(f"{ann_file}: categories[{i}] 'id' must be an integer, got {cat['id']!r}")
-        if cat["id"] in seen_cats:
-            raise DatasetError(f"{ann_file}: categories[{i}] repeats category id {cat['id']!r}")
-        seen_cats.add(cat["id"])
+    _check_categories(data, ann_file)
     # pycocotools indexes annotations by 'id'; give id-less records unique ids instead of crashing there
     used = {a["id"] for a in data["annotations"] if "id" in a}
     next_id = max((x for x in used if isinstance(x, int)), default=0) + 1

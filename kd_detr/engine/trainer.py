@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from kd_detr import data as kd_data
 from kd_detr.criterion import SetCriterion, weighted_total
 from kd_detr.matcher import HungarianMatcher
-from kd_detr.models import build_model, load_model
+from kd_detr.models import build_model, get_config, load_model
 
 from . import checkpointing, distributed
 from .logger import Progress, RunLogger, truncate_log
@@ -51,6 +51,7 @@ class TrainConfig:
     val_images: str | None = None
     image_size: int | None = None  # None: official DETR sizes (800/1333); else small-image preset
     label_map: str = "contiguous"  # contiguous | coco91
+    augment: bool = True  # False: training images get the eval resize only (overfitting, debugging)
     num_workers: int = 2
     # optimisation (official Conditional DETR defaults)
     batch_size: int = 2
@@ -175,6 +176,8 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         if cfg.amp and not self.device.startswith("cuda"):
             log.warning("--amp is only used on CUDA devices; training in float32 on %s", self.device)
+        # fail fast on a bad model name or override, before any data is read
+        get_config(cfg.model).replace(**cfg.model_overrides)
         seed_everything(cfg.seed + self.dist.rank)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -184,7 +187,7 @@ class Trainer:
         cfg = self.cfg
         train_ann, train_img = dataset_files(cfg, "train")
         self.train_set = kd_data.CocoDetection(
-            train_img, train_ann, transforms=kd_data.make_policy(True, cfg.image_size),
+            train_img, train_ann, transforms=kd_data.make_policy(cfg.augment, cfg.image_size),
             label_map=label_map_mode(cfg.label_map), seed=cfg.seed, log_report=self.main)
         self.label_map = self.train_set.label_map
         self.val_set = None
@@ -199,8 +202,13 @@ class Trainer:
         self.sampler = ResumableBatchSampler(len(self.train_set), cfg.batch_size, shuffle=True, seed=cfg.seed,
                                              rank=self.dist.rank, world_size=self.dist.world_size)
         self.train_loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=cfg.num_workers,
-                                       collate_fn=kd_data.collate_fn,
+                                       collate_fn=kd_data.collate_fn, generator=self._loader_generator(),
                                        persistent_workers=False, pin_memory=self.device.startswith("cuda"))
+
+    def _loader_generator(self) -> torch.Generator:
+        # A DataLoader draws its workers' base seed from the global RNG unless it has its own
+        # generator; that draw would shift the dropout stream and break exact resume.
+        return torch.Generator().manual_seed(self.cfg.seed + 1000 * self.dist.rank)
 
     def build_model(self) -> torch.nn.Module:
         cfg = self.cfg
@@ -284,6 +292,8 @@ class Trainer:
         """Forward + loss for one batch. Returns the total loss and per-term log values
         (each term scaled by its weight, plus ``<term>_unscaled``)."""
         outputs = self.model(images, mask)
+        if not self.cfg.aux_loss:
+            outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         loss_dict = self.criterion(outputs, targets)
         total = weighted_total(loss_dict, self.criterion.weight_dict)
         logs = {}
@@ -391,7 +401,7 @@ class Trainer:
         if self.main:
             from kd_detr.models import save_model
             save_model(self.raw_model, self.out / "model_final.safetensors", label_map=self.label_map,
-                       extra_metadata={"iteration": self.iteration})
+                       extra_metadata=self.model_metadata())
         distributed.barrier()
         return metrics
 
@@ -410,9 +420,13 @@ class Trainer:
             checkpointing.save_checkpoint(
                 self.out / "checkpoints", self.raw_model, optimizer=self.optimizer, scheduler=self.scheduler,
                 scaler=self.scaler, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
-                iteration=self.iteration, metadata={"epoch": self.epoch}, label_map=self.label_map,
+                iteration=self.iteration, metadata=self.model_metadata(), label_map=self.label_map,
                 keep_last=self.cfg.keep_checkpoints)
         distributed.barrier()
+
+    def model_metadata(self) -> dict[str, Any]:
+        """Stored with every saved model: eval/predict reuse the training image-size preset."""
+        return {"iteration": self.iteration, "epoch": self.epoch, "image_size": self.cfg.image_size}
 
     def run_config(self) -> dict[str, Any]:
         return {"train": self.cfg.to_dict(), "model_config": dataclasses.asdict(self.raw_model.config),
@@ -431,7 +445,8 @@ class Trainer:
             sampler = torch.utils.data.distributed.DistributedSampler(
                 val, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=False)
         loader = DataLoader(val, batch_size=cfg.eval_batch_size, sampler=sampler, shuffle=False,
-                            num_workers=cfg.num_workers, collate_fn=kd_data.collate_fn)
+                            num_workers=cfg.num_workers, collate_fn=kd_data.collate_fn,
+                            generator=self._loader_generator())
         return evaluate_model(self.raw_model, loader, self.val_set.coco, self.label_map, self.device,
                               progress=self.main and cfg.progress)
 
@@ -448,7 +463,7 @@ class Trainer:
             self.best_ap = ap
             from kd_detr.models import save_model
             save_model(self.raw_model, self.out / "model_best.safetensors", label_map=self.label_map,
-                       extra_metadata={"iteration": self.iteration, "AP": ap})
+                       extra_metadata={**self.model_metadata(), "AP": ap})
         from kd_detr.evaluation import write_json_atomic as write_results
         write_results(self.out / "results.json", results)
         metrics = {"iteration": self.iteration, **result.metrics, "best_ap": self.best_ap,
@@ -459,7 +474,7 @@ class Trainer:
 
 def load_init_checkpoint(path: str, model_name: str, num_classes: int, overrides: dict[str, Any]) -> torch.nn.Module:
     """Weights to start from: our safetensors (model rebuilt from its metadata) or an official ``.pth``."""
-    from kd_detr.models import load_official_state_dict
+    from kd_detr.models import model_from_official
 
     p = Path(path)
     if p.suffix == ".safetensors":
@@ -468,10 +483,7 @@ def load_init_checkpoint(path: str, model_name: str, num_classes: int, overrides
             raise ValueError(f"{p}: the checkpoint has {model.config.num_classes} classes but the data's label "
                              f"map has {num_classes}")
         return model
-    model = build_model(model_name, num_classes=num_classes, **overrides)
-    sd = torch.load(p, map_location="cpu", weights_only=True)
-    load_official_state_dict(model, sd.get("model", sd) if isinstance(sd, dict) else sd)
-    return model
+    return model_from_official(p, model_name, num_classes, **overrides)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

@@ -1,0 +1,38 @@
+"""Conditional DETR models: registry, architecture and checkpoint I/O."""
+
+from .attention import ConditionalAttention
+from .backbone import Backbone, load_backbone_weights
+from .checkpoint import (
+    convert_official,
+    load_model,
+    load_official_state_dict,
+    model_from_official,
+    official_state_dict,
+    read_official_checkpoint,
+    save_model,
+)
+from .conditional_detr import ConditionalDETR, inverse_sigmoid
+from .position_encoding import PositionEmbeddingSine, sine_embed_points
+from .registry import ModelConfig, build_model, get_config, list_models, register_model
+
+__all__ = [
+    "Backbone",
+    "ConditionalAttention",
+    "ConditionalDETR",
+    "ModelConfig",
+    "PositionEmbeddingSine",
+    "build_model",
+    "convert_official",
+    "get_config",
+    "inverse_sigmoid",
+    "list_models",
+    "load_backbone_weights",
+    "load_model",
+    "load_official_state_dict",
+    "model_from_official",
+    "official_state_dict",
+    "read_official_checkpoint",
+    "register_model",
+    "save_model",
+    "sine_embed_points",
+]

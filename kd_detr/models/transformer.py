@@ -331,8 +331,8 @@ class Transformer(nn.Module):
         dec = self.decoder(tgt, memory, mask, pos_embed, query_pos, reference,
                            group_sizes=group_sizes, need_weights=return_attn)
         out: dict[str, Any] = {
-            "hs": dec["hs"].transpose(1, 2),
-            "reference_points": reference.transpose(0, 1),
+            "hs": dec["hs"].transpose(1, 2).contiguous(),
+            "reference_points": reference.transpose(0, 1).contiguous(),
             "group_sizes": group_sizes,
             "memory_mask": mask,
         }

@@ -1,0 +1,311 @@
+"""Checkpoint I/O: official Conditional DETR state dicts and our safetensors model files.
+
+Official names
+    Our module tree equals the official one except for one documented prefix rename,
+    ``backbone.0.body.`` (official, a ``Joiner`` sequential) <-> ``backbone.body.`` (ours). Official
+    files hold frozen-BN buffers without ``num_batches_tracked``; for a trainable-BN model the counter
+    is filled with 0, a GroupNorm model cannot take BatchNorm statistics and is refused.
+
+Our model files (``.safetensors``)
+    Tensors under our own state-dict names plus string metadata: ``format``, ``format_version``,
+    ``model_name``, ``config`` (JSON of :class:`ModelConfig`), ``num_classes``, ``label_map`` (JSON),
+    ``extra_metadata`` (JSON) and ``kd_detr_version``. Written atomically (temporary file in the same
+    directory, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections import OrderedDict
+from typing import Any, Mapping, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors import torch as st
+from torch import Tensor
+
+from .backbone import read_state_dict_file
+from .conditional_detr import ConditionalDETR
+from .registry import ModelConfig, build_model
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "OFFICIAL_PREFIX_RENAMES",
+    "to_official_key",
+    "from_official_key",
+    "read_official_checkpoint",
+    "load_official_state_dict",
+    "official_state_dict",
+    "save_official_checkpoint",
+    "model_from_official",
+    "save_model",
+    "load_model",
+    "convert_official",
+]
+
+FORMAT_NAME = "kd_detr.conditional_detr"
+FORMAT_VERSION = 1
+# (official prefix, our prefix)
+OFFICIAL_PREFIX_RENAMES: tuple[tuple[str, str], ...] = (("backbone.0.body.", "backbone.body."),)
+
+
+def to_official_key(key: str) -> str:
+    """Our state-dict key -> official key."""
+    for official, ours in OFFICIAL_PREFIX_RENAMES:
+        if key.startswith(ours):
+            return official + key[len(ours):]
+    return key
+
+
+def from_official_key(key: str) -> str:
+    """Official state-dict key -> our key."""
+    for official, ours in OFFICIAL_PREFIX_RENAMES:
+        if key.startswith(official):
+            return ours + key[len(official):]
+    return key
+
+
+def _fmt_list(items: list[str], limit: int = 40) -> str:
+    more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
+    return f"{items[:limit]}{more}"
+
+
+def read_official_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read an official ``.pth`` (``{'model': state_dict, ...}`` or a bare state dict).
+
+    Uses ``torch.load(weights_only=True)`` (``argparse.Namespace`` allowed for the ``args`` entry of
+    training checkpoints). Errors name the file.
+    """
+    return read_state_dict_file(path)
+
+
+def load_official_state_dict(model: ConditionalDETR, state_dict: Mapping[str, Any],
+                             source: Optional[str] = None) -> None:
+    """Load an official-format state dict into ``model``, strictly.
+
+    Every tensor must be used, none may be missing, shapes must match; otherwise a ``ValueError``
+    lists the unexpected, missing and mis-shaped keys (official names). ``{'model': sd}`` is
+    accepted too. ``num_batches_tracked`` entries are optional (filled with 0 for trainable BN,
+    ignored for frozen BN).
+    """
+    where = f" ({source})" if source else ""
+    if "model" in state_dict and isinstance(state_dict["model"], Mapping):
+        state_dict = state_dict["model"]
+    cfg = model.config
+    if cfg.backbone_norm == "gn":
+        raise ValueError(
+            f"cannot load official weights{where} into a backbone_norm='gn' model: official checkpoints "
+            "hold BatchNorm statistics; build the model with backbone_norm='frozen_bn' or 'bn'"
+        )
+    own = model.state_dict()
+    mapped: dict[str, Tensor] = {}
+    unexpected, missing, mismatched = [], [], []
+    for key, value in state_dict.items():
+        ours = from_official_key(key)
+        if not isinstance(value, Tensor):
+            unexpected.append(f"{key} (not a tensor: {type(value).__name__})")
+        elif ours in own:
+            mapped[ours] = value
+        elif ours.endswith("num_batches_tracked") and ours[: -len("num_batches_tracked")] + "running_mean" in own:
+            continue  # frozen BN keeps no counter
+        else:
+            unexpected.append(key)
+    for key, ref in own.items():
+        if key not in mapped:
+            if key.endswith("num_batches_tracked"):
+                mapped[key] = torch.zeros((), dtype=torch.long)
+            else:
+                missing.append(to_official_key(key))
+        elif tuple(mapped[key].shape) != tuple(ref.shape):
+            mismatched.append(f"{to_official_key(key)}: checkpoint {tuple(mapped[key].shape)} "
+                              f"vs model {tuple(ref.shape)}")
+    if unexpected or missing or mismatched:
+        hint = ""
+        if "class_embed.bias" in mapped and mapped["class_embed.bias"].shape != own["class_embed.bias"].shape:
+            hint = (f"; hint: the checkpoint has {mapped['class_embed.bias'].shape[0]} classes, "
+                    f"the model {own['class_embed.bias'].shape[0]} (pass num_classes=...)")
+        raise ValueError(
+            f"official state dict{where} does not match model {cfg.name!r} "
+            f"({cfg.backbone}, dilation={cfg.dilation}, d_model={cfg.d_model}, "
+            f"{cfg.enc_layers}+{cfg.dec_layers} layers): "
+            f"unexpected keys {_fmt_list(unexpected)} ({len(unexpected)}); "
+            f"missing keys {_fmt_list(missing)} ({len(missing)}); "
+            f"shape mismatches {_fmt_list(mismatched)} ({len(mismatched)}){hint}"
+        )
+    model.load_state_dict(mapped, strict=True)
+
+
+def official_state_dict(model: ConditionalDETR) -> "OrderedDict[str, Tensor]":
+    """The model's tensors under official names (no ``num_batches_tracked``).
+
+    Loadable by the official ``ConditionalDETR`` (``model.load_state_dict(sd)``) and by
+    :func:`load_official_state_dict`. Tensors share memory with the model.
+    """
+    if model.config.backbone_norm == "gn":
+        raise ValueError("a backbone_norm='gn' model has no official equivalent (official uses BatchNorm)")
+    out: "OrderedDict[str, Tensor]" = OrderedDict()
+    for key, value in model.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        out[to_official_key(key)] = value
+    return out
+
+
+def _atomic_write(path: str, write) -> None:
+    """Call ``write(tmp_path)`` then ``os.replace`` it onto ``path``; no partial file on failure."""
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"output directory does not exist: {directory}")
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_official_checkpoint(model: ConditionalDETR, path: str | os.PathLike) -> None:
+    """Write ``{'model': official_state_dict(model)}`` as a ``.pth`` loadable by the official code."""
+    sd = OrderedDict((k, v.detach().cpu()) for k, v in official_state_dict(model).items())
+    _atomic_write(os.fspath(path), lambda tmp: torch.save({"model": sd}, tmp))
+
+
+def model_from_official(pth_path: str | os.PathLike, model_name: str, num_classes: Optional[int] = None,
+                        **overrides: Any) -> ConditionalDETR:
+    """Build ``model_name`` and load an official ``.pth`` into it (``num_classes`` inferred if None)."""
+    pth_path = os.fspath(pth_path)
+    sd = read_official_checkpoint(pth_path)
+    if num_classes is None:
+        if "class_embed.bias" not in sd:
+            raise ValueError(f"{pth_path} has no 'class_embed.bias'; is it an official Conditional DETR file?")
+        num_classes = int(sd["class_embed.bias"].shape[0])
+    model = build_model(model_name, num_classes=num_classes, **overrides)
+    load_official_state_dict(model, sd, source=pth_path)
+    return model
+
+
+def _label_map_dict(label_map: Any) -> Optional[dict]:
+    if label_map is None:
+        return None
+    if hasattr(label_map, "to_dict"):
+        return label_map.to_dict()
+    if isinstance(label_map, Mapping):
+        return dict(label_map)
+    raise TypeError(f"label_map must be a LabelMap (with to_dict()) or a dict, got {type(label_map).__name__}")
+
+
+def save_model(model: ConditionalDETR, path: str | os.PathLike, label_map: Any = None,
+               extra_metadata: Optional[Mapping[str, Any]] = None) -> None:
+    """Write ``model`` to a ``.safetensors`` file with rebuild metadata, atomically.
+
+    ``label_map``: a ``LabelMap`` (anything with ``to_dict()``) or a JSON-serialisable dict (JSON
+    turns int keys into strings). ``extra_metadata``: JSON-serialisable mapping.
+    """
+    from kd_detr import __version__
+
+    path = os.fspath(path)
+    config: ModelConfig = model.config
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "model_name": config.name,
+        "config": config.to_json(),
+        "num_classes": str(config.num_classes),
+        "label_map": json.dumps(_label_map_dict(label_map), sort_keys=True),
+        "extra_metadata": json.dumps(dict(extra_metadata or {}), sort_keys=True),
+        "kd_detr_version": __version__,
+    }
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(path, lambda tmp: st.save_file(tensors, tmp, metadata=metadata))
+
+
+def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Parsed metadata of a kd-detr model file (``ValueError`` naming the file if foreign)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file name
+        raise ValueError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc}); "
+                         "official .pth files are converted with convert_official()") from exc
+    if raw.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path} is not a kd-detr model file (metadata format={raw.get('format')!r}, "
+                         f"expected {FORMAT_NAME!r})")
+    version = int(raw.get("format_version", "0"))
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path} has format_version {version}; this kd-detr reads up to {FORMAT_VERSION}")
+    try:
+        return {
+            "format": raw["format"],
+            "format_version": version,
+            "model_name": raw["model_name"],
+            "config": json.loads(raw["config"]),
+            "num_classes": int(raw["num_classes"]),
+            "label_map": json.loads(raw.get("label_map", "null")),
+            "extra_metadata": json.loads(raw.get("extra_metadata", "{}")),
+            "kd_detr_version": raw.get("kd_detr_version"),
+        }
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: corrupt kd-detr metadata ({type(exc).__name__}: {exc})") from exc
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
+               ) -> tuple[ConditionalDETR, dict[str, Any]]:
+    """Rebuild a model saved by :func:`save_model` and load its tensors strictly.
+
+    Returns ``(model, metadata)``; ``metadata`` has ``model_name``, ``config`` (dict),
+    ``num_classes``, ``label_map`` (dict or None), ``extra_metadata``, ``format_version``.
+    """
+    path = os.fspath(path)
+    meta = read_model_metadata(path)
+    try:
+        config = ModelConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: invalid model config in metadata: {exc}") from exc
+    model = ConditionalDETR(config)
+    tensors = st.load_file(path, device="cpu")
+    own = model.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    mismatched = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in own.items() if k in tensors and tensors[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(f"{path} does not match its own config: missing {_fmt_list(missing)}, "
+                         f"unexpected {_fmt_list(unexpected)}, shape mismatches {_fmt_list(mismatched)}")
+    model.load_state_dict(tensors, strict=True)
+    return model.to(map_location), meta
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def convert_official(pth_path: str | os.PathLike, model_name: str, num_classes: Optional[int],
+                     out_path: str | os.PathLike, label_map: Any = None, **overrides: Any) -> ConditionalDETR:
+    """Convert an official ``.pth`` into a kd-detr ``.safetensors`` model file.
+
+    ``num_classes=None`` takes it from the file (91 for the official COCO models). The source file
+    name and SHA-256 go into ``extra_metadata``. Returns the loaded model.
+    """
+    pth_path = os.fspath(pth_path)
+    model = model_from_official(pth_path, model_name, num_classes, **overrides)
+    extra = {"converted_from": os.path.basename(pth_path), "source_sha256": _sha256(pth_path)}
+    save_model(model, out_path, label_map=label_map, extra_metadata=extra)
+    return model

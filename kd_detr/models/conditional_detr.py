@@ -1,0 +1,164 @@
+"""ConditionalDETR: backbone + input projection + conditional transformer + shared heads.
+
+State-dict names equal the official ``ConditionalDETR`` module except the backbone prefix:
+ours ``backbone.body.*`` <-> official ``backbone.0.body.*`` (the official ``backbone`` is a
+``Joiner(backbone, position_embedding)`` sequential; our position encoding is a separate
+parameter-free module). See :mod:`kd_detr.models.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .backbone import Backbone
+from .position_encoding import PositionEmbeddingSine
+from .registry import ModelConfig
+from .transformer import MLP, Transformer
+
+__all__ = ["ConditionalDETR", "inverse_sigmoid"]
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """``log(x / (1 - x))`` with both terms clamped at ``eps`` (official ``util.misc.inverse_sigmoid``)."""
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+class ConditionalDETR(nn.Module):
+    """Conditional DETR (Meng et al., ICCV 2021), architecture identical to the official code.
+
+    Build with :func:`kd_detr.models.build_model`; ``model.config`` is the resolved
+    :class:`ModelConfig`.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config = dataclasses.replace(config).validate()
+        if config.freeze_stem is None:
+            config.freeze_stem = config.backbone_norm == "frozen_bn"
+        self.config = config
+        d = config.d_model
+        # Construction order follows the official build (backbone, transformer, heads) so that a
+        # given seed consumes the RNG in the same order; registration order below follows the
+        # official module order so state dicts list keys in the official order.
+        backbone = Backbone(config.backbone, config.dilation, config.backbone_norm, config.gn_groups,
+                            freeze_stem=config.freeze_stem, train_backbone=config.train_backbone)
+        transformer = Transformer(d, config.nheads, config.enc_layers, config.dec_layers,
+                                  config.dim_feedforward, config.dropout, config.activation,
+                                  config.pe_temperature)
+        class_embed = nn.Linear(d, config.num_classes)
+        bbox_embed = MLP(d, d, 4, 3)
+        query_embed = nn.Embedding(config.num_queries, d)
+        input_proj = nn.Conv2d(backbone.num_channels, d, kernel_size=1)
+
+        self.num_queries = config.num_queries
+        self.transformer = transformer
+        self.class_embed = class_embed
+        self.bbox_embed = bbox_embed
+        self.query_embed = query_embed
+        self.input_proj = input_proj
+        self.backbone = backbone
+        self.position_embedding = PositionEmbeddingSine(d // 2, config.pe_temperature, normalize=True)
+
+        # Focal-loss prior: every class starts at probability 0.01.
+        prior_prob = 0.01
+        nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
+        # Boxes start at the reference points (zero offset, w = h = 0.5).
+        nn.init.constant_(self.bbox_embed.layers[-1].weight, 0.0)
+        nn.init.constant_(self.bbox_embed.layers[-1].bias, 0.0)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.config.d_model
+
+    def _heads(self, hs: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
+        """``hs [L,B,N,d]``, ``reference [B,N,2]`` -> ``(logits [L,B,N,C], boxes [L,B,N,4])``."""
+        logits = self.class_embed(hs)
+        tmp = self.bbox_embed(hs)
+        # The box head predicts an offset of (cx, cy) from the reference point in logit space.
+        tmp[..., :2] += inverse_sigmoid(reference)
+        return logits, tmp.sigmoid()
+
+    @staticmethod
+    def _pack(logits: Tensor, boxes: Tensor, hs: Tensor, reference: Tensor) -> dict[str, Any]:
+        return {
+            "pred_logits": logits[-1],
+            "pred_boxes": boxes[-1],
+            "aux_outputs": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])],
+            "hs": hs,
+            "reference_points": reference,
+        }
+
+    def forward(self, images: Tensor, mask: Optional[Tensor] = None,
+                extra_groups: Optional[Sequence[dict[str, Tensor]]] = None,
+                return_attn: bool = False) -> dict[str, Any]:
+        """Run the detector.
+
+        Args:
+            images: ``[B,3,H,W]`` normalised, zero-padded bottom/right.
+            mask: ``[B,H,W]`` bool, True at padding (``None``: no padding).
+            extra_groups: optional list of extra query groups, each a dict with ``query_pos``
+                ``[N,d]`` or ``[B,N,d]``, optional ``query_content [B,N,d]`` (default zeros) and
+                optional ``reference_points [B,N,2]`` in sigmoid space (default
+                ``sigmoid(ref_point_head(query_pos))``). Groups share all decoder weights; decoder
+                self-attention runs only within a group.
+            return_attn: also return the decoder attention maps (memory: ``L*B*H*Q*S`` floats).
+
+        Returns dict (``L`` decoder layers, ``Q`` queries, ``S = h*w`` C5 tokens):
+            ``pred_logits [B,Q,C]``, ``pred_boxes [B,Q,4]`` (sigmoid cxcywh) of the last layer;
+            ``aux_outputs``: ``L-1`` dicts for layers ``0..L-2``; ``hs [L,B,Q,d]`` normed decoder
+            outputs; ``reference_points [B,Q,2]``; ``query_embed [Q,d]``; ``feature_size (h, w)``;
+            ``memory_mask [B,S]`` True = pad; with ``return_attn``: ``self_attn [L,B,H,Q,Q]`` and
+            ``cross_attn [L,B,H,Q,S]`` (per head, pre-dropout probabilities); with ``extra_groups``:
+            ``groups``, one dict per group with ``pred_logits``, ``pred_boxes``, ``aux_outputs``, ``hs``,
+            ``reference_points``, ``feature_size``, ``memory_mask`` (+ attention maps).
+        """
+        if images.dim() != 4:
+            raise ValueError(f"images must be [B,3,H,W], got {list(images.shape)}")
+        if mask is None:
+            mask = torch.zeros(images.shape[0], images.shape[2], images.shape[3],
+                               dtype=torch.bool, device=images.device)
+        elif mask.shape != (images.shape[0], images.shape[2], images.shape[3]) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor of shape {[images.shape[0], *images.shape[2:]]}, "
+                             f"got {mask.dtype} {list(mask.shape)}")
+        features, fmask = self.backbone(images, mask)
+        pos = self.position_embedding(fmask).to(features.dtype)
+        t = self.transformer(self.input_proj(features), fmask, self.query_embed.weight, pos,
+                             extra_groups=extra_groups, return_attn=return_attn)
+        logits, boxes = self._heads(t["hs"], t["reference_points"])
+        feature_size = (int(features.shape[-2]), int(features.shape[-1]))
+        sizes = t["group_sizes"]
+
+        if len(sizes) == 1:
+            out = self._pack(logits, boxes, t["hs"], t["reference_points"])
+            if return_attn:
+                out["self_attn"] = t["self_attn"][0]
+                out["cross_attn"] = t["cross_attn"]
+        else:
+            per_group = [
+                self._pack(lg, bx, h, r)
+                for lg, bx, h, r in zip(logits.split(sizes, dim=2), boxes.split(sizes, dim=2),
+                                        t["hs"].split(sizes, dim=2), t["reference_points"].split(sizes, dim=1))
+            ]
+            if return_attn:
+                for g, ca in enumerate(t["cross_attn"].split(sizes, dim=3)):
+                    per_group[g]["self_attn"] = t["self_attn"][g]
+                    per_group[g]["cross_attn"] = ca
+            for g in per_group[1:]:
+                g["feature_size"] = feature_size
+                g["memory_mask"] = t["memory_mask"]
+            out = per_group[0]
+            out["groups"] = per_group[1:]
+        out["query_embed"] = self.query_embed.weight
+        out["feature_size"] = feature_size
+        out["memory_mask"] = t["memory_mask"]
+        return out
