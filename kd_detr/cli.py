@@ -165,12 +165,14 @@ def _data_options(f):
 @click.option("--eval-batch-size", type=int, default=2, show_default=True)
 @click.option("--eval-max-images", type=int, default=None, help="Evaluate on the first N validation images.")
 @click.option("--resume", default=None, help="'auto' (latest in --output-dir) or a checkpoint path.")
+@click.option("--no-aux-loss", is_flag=True, help="Supervise the last decoder layer only.")
+@click.option("--deterministic", is_flag=True, help="torch.use_deterministic_algorithms (warn-only).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train_cmd(model_name, model_opt, backbone_weights, init_checkpoint, data, train_ann, train_images, val_ann,
               val_images, image_size, label_map, num_workers, no_augment, batch_size, lr, lr_backbone, weight_decay,
               clip_max_norm, epochs, max_iters, lr_drop, lr_drop_iter, warmup_iters, amp, output_dir, seed,
               device, log_every, checkpoint_every, eval_every_epochs, eval_every_iters, eval_batch_size,
-              eval_max_images, resume, no_progress) -> None:
+              eval_max_images, resume, no_aux_loss, deterministic, no_progress) -> None:
     """Train a Conditional DETR (official recipe by default). Multi-GPU: torchrun --nproc_per_node N -m kd_detr train ..."""
     from kd_detr.engine.trainer import TrainConfig, train
 
@@ -183,7 +185,8 @@ def train_cmd(model_name, model_opt, backbone_weights, init_checkpoint, data, tr
         lr_drop=lr_drop, lr_drop_iter=lr_drop_iter, warmup_iters=warmup_iters, amp=amp, output_dir=output_dir,
         seed=seed, device=device, log_every=log_every, checkpoint_every=checkpoint_every,
         eval_every_epochs=eval_every_epochs, eval_every_iters=eval_every_iters, eval_batch_size=eval_batch_size,
-        eval_max_images=eval_max_images, resume=resume, progress=not no_progress)
+        eval_max_images=eval_max_images, resume=resume, aux_loss=not no_aux_loss, deterministic=deterministic,
+        progress=not no_progress)
     metrics = train(cfg)
     if metrics:
         click.echo(f"final AP {100 * metrics['AP']:.1f} (best {100 * metrics['best_ap']:.1f}); "
@@ -239,8 +242,8 @@ def predict_cmd(model_name, checkpoint, num_classes, images, output, no_resize, 
 
     entries = predict_images(checkpoint, list(images), model_name=model_name, num_classes=num_classes,
                              resize=not no_resize, image_size=image_size, top_k=top_k, device=device)
-    from kd_detr.evaluation import write_json_atomic
-    write_json_atomic(output, entries, indent=2)
+    from kd_detr.atomic import write_json_atomic
+    write_json_atomic(output, entries)
     click.echo(f"wrote {len(entries)} image(s) to {output}")
 
 

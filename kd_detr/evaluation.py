@@ -15,11 +15,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -31,6 +29,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
+from .atomic import write_json_atomic
 from .postprocess import PostProcess
 
 __all__ = [
@@ -259,45 +258,6 @@ def format_per_class_table(per_class: Sequence[Mapping[str, Any]], num_columns: 
 
 
 # ---------------------------------------------------------------------------- files
-def _json_safe(obj: Any) -> Any:
-    """Replace non-finite floats (invalid in strict JSON) by ``None``, recursively."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = None) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically (temp file in the same dir + ``os.replace``).
-
-    A reader never sees a partially written file, even if the process dies mid-write.
-    NaN / Inf floats (e.g. the AP of a category without ground truth) are written as ``null``
-    so the file stays valid JSON for other tools.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        text = json.dumps(obj, indent=indent, allow_nan=False)
-    except ValueError:  # only pay for the recursive copy when there is something to replace
-        text = json.dumps(_json_safe(obj), indent=indent, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_eval_outputs(
     output_dir: str | os.PathLike, result: EvalResult, results: Sequence[Mapping[str, Any]], prefix: str = ""
 ) -> tuple[Path, Path]:

@@ -170,7 +170,7 @@ def test_per_class_table_and_json_outputs(tmp_path):
     write_json_atomic(out / "x.json", {"a": 2})  # replaces
     assert json.loads((out / "x.json").read_text()) == {"a": 2}
     write_json_atomic(out / "x.json", {"a": [float("nan"), 1.5, float("inf")]})
-    assert (out / "x.json").read_text() == '{"a": [null, 1.5, null]}'  # strict JSON
+    assert json.loads((out / "x.json").read_text()) == {"a": [None, 1.5, None]}  # strict JSON
     res_path, met_path = write_eval_outputs(out, r, _gt_results())
     assert json.loads(res_path.read_text()) == _gt_results()
     met = json.loads(met_path.read_text())

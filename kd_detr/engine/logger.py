@@ -11,6 +11,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from kd_detr.atomic import write_text_atomic
+
 
 class RunLogger:
     """Appends one JSON object per logged step to ``log.jsonl`` (DETR's ``log.txt`` style).
@@ -54,9 +56,7 @@ def truncate_log(path: str | os.PathLike, after_iteration: int) -> None:
             continue  # a line cut by a crash
         if rec.get("iteration", -1) <= after_iteration:
             keep.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(l + "\n" for l in keep))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 class Progress:

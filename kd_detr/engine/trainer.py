@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import random
 import resource
 import time
@@ -22,13 +21,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from kd_detr import data as kd_data
+from kd_detr.atomic import write_json_atomic
 from kd_detr.criterion import SetCriterion, weighted_total
 from kd_detr.matcher import HungarianMatcher
 from kd_detr.models import build_model, get_config, load_model
 
 from . import checkpointing, distributed
 from .logger import Progress, RunLogger, truncate_log
-from .run_record import run_record, write_json_atomic
+from .run_record import run_record
 from .sampler import ResumableBatchSampler
 
 log = logging.getLogger("kd_detr.train")
@@ -464,8 +464,7 @@ class Trainer:
             from kd_detr.models import save_model
             save_model(self.raw_model, self.out / "model_best.safetensors", label_map=self.label_map,
                        extra_metadata={**self.model_metadata(), "AP": ap})
-        from kd_detr.evaluation import write_json_atomic as write_results
-        write_results(self.out / "results.json", results)
+        write_json_atomic(self.out / "results.json", results, indent=None)
         metrics = {"iteration": self.iteration, **result.metrics, "best_ap": self.best_ap,
                    "per_class": result.per_class}
         write_json_atomic(self.out / "metrics.json", metrics)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from collections import OrderedDict
 from typing import Any, Mapping, Optional
 
@@ -27,6 +26,7 @@ from safetensors import safe_open
 from safetensors import torch as st
 from torch import Tensor
 
+from ..atomic import atomic_write
 from .backbone import read_state_dict_file
 from .conditional_detr import ConditionalDETR
 from .registry import ModelConfig, build_model
@@ -156,23 +156,8 @@ def official_state_dict(model: ConditionalDETR) -> "OrderedDict[str, Tensor]":
 
 
 def _atomic_write(path: str, write) -> None:
-    """Call ``write(tmp_path)`` then ``os.replace`` it onto ``path``; no partial file on failure."""
-    path = os.path.abspath(path)
-    directory = os.path.dirname(path)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"output directory does not exist: {directory}")
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Call ``write(tmp_path)`` then rename it onto ``path``; the folder must exist."""
+    atomic_write(path, write, make_parents=False)
 
 
 def save_official_checkpoint(model: ConditionalDETR, path: str | os.PathLike) -> None:
