@@ -7,6 +7,7 @@ keep everything else (schedule, logging, checkpoints, resume, DDP, evaluation).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import random
@@ -91,6 +92,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def to_float32(obj: Any) -> Any:
+    """Cast every floating tensor in a nested dict/list of model outputs to float32."""
+    if torch.is_tensor(obj):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: to_float32(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_float32(v) for v in obj)
+    return obj
 
 
 def resolve_device(device: str) -> str:
@@ -281,7 +293,6 @@ class Trainer:
             truncate_log(self.out / "log.jsonl", self.iteration)
             metrics = self.out / "metrics.json"
             if metrics.exists():
-                import json
                 self.best_ap = json.loads(metrics.read_text()).get("best_ap", -1.0)
         log.info("resumed from %s at iteration %d (epoch %d, batch %d)", point.weights, self.iteration,
                  self.epoch, self.batch_in_epoch)
@@ -294,7 +305,8 @@ class Trainer:
         outputs = self.model(images, mask)
         if not self.cfg.aux_loss:
             outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        loss_dict = self.criterion(outputs, targets)
+        with torch.autocast(images.device.type, enabled=False):  # losses in float32 under AMP
+            loss_dict = self.criterion(to_float32(outputs), targets)
         total = weighted_total(loss_dict, self.criterion.weight_dict)
         logs = {}
         for k, v in loss_dict.items():
@@ -398,6 +410,13 @@ class Trainer:
         finally:
             progress.close()
             logger.close()
+        if not metrics and self.val_set is not None:
+            # resumed a run that had already finished: report its metrics, or evaluate now
+            saved = self.out / "metrics.json"
+            if saved.exists() and json.loads(saved.read_text()).get("iteration") == self.iteration:
+                metrics = json.loads(saved.read_text())
+            else:
+                metrics = self.evaluate_and_log(RunLogger(self.out, enabled=self.main))
         if self.main:
             from kd_detr.models import save_model
             save_model(self.raw_model, self.out / "model_final.safetensors", label_map=self.label_map,
