@@ -125,8 +125,6 @@ def _data_options(f):
         click.option("--val-images", type=click.Path(exists=True, file_okay=False), default=None),
         click.option("--image-size", type=int, default=None,
                      help="Small-image preset (e.g. 128); default: official sizes (800, max 1333)."),
-        click.option("--label-map", type=click.Choice(["contiguous", "coco91"]), default="contiguous",
-                     show_default=True, help="contiguous class indices, or COCO ids as indices (official 91)."),
         click.option("--num-workers", type=int, default=2, show_default=True),
     ]
     for o in reversed(opts):
@@ -143,6 +141,8 @@ def _data_options(f):
 @click.option("--init-checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Start from these weights (kd-detr .safetensors or official .pth).")
 @_data_options
+@click.option("--label-map", type=click.Choice(["contiguous", "coco91"]), default="contiguous", show_default=True,
+              help="Class indices: the data's categories numbered 0..K-1, or COCO ids as indices (official 91 slots).")
 @click.option("--no-augment", is_flag=True, help="Train on the eval resize only (no flip/crop/multi-scale).")
 @click.option("--batch-size", type=int, default=2, show_default=True, help="Images per process.")
 @click.option("--lr", type=float, default=1e-4, show_default=True)
@@ -209,14 +209,14 @@ def train_cmd(model_name, model_opt, backbone_weights, init_checkpoint, data, tr
 @click.option("--device", default="auto", show_default=True)
 @click.option("--per-class", is_flag=True, help="Also print the per-class AP table.")
 def eval_cmd(model_name, checkpoint, num_classes, data, train_ann, train_images, val_ann, val_images, image_size,
-             label_map, num_workers, split, batch_size, max_images, output_dir, device, per_class) -> None:
+             num_workers, split, batch_size, max_images, output_dir, device, per_class) -> None:
     """Evaluate a checkpoint with pycocotools COCOeval (bbox): 12-line summary, results and metrics JSON."""
     from kd_detr.inference import evaluate_checkpoint
 
     result, out_dir = evaluate_checkpoint(
         checkpoint, model_name=model_name, num_classes=num_classes, data=data,
         ann=(train_ann if split == "train" else val_ann), images=(train_images if split == "train" else val_images),
-        split=split, image_size=image_size, label_map_mode=label_map, num_workers=num_workers,
+        split=split, image_size=image_size, num_workers=num_workers,
         batch_size=batch_size, max_images=max_images, output_dir=output_dir, device=device)
     click.echo(result.summary_text)
     if per_class:

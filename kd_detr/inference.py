@@ -49,10 +49,14 @@ def load_detector(checkpoint: str | Path, model_name: str | None = None, num_cla
 
 def evaluate_checkpoint(checkpoint: str | Path, *, model_name: str | None = None, num_classes: int | None = None,
                         data: str | None = None, ann: str | None = None, images: str | None = None,
-                        split: str = "val", image_size: int | None = None, label_map_mode: str = "contiguous",
+                        split: str = "val", image_size: int | None = None,
                         num_workers: int = 2, batch_size: int = 2, max_images: int | None = None,
                         output_dir: str | None = None, device: str = "auto") -> tuple[EvalResult, Path]:
-    """Evaluate a checkpoint on a COCO split; writes ``results.json`` and ``metrics.json``."""
+    """Evaluate a checkpoint on a COCO split; writes ``results.json`` and ``metrics.json``.
+
+    The label map is the checkpoint's; official checkpoints index classes by COCO category id.
+    ``image_size`` defaults to the preset the checkpoint was trained with (official sizes if none).
+    """
     from kd_detr.engine.trainer import resolve_device
 
     device = resolve_device(device)

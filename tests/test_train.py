@@ -88,3 +88,13 @@ def test_tiny_model_overfits_a_handful_of_images(tmp_path):
     assert after["AP"] > 0.5 and after["AP50"] > 0.8, after
     losses = [r["loss"] for r in read_log(tmp_path / "run" / "log.jsonl") if "loss" in r]
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_rerun_of_finished_run_reports_metrics(synth_data, tmp_path):
+    cfg = tiny_config(synth_data, tmp_path / "r", max_iters=2, eval_max_images=4)
+    first = Trainer(cfg).fit()
+    again = Trainer(tiny_config(synth_data, tmp_path / "r", max_iters=2, eval_max_images=4, resume="auto")).fit()
+    assert first["iteration"] == again["iteration"] == 2
+    assert again["AP"] == pytest.approx(first["AP"])
+    losses = [r["iteration"] for r in read_log(tmp_path / "r" / "log.jsonl") if "loss" in r]
+    assert losses == [1, 2]  # nothing retrained

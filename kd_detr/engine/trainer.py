@@ -269,6 +269,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.use_amp else None
         self.iteration, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best_ap = -1.0
+        self.last_eval_iteration = -1
         if cfg.resume:
             self._resume(cfg.resume)
 
@@ -410,13 +411,12 @@ class Trainer:
         finally:
             progress.close()
             logger.close()
-        if not metrics and self.val_set is not None:
-            # resumed a run that had already finished: report its metrics, or evaluate now
-            saved = self.out / "metrics.json"
-            if saved.exists() and json.loads(saved.read_text()).get("iteration") == self.iteration:
-                metrics = json.loads(saved.read_text())
-            else:
-                metrics = self.evaluate_and_log(RunLogger(self.out, enabled=self.main))
+        if self.val_set is not None and self.last_eval_iteration != self.iteration:
+            # e.g. resuming a run that had already finished: evaluate the final weights now
+            # (decided on state every rank shares, so all ranks join the evaluation's collectives)
+            eval_logger = RunLogger(self.out, enabled=self.main)
+            metrics = self.evaluate_and_log(eval_logger)
+            eval_logger.close()
         if self.main:
             from kd_detr.models import save_model
             save_model(self.raw_model, self.out / "model_final.safetensors", label_map=self.label_map,
@@ -470,7 +470,9 @@ class Trainer:
                               progress=self.main and cfg.progress)
 
     def evaluate_and_log(self, logger: RunLogger) -> dict[str, Any]:
+        """Evaluate on every rank; rank 0 logs and writes metrics (other ranks get ``{}``)."""
         result, results = self.evaluate()
+        self.last_eval_iteration = self.iteration
         if not self.main:
             return {}
         ap = result.metrics["AP"]
