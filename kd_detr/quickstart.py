@@ -31,8 +31,9 @@ def run_quickstart(out: Path, iters: int = 600, seed: int = 0, echo: Callable[[s
                       lr_drop=None, lr_drop_iter=int(iters * 0.8), eval_every_epochs=0, num_workers=1,
                       output_dir=str(out / "train"), seed=seed, resume="auto", checkpoint_every=200)
     metrics = train(cfg)
-    echo(f"[3/3] evaluation on {QUICKSTART_DATA['num_val']} validation images (pycocotools):")
-    summary = (out / "train" / "metrics.json")
-    echo(f"AP {100 * metrics.get('AP', 0.0):.1f}  AP50 {100 * metrics.get('AP50', 0.0):.1f}  "
-         f"(metrics: {summary}; log: {out / 'train' / 'log.jsonl'}); took {time.perf_counter() - t0:.0f} s")
+    echo(f"[3/3] COCO evaluation on the {QUICKSTART_DATA['num_val']} validation images (pycocotools):")
+    echo(metrics.get("summary", "(no evaluation: no validation data)"))
+    echo(f"AP {100 * metrics.get('AP', 0.0):.1f}, AP50 {100 * metrics.get('AP50', 0.0):.1f} after {iters} iterations "
+         f"in {time.perf_counter() - t0:.0f} s. Outputs: {out / 'train'} (model_final.safetensors, metrics.json, "
+         f"log.jsonl)")
     return metrics

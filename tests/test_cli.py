@@ -89,3 +89,13 @@ def test_clear_errors(tmp_path):
     assert res.exit_code != 0 and "no_such_model" in res.output
     res = run("eval", "--checkpoint", __file__, "--data", tmp_path, ok=False)
     assert res.exit_code != 0 and "--model" in res.output
+
+
+def test_quickstart_runs_end_to_end(tmp_path):
+    res = run("quickstart", "--out", tmp_path / "qs", "--iters", 3)
+    assert "[3/3]" in res.output
+    assert len([l for l in res.output.splitlines() if l.strip().startswith("Average")]) == 12
+    assert (tmp_path / "qs" / "train" / "model_final.safetensors").exists()
+    # a rerun reuses the data and the finished run
+    res = run("quickstart", "--out", tmp_path / "qs", "--iters", 3)
+    assert "reusing synthetic data" in res.output

@@ -487,7 +487,7 @@ class Trainer:
                        extra_metadata={**self.model_metadata(), "AP": ap})
         write_json_atomic(self.out / "results.json", results, indent=None)
         metrics = {"iteration": self.iteration, **result.metrics, "best_ap": self.best_ap,
-                   "per_class": result.per_class}
+                   "per_class": result.per_class, "summary": result.summary_text}
         write_json_atomic(self.out / "metrics.json", metrics)
         return metrics
 
