@@ -98,3 +98,9 @@ def test_rerun_of_finished_run_reports_metrics(synth_data, tmp_path):
     assert again["AP"] == pytest.approx(first["AP"])
     losses = [r["iteration"] for r in read_log(tmp_path / "r" / "log.jsonl") if "loss" in r]
     assert losses == [1, 2]  # nothing retrained
+
+
+def test_fresh_run_refuses_to_overwrite_a_run(synth_data, tmp_path):
+    Trainer(tiny_config(synth_data, tmp_path / "r", max_iters=1)).fit()
+    with pytest.raises(ValueError, match="--resume auto"):
+        Trainer(tiny_config(synth_data, tmp_path / "r", max_iters=1)).fit()

@@ -272,6 +272,11 @@ class Trainer:
         self.last_eval_iteration = -1
         if cfg.resume:
             self._resume(cfg.resume)
+        elif (self.out / "checkpoints" / "latest.json").exists():
+            raise ValueError(f"--output-dir {self.out} already holds a training run (checkpoints/latest.json): "
+                             "pass --resume auto to continue it, or choose another --output-dir")
+        if self.iteration == 0 and self.main:
+            truncate_log(self.out / "log.jsonl", 0)  # a fresh run does not append to an old log
 
     def _resume(self, resume: str) -> None:
         point = checkpointing.find_resume_point(resume, self.out)
