@@ -64,8 +64,10 @@ def models_cmd() -> None:
 
 
 @main.command("convert")
-@click.option("--from-official", "official", required=True, type=click.Path(exists=True, dir_okay=False),
+@click.option("--from-official", "official", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Official Conditional DETR checkpoint (.pth holding {'model': state_dict}).")
+@click.option("--from-hf", "hf", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Hugging Face ConditionalDetrForObjectDetection weights (model.safetensors or pytorch_model.bin).")
 @click.option("--model", "model_name", required=True, help="Registered architecture, e.g. cond_detr_r50.")
 @click.option("--model-opt", multiple=True, metavar="KEY=VALUE",
               help="Override a model config field (repeatable), for checkpoints of non-registry variants.")
@@ -74,22 +76,26 @@ def models_cmd() -> None:
 @click.option("--annotations", type=click.Path(exists=True, dir_okay=False), default=None,
               help="COCO JSON whose categories label the class slots (default: slot i is COCO category id i).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .safetensors file.")
-def convert_cmd(official: str, model_name: str, model_opt: tuple[str, ...], num_classes: int | None,
-                annotations: str | None, out: str) -> None:
-    """Convert an official checkpoint to kd-detr's safetensors format (weights + metadata)."""
-    from kd_detr.data import COCO_CATEGORIES, LabelMap, read_categories
-    from kd_detr.models import convert_official, read_official_checkpoint
+def convert_cmd(official: str | None, hf: str | None, model_name: str, model_opt: tuple[str, ...],
+                num_classes: int | None, annotations: str | None, out: str) -> None:
+    """Convert official (or Hugging Face) Conditional DETR weights to kd-detr's safetensors format.
 
-    if num_classes is None:
-        state = read_official_checkpoint(official)
-        if "class_embed.bias" not in state:
-            raise ValueError(f"{official}: no 'class_embed.bias' tensor; is it a Conditional DETR checkpoint?")
-        num_classes = int(state["class_embed.bias"].shape[0])
-    n = num_classes
+    The load is strict: every tensor used, none missing, shapes checked; offending keys are named.
+    """
+    from kd_detr.data import COCO_CATEGORIES, LabelMap, read_categories
+    from kd_detr.models import convert_official
+
+    if (official is None) == (hf is None):
+        raise click.UsageError("give exactly one of --from-official and --from-hf")
     categories = read_categories(annotations) if annotations else COCO_CATEGORIES
-    label_map = LabelMap.raw_ids([c for c in categories if c["id"] < n], num_classes=n)
-    convert_official(official, model_name, n, out, label_map=label_map, **parse_overrides(model_opt, "--model-opt"))
-    click.echo(f"wrote {out} ({model_name}, {n} class slots, label map: {label_map!r})")
+
+    def label_map(n: int) -> LabelMap:  # class slots are COCO category ids in these checkpoints
+        return LabelMap.raw_ids([c for c in categories if c["id"] < n], num_classes=n)
+
+    model = convert_official(official or hf, model_name, num_classes, out, label_map=label_map,
+                             fmt="official" if official else "hf", **parse_overrides(model_opt, "--model-opt"))
+    n = model.config.num_classes
+    click.echo(f"wrote {out} ({model_name}, {n} class slots, label map: {label_map(n)!r})")
 
 
 # --------------------------------------------------------------------------- data

@@ -13,8 +13,6 @@ whereas the official decoder normalises only the copies it stacks. We keep the d
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
@@ -22,69 +20,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
 from kd_detr.models import build_model, load_official_state_dict  # noqa: E402
-
-ENC = r"^model\.encoder\.layers\.(\d+)\."
-DEC = r"^model\.decoder\.layers\.(\d+)\."
-
-# (regex on the HF key, official replacement); first match wins. Covers transformers v4 and v5 names.
-_RULES = [
-    (r"^model\.backbone\.(conv_encoder\.)?model\.", "backbone.0.body."),
-    (r"^model\.input_projection\.", "input_proj."),
-    (r"^model\.query_position_embeddings\.", "query_embed."),
-    (ENC + r"self_attn\.(o_proj|out_proj)\.", r"transformer.encoder.layers.\1.self_attn.out_proj."),
-    (ENC + r"(mlp\.)?fc1\.", r"transformer.encoder.layers.\1.linear1."),
-    (ENC + r"(mlp\.)?fc2\.", r"transformer.encoder.layers.\1.linear2."),
-    (ENC + r"self_attn_layer_norm\.", r"transformer.encoder.layers.\1.norm1."),
-    (ENC + r"final_layer_norm\.", r"transformer.encoder.layers.\1.norm2."),
-    # transformers v5: projections live inside the attention modules
-    (DEC + r"self_attn\.q_content_proj\.", r"transformer.decoder.layers.\1.sa_qcontent_proj."),
-    (DEC + r"self_attn\.q_pos_proj\.", r"transformer.decoder.layers.\1.sa_qpos_proj."),
-    (DEC + r"self_attn\.k_content_proj\.", r"transformer.decoder.layers.\1.sa_kcontent_proj."),
-    (DEC + r"self_attn\.k_pos_proj\.", r"transformer.decoder.layers.\1.sa_kpos_proj."),
-    (DEC + r"self_attn\.v_proj\.", r"transformer.decoder.layers.\1.sa_v_proj."),
-    (DEC + r"self_attn\.(o_proj|out_proj)\.", r"transformer.decoder.layers.\1.self_attn.out_proj."),
-    (DEC + r"encoder_attn\.q_content_proj\.", r"transformer.decoder.layers.\1.ca_qcontent_proj."),
-    (DEC + r"encoder_attn\.q_pos_proj\.", r"transformer.decoder.layers.\1.ca_qpos_proj."),
-    (DEC + r"encoder_attn\.k_content_proj\.", r"transformer.decoder.layers.\1.ca_kcontent_proj."),
-    (DEC + r"encoder_attn\.k_pos_proj\.", r"transformer.decoder.layers.\1.ca_kpos_proj."),
-    (DEC + r"encoder_attn\.v_proj\.", r"transformer.decoder.layers.\1.ca_v_proj."),
-    (DEC + r"encoder_attn\.q_pos_sine_proj\.", r"transformer.decoder.layers.\1.ca_qpos_sine_proj."),
-    (DEC + r"encoder_attn\.(o_proj|out_proj)\.", r"transformer.decoder.layers.\1.cross_attn.out_proj."),
-    # transformers v4: sa_*/ca_* directly on the layer, same names as official
-    (DEC + r"((sa|ca)_\w+)\.", r"transformer.decoder.layers.\1.\2."),
-    (DEC + r"self_attn_layer_norm\.", r"transformer.decoder.layers.\1.norm1."),
-    (DEC + r"encoder_attn_layer_norm\.", r"transformer.decoder.layers.\1.norm2."),
-    (DEC + r"final_layer_norm\.", r"transformer.decoder.layers.\1.norm3."),
-    (DEC + r"(mlp\.)?fc1\.", r"transformer.decoder.layers.\1.linear1."),
-    (DEC + r"(mlp\.)?fc2\.", r"transformer.decoder.layers.\1.linear2."),
-    (r"^model\.decoder\.layernorm\.", "transformer.decoder.norm."),
-    (r"^model\.decoder\.(query_scale|ref_point_head)\.", r"transformer.decoder.\1."),
-    (r"^class_labels_classifier\.", "class_embed."),
-    (r"^bbox_predictor\.", "bbox_embed."),
-]
-
-
-def hf_to_official(hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map an HF ConditionalDetrForObjectDetection state dict to official names (fails on leftovers)."""
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, value in hf_sd.items():
-        m = re.match(ENC + r"self_attn\.([qkv])_proj\.(weight|bias)$", key)
-        if m:  # HF splits the encoder in_proj into q/k/v (rows 0..d-1 / d..2d-1 / 2d..3d-1)
-            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
-            continue
-        for pattern, repl in _RULES:
-            new, n = re.subn(pattern, repl, key)
-            if n:
-                out[new] = value
-                break
-        else:
-            raise AssertionError(f"unmapped HF key {key}")
-    for (layer, kind), parts in qkv.items():
-        out[f"transformer.encoder.layers.{layer}.self_attn.in_proj_{kind}"] = torch.cat(
-            [parts["q"], parts["k"], parts["v"]], dim=0)
-    return out
-
+from kd_detr.models.hf_import import hf_to_official  # noqa: E402
 
 def _randomise(model: torch.nn.Module, seed: int) -> None:
     """Give every tensor a non-trivial value (HF init leaves biases 0, heads near-degenerate)."""
@@ -183,3 +119,36 @@ def test_bottleneck_backbone_matches_hf():
     hf, ours = _pair("resnet50", d_model=64, heads=8, enc=1, dec=2, ffn=64, queries=6, classes=5)
     _, images, mask = _inputs()
     _compare(hf, ours, images, mask)
+
+
+def test_convert_from_hf_cli(r18_pair, tmp_path):
+    """`kd-detr convert --from-hf model.safetensors` gives a model with the HF model's outputs."""
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from kd_detr.cli import main
+    from kd_detr.models import load_model
+
+    hf, ours = r18_pair
+    weights = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(weights))
+    cfg = ours.config
+    opts = [f"{k}={getattr(cfg, k)}" for k in ("backbone", "d_model", "nheads", "enc_layers", "dec_layers",
+                                                "dim_feedforward", "num_queries")]
+    args = ["convert", "--from-hf", str(weights), "--model", "cond_detr_r18_tiny", "--model-opt",
+            "backbone_norm=frozen_bn", *[a for o in opts for a in ("--model-opt", o)],
+            "--out", str(tmp_path / "conv.safetensors")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    converted, meta = load_model(tmp_path / "conv.safetensors")
+    assert meta["extra_metadata"]["source_format"] == "hf" and converted.config.num_classes == 7
+    _, images, mask = _inputs()
+    _compare(hf, converted.eval(), images, mask)
+
+    # a file that is not HF Conditional DETR weights: refused, naming the keys, nothing written
+    bad = tmp_path / "bad.safetensors"
+    save_file({"some.other.weight": torch.zeros(2)}, str(bad))
+    res = CliRunner().invoke(main, ["convert", "--from-hf", str(bad), "--model", "cond_detr_r50",
+                                    "--out", str(tmp_path / "x.safetensors")])
+    assert res.exit_code != 0 and "some.other.weight" in res.output
+    assert not (tmp_path / "x.safetensors").exists()

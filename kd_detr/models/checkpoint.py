@@ -166,11 +166,24 @@ def save_official_checkpoint(model: ConditionalDETR, path: str | os.PathLike) ->
     _atomic_write(os.fspath(path), lambda tmp: torch.save({"model": sd}, tmp))
 
 
+SOURCE_FORMATS = ("official", "hf")
+
+
 def model_from_official(pth_path: str | os.PathLike, model_name: str, num_classes: Optional[int] = None,
-                        **overrides: Any) -> ConditionalDETR:
-    """Build ``model_name`` and load an official ``.pth`` into it (``num_classes`` inferred if None)."""
+                        fmt: str = "official", **overrides: Any) -> ConditionalDETR:
+    """Build ``model_name`` and load an official ``.pth`` into it (``num_classes`` inferred if None).
+
+    ``fmt="hf"`` reads Hugging Face ``ConditionalDetrForObjectDetection`` weights instead (mapped to
+    the official names, then loaded by the same strict loader).
+    """
     pth_path = os.fspath(pth_path)
-    sd = read_official_checkpoint(pth_path)
+    if fmt == "official":
+        sd = read_official_checkpoint(pth_path)
+    elif fmt == "hf":
+        from .hf_import import read_hf_checkpoint
+        sd = read_hf_checkpoint(pth_path)
+    else:
+        raise ValueError(f"unknown checkpoint format {fmt!r}; valid: {list(SOURCE_FORMATS)}")
     if num_classes is None:
         if "class_embed.bias" not in sd:
             raise ValueError(f"{pth_path} has no 'class_embed.bias'; is it an official Conditional DETR file?")
@@ -283,14 +296,19 @@ def _sha256(path: str) -> str:
 
 
 def convert_official(pth_path: str | os.PathLike, model_name: str, num_classes: Optional[int],
-                     out_path: str | os.PathLike, label_map: Any = None, **overrides: Any) -> ConditionalDETR:
-    """Convert an official ``.pth`` into a kd-detr ``.safetensors`` model file.
+                     out_path: str | os.PathLike, label_map: Any = None, fmt: str = "official",
+                     **overrides: Any) -> ConditionalDETR:
+    """Convert an official ``.pth`` (or HF weights, ``fmt="hf"``) into a kd-detr ``.safetensors`` file.
 
-    ``num_classes=None`` takes it from the file (91 for the official COCO models). The source file
-    name and SHA-256 go into ``extra_metadata``. Returns the loaded model.
+    ``num_classes=None`` takes it from the file (91 for the official COCO models). ``label_map`` may
+    be a callable ``num_classes -> label map`` when the class count is only known from the file.
+    The source file name, format and SHA-256 go into ``extra_metadata``. Returns the loaded model.
     """
     pth_path = os.fspath(pth_path)
-    model = model_from_official(pth_path, model_name, num_classes, **overrides)
-    extra = {"converted_from": os.path.basename(pth_path), "source_sha256": _sha256(pth_path)}
+    model = model_from_official(pth_path, model_name, num_classes, fmt=fmt, **overrides)
+    if callable(label_map):
+        label_map = label_map(model.config.num_classes)
+    extra = {"converted_from": os.path.basename(pth_path), "source_format": fmt,
+             "source_sha256": _sha256(pth_path)}
     save_model(model, out_path, label_map=label_map, extra_metadata=extra)
     return model
