@@ -130,7 +130,8 @@ def _data_options(f):
                      help="Custom validation annotation JSON (with --val-images)."),
         click.option("--val-images", type=click.Path(exists=True, file_okay=False), default=None),
         click.option("--image-size", type=int, default=None,
-                     help="Small-image preset (e.g. 128); default: official sizes (800, max 1333)."),
+                     help="Small-image preset S (e.g. 128): DETR sizes scaled by S/800. Default: official sizes "
+                          "(800, max 1333); eval: the checkpoint's training preset."),
         click.option("--num-workers", type=int, default=2, show_default=True),
     ]
     for o in reversed(opts):
