@@ -200,6 +200,100 @@ def train_cmd(model_name, model_opt, backbone_weights, init_checkpoint, data, tr
                    f"outputs in {output_dir}")
 
 
+# --------------------------------------------------------------------------- distillation
+@main.command("recipes")
+@click.argument("name", required=False)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe field (dotted key, TOML value), e.g. distill.pred.temperature=2.")
+def recipes_cmd(name: str | None, overrides: tuple[str, ...]) -> None:
+    """List the distillation recipes, or print NAME merged with its defaults (and --set overrides)."""
+    from kd_detr.distill.recipe import list_recipes, load_recipe, recipe_to_toml
+
+    if name is None:
+        if overrides:
+            raise click.UsageError("--set needs a recipe NAME")
+        for rname, desc in list_recipes().items():
+            click.echo(f"{rname:24s} {desc}")
+        return
+    recipe = load_recipe(name, overrides)
+    click.echo(f"# recipe {recipe.name} from {' <- '.join(recipe.chain)}")
+    click.echo(recipe_to_toml(recipe.to_dict()), nl=False)
+
+
+@main.command("distill")
+@click.option("--teacher", default=None,
+              help="Teacher card name (teachers/NAME.toml) or a registered model name with --teacher-checkpoint.")
+@click.option("--teacher-checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Teacher weights (kd-detr .safetensors or official .pth); replaces a card's checkpoint.")
+@click.option("--student", required=True, help="Student architecture, e.g. cond_detr_r50.")
+@click.option("--student-opt", multiple=True, metavar="KEY=VALUE",
+              help="Override a student model config field (repeatable).")
+@click.option("--recipe", "recipe_name", default="d3etr", show_default=True,
+              help="Recipe name (recipes/NAME.toml; see `kd-detr recipes`) or path to a recipe TOML.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override any recipe field, e.g. --set train.max_iters=1000 --set distill.self_attn.weight=2.")
+@_data_options
+@click.option("--label-map", type=click.Choice(["contiguous", "coco91"]), default=None,
+              help="Class indices (default: the recipe's train.label_map, contiguous).")
+@click.option("--output-dir", default="runs/distill", show_default=True)
+@click.option("--resume", default=None, help="'auto' (latest in --output-dir) or a checkpoint path.")
+@click.option("--seed", type=int, default=None, help="Default: the recipe's train.seed (42).")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the recipe's, auto).")
+@click.option("--amp", is_flag=True, default=None, help="Mixed precision (CUDA only).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def distill_cmd(teacher, teacher_checkpoint, student, student_opt, recipe_name, overrides, data, train_ann,
+                train_images, val_ann, val_images, image_size, num_workers, label_map, output_dir, resume, seed,
+                device, amp, no_progress) -> None:
+    """Distil a teacher into a student with a recipe (D3ETR by default).
+
+    The teacher runs in this process (eval mode, no gradients) on the student's padded batch. The
+    schedule comes from the recipe's [train] section; the merged recipe is saved as
+    OUTPUT_DIR/recipe.toml and in config.json with library versions and the git SHA.
+    Multi-GPU: torchrun --nproc_per_node N -m kd_detr distill ...
+    """
+    from kd_detr.distill.recipe import load_recipe
+    from kd_detr.distill.teacher_loading import resolve_teacher
+    from kd_detr.distill.trainer import distill
+    from kd_detr.engine.trainer import TrainConfig
+
+    recipe = load_recipe(recipe_name, overrides)
+    spec = None
+    if recipe.distill.enabled:
+        if teacher is None:
+            raise click.UsageError(f"recipe {recipe.name} distils from a teacher: give --teacher")
+        spec = resolve_teacher(teacher, teacher_checkpoint)
+    kwargs = dict(recipe.train_config_kwargs())
+    # options given on the command line win over the recipe's [train] values
+    cli = {"image_size": image_size, "label_map": label_map, "seed": seed, "device": device, "amp": amp,
+           "num_workers": num_workers}
+    kwargs.update({k: v for k, v in cli.items() if v is not None})
+    if no_progress:
+        kwargs["progress"] = False
+    cfg = TrainConfig(model=student, model_overrides=parse_overrides(student_opt, "--student-opt"), data=data,
+                      train_ann=train_ann, train_images=train_images, val_ann=val_ann, val_images=val_images,
+                      output_dir=output_dir, resume=resume, **kwargs)
+    metrics = distill(cfg, recipe, spec)
+    if metrics:
+        click.echo(f"final AP {100 * metrics['AP']:.1f} (best {100 * metrics['best_ap']:.1f}); "
+                   f"outputs in {output_dir}")
+
+
+@main.command("export")
+@click.option("--run", "source", required=True, type=click.Path(exists=True),
+              help="A training/distillation output folder, or a kd-detr .safetensors model file.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Output prefix: writes PREFIX.safetensors and PREFIX.pth (official format).")
+def export_cmd(source: str, out: str) -> None:
+    """Export the student alone (no teacher, no auxiliary queries) as safetensors and official .pth.
+
+    The .pth loads strictly into the plain Conditional DETR (official code or kd-detr); this is checked.
+    """
+    from kd_detr.distill.export import export_student
+
+    st_path, pth_path = export_student(source, out)
+    click.echo(f"wrote {st_path} and {pth_path}")
+
+
 # --------------------------------------------------------------------------- eval / predict
 @main.command("eval")
 @click.option("--model", "model_name", default=None,

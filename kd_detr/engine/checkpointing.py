@@ -59,7 +59,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(checkpoint_dir: str | os.PathLike, model: torch.nn.Module, *, optimizer, scheduler,
                     scaler, epoch: int, batch_in_epoch: int, iteration: int, metadata: dict[str, Any],
-                    label_map=None, keep_last: int = 2) -> ResumePoint:
+                    label_map=None, keep_last: int = 2, extra: dict[str, Any] | None = None) -> ResumePoint:
     """Save a resumable checkpoint at an iteration boundary and prune older ones."""
     from kd_detr.models import save_model
 
@@ -78,6 +78,7 @@ def save_checkpoint(checkpoint_dir: str | os.PathLike, model: torch.nn.Module, *
         "batch_in_epoch": batch_in_epoch,
         "iteration": iteration,
         "rng": rng_state(),
+        "extra": extra or {},  # state of modules trained beside the model (e.g. a distillation projection)
     }, state_path)
     write_json_atomic(ckpt_dir / "latest.json", {"iteration": iteration, "weights": weights.name,
                                                  "state": state_path.name})

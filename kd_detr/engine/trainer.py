@@ -248,17 +248,35 @@ class Trainer:
     def model_config(self):
         return self.raw_model.config
 
+    # Hooks for subclasses (distillation): extra modules trained beside the model, their state.
+    def build_extras(self) -> None:
+        """Called in :meth:`setup` after the model and criterion, before the optimizer."""
+
+    def param_groups(self) -> list[dict]:
+        cfg = self.cfg
+        return param_groups(self.raw_model, cfg.lr, cfg.lr_backbone, cfg.weight_decay)
+
+    def after_backward(self) -> None:
+        """Called after ``backward`` and before clipping (e.g. to all-reduce extra modules' grads)."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Saved in every checkpoint's training state and given back to :meth:`load_extra_state`."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
     def setup(self) -> None:
         cfg = self.cfg
         self.build_data()
         self.raw_model = self.build_model().to(self.device)
         self.criterion = self.build_criterion().to(self.device)
+        self.build_extras()
         self.model = self.raw_model
         if self.dist.enabled:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.raw_model, device_ids=[self.dist.local_rank] if self.device.startswith("cuda") else None)
-        self.optimizer = torch.optim.AdamW(param_groups(self.raw_model, cfg.lr, cfg.lr_backbone, cfg.weight_decay),
-                                           lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.iters_per_epoch = self.sampler.batches_per_epoch()
         self.total_iters = cfg.max_iters if cfg.max_iters is not None else cfg.epochs * self.iters_per_epoch
         drop = cfg.lr_drop_iter
@@ -286,6 +304,7 @@ class Trainer:
         model, _meta = load_model(point.weights)
         self.raw_model.load_state_dict(model.state_dict(), strict=True)
         state = checkpointing.load_training_state(point)
+        self.load_extra_state(state.get("extra") or {})
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
@@ -340,6 +359,7 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
+        self.after_backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.cfg.clip_max_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_max_norm)
@@ -445,7 +465,7 @@ class Trainer:
                 self.out / "checkpoints", self.raw_model, optimizer=self.optimizer, scheduler=self.scheduler,
                 scaler=self.scaler, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
                 iteration=self.iteration, metadata=self.model_metadata(), label_map=self.label_map,
-                keep_last=self.cfg.keep_checkpoints)
+                keep_last=self.cfg.keep_checkpoints, extra=self.extra_state())
         distributed.barrier()
 
     def model_metadata(self) -> dict[str, Any]:

@@ -1,0 +1,242 @@
+"""Cost of a D3ETR training step against the baseline, measured side by side in one run.
+
+    python benchmarks/distill_step.py --teacher cond_detr_r18_tiny --student cond_detr_r10_tiny --size 128x128 --batch 8
+    python benchmarks/distill_step.py --teacher cond_detr_r101 --student cond_detr_r50 --size 800x1066 --batch 8   # GPU
+
+Per round, in this order: a baseline step (student alone: forward + GT loss + backward + AdamW),
+a teacher forward (eval, no grad, attention maps as the recipe needs them) and a d3etr step (teacher
+forward + student with the auxiliary group + GT and KD losses + backward + AdamW). Medians over the
+rounds. Reported:
+
+* ``d3etr / (baseline + teacher)`` step-time ratio (target <= 1.35);
+* the share of the d3etr step spent in matchings (adaptive teacher-student Hungarian, and all extra
+  matchings: adaptive + the auxiliary group's GT and the teacher's GT assignment), target < 5%;
+* peak memory ratio ``d3etr / (baseline + teacher)`` (target <= 1.35). On CUDA: peak allocated
+  memory of each phase (``max_memory_allocated`` after a reset; the teacher's includes its weights).
+  On the CPU: each phase runs in a fresh subprocess and reports its peak RSS minus the RSS after
+  imports, so the interpreter and libraries are not counted twice.
+
+Random weights and random ground truth: timing does not depend on the values. 300x300 matchings at
+R50 scale: batch 8 x 6 layers x 2 = 96 Hungarian solves per step on the adaptive side alone... (48
+adaptive + the GT ones; see methods.md 2.6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from kd_detr.criterion import SetCriterion, weighted_total
+from kd_detr.distill.d3etr import D3ETRLoss
+from kd_detr.distill.recipe import load_recipe
+from kd_detr.distill.teacher import InProcessTeacher
+from kd_detr.distill.trainer import distill_losses
+from kd_detr.engine.trainer import param_groups
+from kd_detr.models import build_model
+
+
+def random_targets(batch: int, num_classes: int, gen: torch.Generator, n_obj: int = 7) -> list[dict]:
+    out = []
+    for _ in range(batch):
+        cxcy = torch.rand(n_obj, 2, generator=gen) * 0.6 + 0.2
+        wh = torch.rand(n_obj, 2, generator=gen) * 0.3 + 0.05
+        out.append({"labels": torch.randint(0, num_classes, (n_obj,), generator=gen),
+                    "boxes": torch.cat([cxcy, wh], 1)})
+    return out
+
+
+class Bench:
+    def __init__(self, args):
+        self.args, dev = args, args.device
+        torch.manual_seed(0)
+        self.student = build_model(args.student).to(dev).train()
+        self.teacher_model = build_model(args.teacher).to(dev)
+        nc = self.student.config.num_classes
+        self.recipe = load_recipe(args.recipe, args.set)
+        self.criterion = SetCriterion(nc, num_dec_layers=self.student.config.dec_layers)
+        self.kd = D3ETRLoss(self.recipe.distill, self.student.config, self.teacher_model.config,
+                            self.criterion).to(dev)
+        self.teacher = InProcessTeacher(self.teacher_model, attn=self.kd.attn_mode)
+        params = param_groups(self.student, 1e-4, 1e-5, 1e-4)
+        self.opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+        gen = torch.Generator().manual_seed(0)
+        h, w = args.hw
+        self.images = torch.randn(args.batch, 3, h, w, generator=gen).to(dev)
+        self.mask = torch.zeros(args.batch, h, w, dtype=torch.bool, device=dev)
+        self.targets = [{k: v.to(dev) for k, v in t.items()} for t in random_targets(args.batch, nc, gen)]
+
+    def sync(self):
+        if self.args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def _update(self, loss):
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 0.1)
+        self.opt.step()
+
+    def baseline_step(self):
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.args.amp):
+            out = self.student(self.images, self.mask)
+            loss = weighted_total(self.criterion(out, self.targets), self.criterion.weight_dict)
+        self._update(loss)
+
+    def teacher_forward(self):
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.args.amp):
+            self.teacher(self.images, self.mask)
+
+    def d3etr_step(self):
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.args.amp):
+            total, _, _ = distill_losses(self.student, self.teacher, self.kd, self.criterion, self.images,
+                                         self.mask, self.targets)
+        self._update(total)
+
+    def timed(self, fn):
+        self.sync()
+        t0 = time.perf_counter()
+        fn()
+        self.sync()
+        return time.perf_counter() - t0
+
+
+def time_phases(args) -> dict:
+    b = Bench(args)
+    times = {"baseline": [], "teacher": [], "d3etr": [], "adaptive_match": [], "all_match": []}
+    for i in range(args.warmup + args.rounds):
+        tb = b.timed(b.baseline_step)
+        tt = b.timed(b.teacher_forward)
+        b.kd.match_seconds = {"adaptive": 0.0, "gt": 0.0}
+        td = b.timed(b.d3etr_step)
+        if i >= args.warmup:
+            times["baseline"].append(tb)
+            times["teacher"].append(tt)
+            times["d3etr"].append(td)
+            times["adaptive_match"].append(b.kd.match_seconds["adaptive"])
+            times["all_match"].append(sum(b.kd.match_seconds.values()))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    med["rounds"] = args.rounds
+    return med
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_phase(args, phase: str) -> float:
+    """Peak memory (MB) of one phase, in this process: 2 repetitions of the phase."""
+    dev = args.device
+    if dev.startswith("cuda"):
+        b = Bench(args) if phase != "teacher" else None
+        if phase == "teacher":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            model = build_model(args.teacher).to(dev)
+            t = InProcessTeacher(model, attn=load_teacher_attn_mode(args))
+            gen = torch.Generator().manual_seed(0)
+            images = torch.randn(args.batch, 3, *args.hw, generator=gen).to(dev)
+            mask = torch.zeros(args.batch, *args.hw, dtype=torch.bool, device=dev)
+            for _ in range(2):
+                with torch.autocast("cuda", dtype=torch.float16, enabled=args.amp):
+                    t(images, mask)
+            return torch.cuda.max_memory_allocated() / 2**20
+        # baseline / d3etr: the student, its optimizer state and the step's activations (+ teacher for d3etr)
+        if phase == "baseline":
+            del b.teacher_model, b.teacher  # not part of the baseline
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(2):
+            (b.baseline_step if phase == "baseline" else b.d3etr_step)()
+        return torch.cuda.max_memory_allocated() / 2**20
+    # CPU: a fresh process per phase; peak RSS minus the RSS after imports
+    cmd = [sys.executable, __file__, "--_memory-phase", phase] + args.passthrough
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def load_teacher_attn_mode(args) -> str:
+    r = load_recipe(args.recipe, args.set)
+    s, t = build_model(args.student).config, build_model(args.teacher).config
+    return D3ETRLoss(r.distill, s, t, SetCriterion(s.num_classes, num_dec_layers=s.dec_layers)).attn_mode
+
+
+def cpu_memory_child(args, phase: str) -> None:
+    base = rss_mb()
+    if phase == "teacher":
+        model = build_model(args.teacher)
+        t = InProcessTeacher(model, attn=load_teacher_attn_mode(args))
+        gen = torch.Generator().manual_seed(0)
+        images = torch.randn(args.batch, 3, *args.hw, generator=gen)
+        mask = torch.zeros(args.batch, *args.hw, dtype=torch.bool)
+        for _ in range(2):
+            t(images, mask)
+    else:
+        b = Bench(args)
+        if phase == "baseline":
+            del b.teacher_model, b.teacher
+        for _ in range(2):
+            (b.baseline_step if phase == "baseline" else b.d3etr_step)()
+    print(rss_mb() - base)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default="cond_detr_r18_tiny")
+    ap.add_argument("--student", default="cond_detr_r10_tiny")
+    ap.add_argument("--recipe", default="d3etr")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
+    ap.add_argument("--size", default="128x128", help="HxW of the input batch")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--amp", action="store_true", help="float16 autocast (CUDA)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--_memory-phase", dest="memory_phase", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.hw = tuple(int(x) for x in args.size.split("x"))
+    args.amp = args.amp and args.device.startswith("cuda")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.passthrough = [a for a in sys.argv[1:]]
+    if args.memory_phase:
+        cpu_memory_child(args, args.memory_phase)
+        return
+
+    t = time_phases(args)
+    res = {"teacher": args.teacher, "student": args.student, "recipe": args.recipe, "size": args.size,
+           "batch": args.batch, "device": args.device, "amp": args.amp,
+           "threads": torch.get_num_threads(), **{f"{k}_s": v for k, v in t.items() if k != "rounds"},
+           "rounds": t["rounds"]}
+    res["time_ratio"] = t["d3etr"] / (t["baseline"] + t["teacher"])
+    res["adaptive_match_share"] = t["adaptive_match"] / t["d3etr"]
+    res["all_match_share"] = t["all_match"] / t["d3etr"]
+    if not args.no_memory:
+        mem = {p: memory_phase(args, p) for p in ("baseline", "teacher", "d3etr")}
+        res.update({f"mem_{k}_mb": v for k, v in mem.items()})
+        res["mem_ratio"] = mem["d3etr"] / (mem["baseline"] + mem["teacher"])
+    print(f"## D3ETR step cost: {args.teacher} -> {args.student}, {args.size}, batch {args.batch}, "
+          f"{args.device}{' amp' if args.amp else ''}, recipe {args.recipe}, median of {args.rounds} rounds")
+    print("| baseline step | teacher fwd | d3etr step | d3etr/(baseline+teacher) | adaptive matching | "
+          "all extra matchings |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {t['baseline']:.3f} s | {t['teacher']:.3f} s | {t['d3etr']:.3f} s | {res['time_ratio']:.2f}x | "
+          f"{100 * res['adaptive_match_share']:.1f}% | {100 * res['all_match_share']:.1f}% |")
+    if not args.no_memory:
+        print(f"\npeak memory (MB): baseline {mem['baseline']:.0f}, teacher {mem['teacher']:.0f}, "
+              f"d3etr {mem['d3etr']:.0f}; d3etr/(baseline+teacher) = {res['mem_ratio']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Knowledge distillation: recipes, teacher cards, matchings, losses, the D3ETR loss and trainer."""

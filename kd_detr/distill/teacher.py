@@ -1,0 +1,118 @@
+"""What a teacher provides per batch (``TeacherOutputs``) and the in-process teacher.
+
+A teacher cache or a Ray actor produces the same ``TeacherOutputs``, so the D3ETR loss does not
+care where the teacher ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ATTN_MODES", "TeacherOutputs", "InProcessTeacher", "stack_layers"]
+
+# How a teacher returns its attention maps: per head, averaged over heads (H = 1), or not at all.
+ATTN_MODES = ("per_head", "mean", "none")
+
+
+def stack_layers(outputs: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """Per-layer predictions of a model output: ``(logits [L,B,N,C], boxes [L,B,N,4])``, layer 0 first."""
+    layers = [*(outputs.get("aux_outputs") or []), outputs]
+    return (torch.stack([o["pred_logits"] for o in layers]),
+            torch.stack([o["pred_boxes"] for o in layers]))
+
+
+@dataclass
+class TeacherOutputs:
+    """Decoder outputs of a teacher for one padded batch.
+
+    Attributes:
+        logits: ``[L,B,Nt,C]`` class logits of every decoder layer (layer 0 first).
+        boxes: ``[L,B,Nt,4]`` normalised cxcywh boxes.
+        self_attn: ``[L,B,H,Nt,Nt]`` decoder self-attention probabilities, or ``None``
+            (``H = 1`` when stored averaged over heads).
+        cross_attn: ``[L,B,H,Nt,S]`` decoder cross-attention probabilities over the C5 tokens, or ``None``.
+        query_embed: ``[Nt,d_t]`` the teacher's (frozen) object queries.
+        reference_points: ``[B,Nt,2]`` the teacher's reference points (sigmoid space).
+        feature_size: ``(h, w)`` of the teacher's C5 map (``S = h * w``).
+    """
+
+    logits: Tensor
+    boxes: Tensor
+    self_attn: Optional[Tensor]
+    cross_attn: Optional[Tensor]
+    query_embed: Tensor
+    reference_points: Tensor
+    feature_size: tuple[int, int]
+
+    @property
+    def num_layers(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def num_queries(self) -> int:
+        return self.logits.shape[2]
+
+    def to(self, device: Any = None, dtype: Optional[torch.dtype] = None) -> "TeacherOutputs":
+        """Move every tensor; ``dtype`` applies to floating tensors only."""
+        def conv(t):
+            if t is None:
+                return None
+            return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
+        return dataclasses.replace(self, **{f.name: conv(getattr(self, f.name)) for f in dataclasses.fields(self)
+                                            if f.name != "feature_size"})
+
+    def float(self) -> "TeacherOutputs":
+        return self.to(dtype=torch.float32)
+
+    @classmethod
+    def from_model_output(cls, out: dict[str, Any], attn: str = "per_head") -> "TeacherOutputs":
+        """Build from a :class:`ConditionalDETR` output (``return_attn=True`` unless ``attn == "none"``)."""
+        if attn not in ATTN_MODES:
+            raise ValueError(f"attn must be one of {ATTN_MODES}, got {attn!r}")
+        logits, boxes = stack_layers(out)
+        sa = ca = None
+        if attn != "none":
+            sa, ca = out["self_attn"], out["cross_attn"]
+            if attn == "mean":
+                sa, ca = sa.mean(2, keepdim=True), ca.mean(2, keepdim=True)
+        return cls(logits=logits, boxes=boxes, self_attn=sa, cross_attn=ca,
+                   query_embed=out["query_embed"].detach(), reference_points=out["reference_points"],
+                   feature_size=tuple(out["feature_size"]))
+
+
+class InProcessTeacher:
+    """Runs a frozen teacher in the training process on the student's padded batch.
+
+    Args:
+        model: the teacher :class:`ConditionalDETR`; put in eval mode, parameters frozen.
+        attn: ``per_head`` | ``mean`` | ``none``: how attention maps are returned (``mean`` saves
+            memory when the recipe compares head-averaged maps).
+    """
+
+    def __init__(self, model: nn.Module, attn: str = "per_head"):
+        if attn not in ATTN_MODES:
+            raise ValueError(f"attn must be one of {ATTN_MODES}, got {attn!r}")
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.attn = attn
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def to(self, device: Any) -> "InProcessTeacher":
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, mask: Tensor) -> TeacherOutputs:
+        """``images [B,3,H,W]``, ``mask [B,H,W]`` (True = pad) -> :class:`TeacherOutputs`."""
+        self.model.eval()  # the trainer's model.train() never reaches the teacher, but be sure
+        out = self.model(images, mask, return_attn=self.attn != "none")
+        return TeacherOutputs.from_model_output(out, self.attn)

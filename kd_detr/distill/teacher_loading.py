@@ -1,0 +1,126 @@
+"""Resolving ``--teacher`` (a card name, or a model name plus ``--teacher-checkpoint``), loading the
+teacher's weights and refusing teachers that do not fit the student and the data.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from kd_detr.data import COCO_CATEGORIES, LabelMap
+from kd_detr.models import get_config, load_model, model_from_official
+
+from .teacher_card import TeacherCard, find_card, load_card
+
+log = logging.getLogger("kd_detr.distill")
+
+__all__ = ["TeacherSpec", "resolve_teacher", "load_teacher", "check_teacher_fits"]
+
+
+@dataclass
+class TeacherSpec:
+    """Where a teacher comes from: architecture, checkpoint file and what is known about it."""
+
+    name: str  # card name or model name, for logs and metadata
+    model: str
+    checkpoint: Path
+    format: str = "auto"  # auto | safetensors | official | hf
+    num_classes: Optional[int] = None
+    label_map: Optional[str] = None  # coco91 | contiguous (official/HF files carry none)
+    image_size: Optional[int] = None  # training image-size preset (None: official sizes)
+    image_size_known: bool = False
+    known_ap: Optional[float] = None
+    card: Optional[str] = None  # card file
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "model": self.model, "checkpoint": str(self.checkpoint), "format": self.format,
+                "card": self.card, "known_ap": self.known_ap, "image_size": self.image_size}
+
+
+def _file_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    return "safetensors" if path.suffix == ".safetensors" else "official"
+
+
+def resolve_teacher(teacher: str, checkpoint: Optional[str] = None) -> TeacherSpec:
+    """``--teacher`` / ``--teacher-checkpoint`` -> :class:`TeacherSpec`.
+
+    A name with a card in ``teachers/`` (or a path to a card ``.toml``) uses the card; its checkpoint
+    may be replaced by ``--teacher-checkpoint``. Otherwise ``teacher`` must be a registered model
+    name and ``--teacher-checkpoint`` is required.
+    """
+    card_path = Path(teacher) if teacher.endswith(".toml") else find_card(teacher)
+    if card_path is not None:
+        card: TeacherCard = load_card(str(card_path))
+        ckpt = Path(checkpoint) if checkpoint else card.require_checkpoint()
+        if not ckpt.exists():
+            raise FileNotFoundError(f"--teacher-checkpoint {ckpt} does not exist")
+        return TeacherSpec(name=card.name, model=card.model, checkpoint=ckpt, format=card.format if not checkpoint
+                           else "auto", num_classes=card.num_classes, label_map=card.label_map,
+                           image_size=card.image_size_preset, image_size_known=True, known_ap=card.known_ap,
+                           card=str(card.source), model_overrides=dict(card.model_overrides))
+    try:
+        get_config(teacher)
+    except ValueError as e:
+        raise ValueError(f"--teacher {teacher!r} is neither a teacher card (teachers/*.toml) nor a registered "
+                         f"model ({e})") from e
+    if not checkpoint:
+        raise ValueError(f"--teacher {teacher} is a model name without a teacher card: give its weights with "
+                         "--teacher-checkpoint PATH (kd-detr .safetensors or official .pth)")
+    ckpt = Path(checkpoint)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"--teacher-checkpoint {ckpt} does not exist")
+    return TeacherSpec(name=teacher, model=teacher, checkpoint=ckpt)
+
+
+def load_teacher(spec: TeacherSpec, data_label_map: LabelMap) -> tuple[torch.nn.Module, LabelMap, Optional[int]]:
+    """Load the teacher's weights. Returns ``(model, its label map, its training image-size preset)``.
+
+    kd-detr ``.safetensors`` files carry their architecture, label map and image size; official and
+    Hugging Face files carry none, so they come from the card (``coco91``: class slot = COCO id).
+    """
+    fmt = _file_format(spec.checkpoint, spec.format)
+    image_size = spec.image_size
+    if fmt == "safetensors":
+        model, meta = load_model(spec.checkpoint)
+        if meta["model_name"] != spec.model:
+            raise ValueError(f"teacher {spec.name}: {spec.checkpoint} holds a {meta['model_name']}, "
+                             f"not a {spec.model}")
+        if meta.get("label_map") is None:
+            raise ValueError(f"teacher checkpoint {spec.checkpoint} records no label map; it cannot be checked "
+                             "against the data")
+        label_map = LabelMap.from_dict(meta["label_map"])
+        if not spec.image_size_known:
+            image_size = (meta.get("extra_metadata") or {}).get("image_size")
+    elif fmt in ("official", "hf"):
+        model = model_from_official(spec.checkpoint, spec.model, spec.num_classes, fmt=fmt, **spec.model_overrides)
+        n = model.config.num_classes
+        if spec.label_map in (None, "coco91"):
+            label_map = LabelMap.raw_ids([c for c in COCO_CATEGORIES if c["id"] < n], num_classes=n)
+        else:  # contiguous: the card says the slots are the data's categories in order
+            label_map = data_label_map
+    else:
+        raise ValueError(f"teacher {spec.name}: unknown checkpoint format {fmt!r}")
+    return model, label_map, image_size
+
+
+def check_teacher_fits(spec: TeacherSpec, teacher_label_map: LabelMap, teacher_image_size: Optional[int],
+                       data_label_map: LabelMap, student_num_classes: int, image_size: Optional[int],
+                       check_image_size: bool = True) -> None:
+    """Refuse a teacher whose classes or training image size do not match the student and the data."""
+    teacher_label_map.check_compatible(data_label_map, what=f"teacher {spec.name} ({spec.checkpoint}) and the data")
+    if teacher_label_map.num_classes != student_num_classes:
+        raise ValueError(f"teacher {spec.name} has {teacher_label_map.num_classes} class slots and the student "
+                         f"{student_num_classes}: they must share one label map (--label-map)")
+    if check_image_size and teacher_image_size != image_size:
+        def show(s):
+            return "the official sizes (800, max 1333)" if s is None else f"the {s}-px preset"
+        raise ValueError(f"teacher {spec.name} was trained at {show(teacher_image_size)} but this run uses "
+                         f"{show(image_size)} (--image-size): its predictions would not transfer; match the image "
+                         "size or set teacher_check.image_size = false")
