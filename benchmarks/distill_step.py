@@ -125,7 +125,12 @@ def time_phases(args) -> dict:
     return med
 
 
-def rss_mb() -> float:
+def proc_status_mb(field: str) -> float:
+    """``VmRSS`` (current) or ``VmHWM`` (peak) resident set of this process, in MB (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -167,7 +172,7 @@ def load_teacher_attn_mode(args) -> str:
 
 
 def cpu_memory_child(args, phase: str) -> None:
-    base = rss_mb()
+    base = proc_status_mb("VmRSS")  # after imports: the interpreter and libraries
     if phase == "teacher":
         model = build_model(args.teacher)
         t = InProcessTeacher(model, attn=load_teacher_attn_mode(args))
@@ -182,7 +187,7 @@ def cpu_memory_child(args, phase: str) -> None:
             del b.teacher_model, b.teacher
         for _ in range(2):
             (b.baseline_step if phase == "baseline" else b.d3etr_step)()
-    print(rss_mb() - base)
+    print(proc_status_mb("VmHWM") - base)
 
 
 def main() -> None:

@@ -273,6 +273,14 @@ def test_distill_resume_and_baseline_and_refusals(synth_data, tmp_path):
     assert [r["iteration"] for r in b] == list(range(1, 7))
     for ra, rb in zip(a, b):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5), ra["iteration"]
+    # resuming with another recipe is refused
+    res = runner.invoke(main, _distill_args(synth_data, part, teacher, "--set", "train.max_iters=8",
+                                            "--set", "distill.fixed=false", "--resume", "auto"))
+    assert res.exit_code != 0 and "differs from the recipe" in res.output.replace("\n", " ")
+    # the teacher AP check refuses a teacher far below min_ap
+    res = runner.invoke(main, _distill_args(synth_data, tmp_path / "weak", teacher, "--set", "train.max_iters=1",
+                                            "--set", "teacher_check.eval_images=4", "--set", "teacher_check.min_ap=50"))
+    assert res.exit_code != 0 and "below teacher_check.min_ap" in res.output
     # baseline: no teacher needed, no distillation terms
     res = runner.invoke(main, _distill_args(synth_data, tmp_path / "base", teacher, "--recipe", "baseline",
                                             "--set", "train.max_iters=2"))

@@ -8,10 +8,16 @@ teacher, its queries and any projection live beside it and never enter the stude
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader, Subset
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 from kd_detr import data as kd_data
 from kd_detr.atomic import write_text_atomic
@@ -179,9 +185,18 @@ class DistillTrainer(Trainer):
 
     def setup(self) -> None:
         super().setup()  # refuses an output dir holding another run before anything is written
+        saved = self.out / "recipe.toml"
+        merged = recipe_to_toml(self.recipe.to_dict())
+        if self.iteration > 0 and saved.exists():
+            # the schedule may change on resume (e.g. more iterations); the distillation may not
+            before = tomllib.loads(saved.read_text()).get("distill")
+            if before != self.recipe.to_dict()["distill"]:
+                raise ValueError(f"--resume: the [distill] section of {saved} differs from the recipe given now "
+                                 f"({self.recipe.name} with its --set overrides); resume with the same recipe, or "
+                                 "start a new --output-dir")
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.out / "recipe.toml", recipe_to_toml(self.recipe.to_dict()))
+            write_text_atomic(saved, merged)
 
 
 def distill(cfg: TrainConfig, recipe: Recipe, teacher: Optional[TeacherSpec]) -> dict[str, Any]:
