@@ -306,3 +306,30 @@ def test_distill_resume_and_baseline_and_refusals(synth_data, tmp_path):
     # a bad recipe key names the key
     res = runner.invoke(main, _distill_args(synth_data, tmp_path / "x", teacher, "--set", "distill.pred.temprature=2"))
     assert res.exit_code != 0 and "distill.pred.temprature" in res.output
+
+
+def test_distill_from_a_teacher_card_with_an_official_checkpoint(synth_data, tmp_path):
+    """A card naming an official-format .pth (no metadata): label map and image size come from the card."""
+    from click.testing import CliRunner
+
+    from kd_detr.cli import main
+    from kd_detr.models import load_model
+    from kd_detr.models.checkpoint import save_official_checkpoint
+
+    teacher, _ = load_model(_save_teacher(tmp_path, synth_data))
+    (tmp_path / "ckpt").mkdir()
+    save_official_checkpoint(teacher, tmp_path / "ckpt" / "teacher.pth")
+    card = tmp_path / "tiny_teacher.toml"
+    card.write_text('name = "tiny_teacher"\nmodel = "cond_detr_r10_tiny"\ncheckpoint = "ckpt/teacher.pth"\n'
+                    f'format = "official"\nnum_classes = {teacher.config.num_classes}\nlabel_map = "contiguous"\n'
+                    'image_size = 64\nknown_ap = 0.0\n[model_overrides]\nnum_queries = 10\ndim_feedforward = 128\n')
+    args = _distill_args(synth_data, tmp_path / "run", "unused", "--set", "train.max_iters=2")
+    args[1:5] = ["--teacher", str(card)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["config"]["teacher"]["name"] == "tiny_teacher"
+    # the same card with the wrong image size is refused
+    card.write_text(card.read_text().replace("image_size = 64", "image_size = 0"))
+    res = CliRunner().invoke(main, args[:-2] + ["--output-dir", str(tmp_path / "run2")])
+    assert res.exit_code != 0 and "official sizes" in res.output

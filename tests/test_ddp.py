@@ -66,3 +66,28 @@ def test_torchrun_train_cli(synth_data, tmp_path):
     assert json.loads((out / "config.json").read_text())["config"]["world_size"] == 2
     assert (out / "model_final.safetensors").exists()
     assert (out / "metrics.json").exists()
+
+
+def test_torchrun_distill_cli_with_projection(synth_data, tmp_path):
+    """Two-process D3ETR with a narrower teacher: the trainable query projection lives outside DDP."""
+    from kd_detr.data import CocoDetection
+    from kd_detr.engine.checkpointing import find_resume_point, load_training_state
+    from kd_detr.models import save_model
+
+    ds = CocoDetection(synth_data / "train2017", synth_data / "annotations" / "instances_train2017.json")
+    torch.manual_seed(0)
+    teacher = build_model("cond_detr_r10_tiny", num_classes=ds.label_map.num_classes, num_queries=8, d_model=64,
+                          dim_feedforward=64)
+    save_model(teacher, tmp_path / "teacher.safetensors", label_map=ds.label_map, extra_metadata={"image_size": 64})
+    out = tmp_path / "run"
+    torchrun("-m", "kd_detr", "distill", "--teacher", "cond_detr_r10_tiny", "--teacher-checkpoint",
+             str(tmp_path / "teacher.safetensors"), "--student", "cond_detr_r10_tiny", "--student-opt",
+             "num_queries=6", "--data", str(synth_data), "--image-size", "64", "--num-workers", "0",
+             "--output-dir", str(out), "--no-progress", "--set", "train.batch_size=2", "--set", "train.max_iters=2",
+             "--set", "train.log_every=1", "--set", "train.eval_max_images=4",
+             "--set", 'distill.fixed_group.query_projection="linear"')
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log if "loss" in r] == [1, 2]
+    assert "distill.fixed.pred_cls.l1" in log[0]
+    state = load_training_state(find_resume_point("auto", out))
+    assert state["extra"]["distill_projection"]["weight"].shape == (128, 64)
