@@ -41,15 +41,7 @@ from kd_detr.distill.trainer import distill_losses
 from kd_detr.engine.trainer import param_groups
 from kd_detr.models import build_model
 
-
-def random_targets(batch: int, num_classes: int, gen: torch.Generator, n_obj: int = 7) -> list[dict]:
-    out = []
-    for _ in range(batch):
-        cxcy = torch.rand(n_obj, 2, generator=gen) * 0.6 + 0.2
-        wh = torch.rand(n_obj, 2, generator=gen) * 0.3 + 0.05
-        out.append({"labels": torch.randint(0, num_classes, (n_obj,), generator=gen),
-                    "boxes": torch.cat([cxcy, wh], 1)})
-    return out
+from train_step import random_targets  # the same random ground truth as the plain step benchmark
 
 
 class Bench:
