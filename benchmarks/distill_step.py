@@ -86,7 +86,7 @@ class Bench:
 
     def d3etr_step(self):
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.args.amp):
-            total, _, _ = distill_losses(self.student, self.teacher, self.kd, self.criterion, self.images,
+            total, _, _, _ = distill_losses(self.student, self.teacher, self.kd, self.criterion, self.images,
                                          self.mask, self.targets)
         self._update(total)
 

@@ -416,3 +416,25 @@ def test_backbone_weights_errors(tmp_path):
     junk.write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="junk.pth"):
         build_model("cond_detr_r10_tiny", backbone_weights=str(junk), **TINY)
+
+
+def test_decode_pass_and_candidates_match_the_grouped_forward():
+    """``decode`` on the encoder output equals the same group inside ``forward``; candidates are the
+    features after cross-attention (the FFN + norm3 of the layer turn them into its output)."""
+    from kd_detr.models import build_model as build
+
+    torch.manual_seed(0)
+    m = build("cond_detr_r10_tiny", num_classes=5, num_queries=6, d_model=32, nheads=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    q = torch.randn(4, 32)
+    with torch.no_grad():
+        out = m(x, return_memory=True, return_candidates=True, extra_groups=[{"query_pos": q}])
+        alone = m.decode(out["encoded"], [{"query_pos": q}], return_candidates=True)
+    assert len(alone) == 1
+    for key in ("pred_logits", "pred_boxes", "candidates"):
+        torch.testing.assert_close(alone[0][key], out["groups"][0][key], rtol=0, atol=1e-6)
+    assert out["candidates"].shape == (2, 2, 6, 32) and out["encoded"]["memory"].shape[1:] == (2, 32)
+    layer = m.transformer.decoder.layers[-1]
+    c = out["candidates"][-1]
+    ffn = layer.norm3(c + layer.linear2(layer.activation(layer.linear1(c))))
+    torch.testing.assert_close(m.transformer.decoder.norm(ffn), out["hs"][-1], rtol=0, atol=1e-5)

@@ -138,6 +138,25 @@ class TeacherCheck:
     max_ap_drop: float = _opt(10.0, min=0)
 
 
+@dataclass
+class MsDetrConfig:
+    """MS-DETR mixed supervision of the student's primary queries (``[ms_detr]``, methods.md 3)."""
+
+    enabled: bool = False
+
+
+@dataclass
+class CoDetrConfig:
+    """Co-DETR collaborative hybrid assignments for the student (``[co_detr]``, methods.md 4)."""
+
+    enabled: bool = False
+
+
+# Sections of a recipe beside [train] that are dataclasses (validated field by field).
+SECTIONS: dict[str, type] = {"distill": DistillConfig, "teacher_check": TeacherCheck,
+                             "ms_detr": MsDetrConfig, "co_detr": CoDetrConfig}
+
+
 # A few TrainConfig fields get range checks too (the rest are type-checked only).
 _TRAIN_CHECKS: dict[str, dict[str, Any]] = {
     "label_map": {"choices": ("contiguous", "coco91")},
@@ -165,6 +184,8 @@ class Recipe:
     train: dict[str, Any] = field(default_factory=dict)
     distill: DistillConfig = field(default_factory=DistillConfig)
     teacher_check: TeacherCheck = field(default_factory=TeacherCheck)
+    ms_detr: MsDetrConfig = field(default_factory=MsDetrConfig)
+    co_detr: CoDetrConfig = field(default_factory=CoDetrConfig)
     source: str = ""
     chain: list[str] = field(default_factory=list)
 
@@ -174,8 +195,7 @@ class Recipe:
             "name": self.name,
             "description": self.description,
             "train": dict(self.train),
-            "distill": dataclasses.asdict(self.distill),
-            "teacher_check": dataclasses.asdict(self.teacher_check),
+            **{name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS},
         }
 
     def train_config_kwargs(self) -> dict[str, Any]:
@@ -325,9 +345,10 @@ def _train_hints() -> dict[str, Any]:
 
 
 def _all_keys() -> list[str]:
-    return (["name", "description", "extends", "train", "distill", "teacher_check"]
-            + ["train." + k for k in _train_hints()]
-            + _schema_keys(DistillConfig, "distill.") + _schema_keys(TeacherCheck, "teacher_check."))
+    keys = ["name", "description", "extends", "train", *SECTIONS] + ["train." + k for k in _train_hints()]
+    for name, cls in SECTIONS.items():
+        keys += _schema_keys(cls, name + ".")
+    return keys
 
 
 def _unknown(key: str, valid_here: Sequence[str], where: str) -> RecipeError:
@@ -391,14 +412,16 @@ def _validate(data: dict[str, Any], origins: dict[str, str], source: str, chain:
     def where(key: str) -> str:
         return origins.get(key, source)
 
-    top = ["name", "description", "train", "distill", "teacher_check"]
+    top = ["name", "description", "train", *SECTIONS]
     for key in data:
         if key not in top:
             raise _unknown(key, top, where(key))
     for key in ("name", "description"):
         if key in data and not isinstance(data[key], str):
             raise _error(key, where(key), f"must be a string, got {_show(data[key])}")
-    distill = _build(DistillConfig, _table(data.get("distill", {}), "distill", where("distill")), "distill", where)
+    sections = {name: _build(cls, _table(data.get(name, {}), name, where(name)), name, where)
+                for name, cls in SECTIONS.items()}
+    distill = sections["distill"]
     if distill.enabled and not (distill.adaptive or distill.fixed):
         files = " and ".join(dict.fromkeys([where("distill.adaptive"), where("distill.fixed")]))
         raise _error("distill.adaptive", files,
@@ -408,9 +431,7 @@ def _validate(data: dict[str, Any], origins: dict[str, str], source: str, chain:
         name=data.get("name", Path(source).stem),
         description=data.get("description", ""),
         train=_build_train(_table(data.get("train", {}), "train", where("train")), where),
-        distill=distill,
-        teacher_check=_build(TeacherCheck, _table(data.get("teacher_check", {}), "teacher_check",
-                                                  where("teacher_check")), "teacher_check", where),
+        **sections,
         source=source,
         chain=chain,
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -23,6 +23,7 @@ from kd_detr import data as kd_data
 from kd_detr.atomic import write_text_atomic
 from kd_detr.criterion import weighted_total
 from kd_detr.engine import distributed
+from kd_detr.engine.objective import AuxiliaryObjective
 from kd_detr.engine.trainer import Trainer, TrainConfig, to_float32
 
 from .d3etr import D3ETRLoss
@@ -32,28 +33,57 @@ from .teacher_loading import TeacherSpec, check_teacher_fits, load_teacher
 
 log = logging.getLogger("kd_detr.distill")
 
-__all__ = ["DistillTrainer", "distill", "distill_losses"]
+__all__ = ["DistillTrainer", "build_objectives", "distill", "distill_losses"]
 
 # A teacher source: (images [B,3,H,W], mask [B,H,W]) -> TeacherOutputs for that padded batch.
 TeacherFn = Callable[[torch.Tensor, torch.Tensor], TeacherOutputs]
 
 
-def distill_losses(model, teacher: TeacherFn, kd: D3ETRLoss, criterion, images, mask, targets, aux_loss: bool = True):
-    """One distillation forward: teacher, student with the auxiliary group, GT + KD losses.
+def distill_losses(model, teacher: Optional[TeacherFn], kd: Optional[D3ETRLoss], criterion, images, mask, targets,
+                   aux_loss: bool = True, objectives: Sequence[AuxiliaryObjective] = (), raw_model=None):
+    """One training forward: teacher (if any), student (with the auxiliary group when distilling, and
+    what the objectives ask for), GT + KD + objective losses.
 
-    Returns ``(total, gt_terms, kd_terms)`` (term dicts unweighted; weights in ``criterion.weight_dict``
-    and ``kd.weight_dict``). Shared by the trainer and ``benchmarks/distill_step.py``.
+    Returns ``(total, gt_terms, extra_terms, extra_weights)``: unweighted term dicts, the GT weights in
+    ``criterion.weight_dict``, the others in ``extra_weights``. Shared by the trainer and
+    ``benchmarks/distill_step.py``. ``raw_model``: the unwrapped detector (for objectives), default ``model``.
     """
-    teacher_out = teacher(images, mask)
-    outputs = model(images, mask, extra_groups=kd.extra_groups(teacher_out), return_attn=kd.needs_attn)
+    teacher_out = teacher(images, mask) if kd is not None else None
+    kwargs: dict[str, Any] = {}
+    for obj in objectives:
+        kwargs.update(obj.forward_kwargs())
+    if kd is not None:
+        kwargs.update(extra_groups=kd.extra_groups(teacher_out), return_attn=kd.needs_attn)
+    outputs = model(images, mask, **kwargs)
     with torch.autocast(images.device.type, enabled=False):  # losses in float32 under AMP
         out32 = to_float32(outputs)
         gt_outputs = out32 if aux_loss else {k: v for k, v in out32.items() if k != "aux_outputs"}
         gt = criterion(gt_outputs, targets)
         num_boxes = criterion.num_boxes(targets, images.device)
-        kd_terms = kd(out32, teacher_out.float(), targets, num_boxes=num_boxes)
-    total = weighted_total(gt, criterion.weight_dict) + weighted_total(kd_terms, kd.weight_dict)
-    return total, gt, kd_terms
+        terms: dict[str, torch.Tensor] = {}
+        weights: dict[str, float] = {}
+        if kd is not None:
+            terms.update(kd(out32, teacher_out.float(), targets, num_boxes=num_boxes))
+            weights.update(kd.weight_dict)
+        for obj in objectives:
+            terms.update(obj(raw_model if raw_model is not None else model, out32, targets, num_boxes))
+            weights.update(obj.weight_dict)
+    total = weighted_total(gt, criterion.weight_dict)
+    if terms:
+        total = total + weighted_total(terms, weights)
+    return total, gt, terms, weights
+
+
+def build_objectives(recipe: Recipe, model_config, criterion) -> list[AuxiliaryObjective]:
+    """The training-only objectives a recipe switches on (one-to-many supervision for the student)."""
+    objectives: list[AuxiliaryObjective] = []
+    if recipe.ms_detr.enabled:
+        from kd_detr.ms_detr import MixedSupervision
+        objectives.append(MixedSupervision(recipe.ms_detr, model_config, criterion))
+    if recipe.co_detr.enabled:
+        from kd_detr.co_detr import CollaborativeHybrid
+        objectives.append(CollaborativeHybrid(recipe.co_detr, model_config, criterion))
+    return objectives
 
 
 class DistillTrainer(Trainer):
@@ -71,9 +101,12 @@ class DistillTrainer(Trainer):
         self.teacher: Optional[TeacherFn] = None
         self.kd_loss: Optional[D3ETRLoss] = None
         self.teacher_metrics: dict[str, Any] = {}
+        self.objectives: list[AuxiliaryObjective] = []
 
     # ---------------------------------------------------------------- setup
     def build_extras(self) -> None:
+        self.objectives = [o.to(self.device) for o in build_objectives(self.recipe, self.raw_model.config,
+                                                                        self.criterion)]
         if self.teacher_spec is None:
             return
         spec = self.teacher_spec
@@ -115,55 +148,66 @@ class DistillTrainer(Trainer):
             raise ValueError(f"teacher {spec.name} reaches AP {ap:.1f} on {n} validation images, {spec.known_ap - ap:.1f} "
                              f"points below its card's {spec.known_ap} (teacher_check.max_ap_drop = {chk.max_ap_drop})")
 
+    def extra_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules trained beside the student (never part of it): the distillation projection, objectives."""
+        mods: dict[str, torch.nn.Module] = {}
+        if self.kd_loss is not None and self.kd_loss.projection is not None:
+            mods["distill_projection"] = self.kd_loss.projection
+        for obj in self.objectives:
+            mods[f"objective.{obj.name}"] = obj
+        return mods
+
     def param_groups(self) -> list[dict]:
         groups = super().param_groups()
-        if self.kd_loss is not None and self.kd_loss.projection is not None:
-            groups.append({"params": list(self.kd_loss.projection.parameters()), "lr": self.cfg.lr,
-                           "weight_decay": self.cfg.weight_decay, "name": "distill_projection"})
+        for name, mod in self.extra_modules().items():
+            params = [p for p in mod.parameters() if p.requires_grad]
+            if params:
+                groups.append({"params": params, "lr": self.cfg.lr, "weight_decay": self.cfg.weight_decay,
+                               "name": name})
         return groups
 
     def after_backward(self) -> None:
-        # The projection is outside the DDP-wrapped student: average its gradients by hand.
-        if self.dist.enabled and self.kd_loss is not None and self.kd_loss.projection is not None:
-            for p in self.kd_loss.projection.parameters():
+        # Extra modules sit outside the DDP-wrapped student: average their gradients by hand.
+        if not self.dist.enabled:
+            return
+        for mod in self.extra_modules().values():
+            for p in mod.parameters():
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
                     p.grad /= self.dist.world_size
 
     def extra_state(self) -> dict[str, Any]:
-        if self.kd_loss is not None and self.kd_loss.projection is not None:
-            return {"distill_projection": self.kd_loss.projection.state_dict()}
-        return {}
+        return {name: mod.state_dict() for name, mod in self.extra_modules().items()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        if self.kd_loss is not None and self.kd_loss.projection is not None:
-            if "distill_projection" not in state:
-                raise ValueError("the checkpoint has no distillation projection state: was it written by another recipe?")
-            self.kd_loss.projection.load_state_dict(state["distill_projection"])
+        for name, mod in self.extra_modules().items():
+            if name not in state:
+                raise ValueError(f"the checkpoint has no state for {name}: was it written by another recipe?")
+            mod.load_state_dict(state[name])
 
     # ---------------------------------------------------------------- step
     def training_step(self, images, mask, targets):
-        if self.kd_loss is None:
+        if self.kd_loss is None and not self.objectives:
             return super().training_step(images, mask, targets)
-        kd = self.kd_loss
-        total, gt, kd_terms = distill_losses(self.model, self.teacher, kd, self.criterion, images, mask, targets,
-                                             aux_loss=self.cfg.aux_loss)
+        total, gt, kd_terms, weights = distill_losses(
+            self.model, self.teacher, self.kd_loss, self.criterion, images, mask, targets,
+            aux_loss=self.cfg.aux_loss, objectives=self.objectives, raw_model=self.raw_model)
         logs: dict[str, float] = {}
         sums: dict[str, float] = {}
 
         def add(key: str, value: float) -> None:
             sums[key] = sums.get(key, 0.0) + value
 
-        for terms, weights, is_kd in ((gt, self.criterion.weight_dict, False), (kd_terms, kd.weight_dict, True)):
+        for terms, wd, is_kd in ((gt, self.criterion.weight_dict, False), (kd_terms, weights, True)):
             for k, v in terms.items():
                 value = float(v.detach())
-                logs[k] = value * weights[k]
+                logs[k] = value * wd[k]
                 logs[k + "_unscaled"] = value
                 if is_kd:  # sums over layers (distill.adaptive.self_attn) and per namespace (distill.total)
-                    add(k.rsplit(".l", 1)[0], value * weights[k])
-                    add(k.split(".")[0] + ".total", value * weights[k])
+                    add(k.rsplit(".l", 1)[0], value * wd[k])
+                    add(k.split(".")[0] + ".total", value * wd[k])
                 else:
-                    add("student.total", value * weights[k])
+                    add("student.total", value * wd[k])
         logs.update(sums)
         return total, logs
 

@@ -88,6 +88,11 @@ class ConditionalDETR(nn.Module):
         tmp[..., :2] += inverse_sigmoid(reference)
         return logits, tmp.sigmoid()
 
+    def heads(self, hs: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
+        """The shared class and box heads on decoder features: ``hs [...,B,N,d]``, ``reference [B,N,2]``
+        -> ``(logits [...,B,N,C], boxes [...,B,N,4])`` (boxes offset from the reference points)."""
+        return self._heads(hs, reference)
+
     @staticmethod
     def _pack(logits: Tensor, boxes: Tensor, hs: Tensor, reference: Tensor) -> dict[str, Any]:
         return {
@@ -100,7 +105,8 @@ class ConditionalDETR(nn.Module):
 
     def forward(self, images: Tensor, mask: Optional[Tensor] = None,
                 extra_groups: Optional[Sequence[dict[str, Tensor]]] = None,
-                return_attn: bool = False) -> dict[str, Any]:
+                return_attn: bool = False, return_memory: bool = False,
+                return_candidates: bool = False) -> dict[str, Any]:
         """Run the detector.
 
         Args:
@@ -112,6 +118,10 @@ class ConditionalDETR(nn.Module):
                 ``sigmoid(ref_point_head(query_pos))``). Groups share all decoder weights; decoder
                 self-attention runs only within a group.
             return_attn: also return the decoder attention maps (memory: ``L*B*H*Q*S`` floats).
+            return_memory: also return the encoder output ``encoded = {"memory" [S,B,d], "memory_mask"
+                [B,S], "pos_embed" [S,B,d], "feature_size"}`` (for :meth:`decode` and auxiliary heads).
+            return_candidates: also return ``candidates [L,B,Q,d]``: each decoder layer's features after
+                cross-attention, before the FFN (per group too), for one-to-many supervision.
 
         Returns dict (``L`` decoder layers, ``Q`` queries, ``S = h*w`` C5 tokens):
             ``pred_logits [B,Q,C]``, ``pred_boxes [B,Q,4]`` (sigmoid cxcywh) of the last layer;
@@ -133,16 +143,42 @@ class ConditionalDETR(nn.Module):
         features, fmask = self.backbone(images, mask)
         pos = self.position_embedding(fmask).to(features.dtype)
         t = self.transformer(self.input_proj(features), fmask, self.query_embed.weight, pos,
-                             extra_groups=extra_groups, return_attn=return_attn)
-        logits, boxes = self._heads(t["hs"], t["reference_points"])
+                             extra_groups=extra_groups, return_attn=return_attn, return_memory=return_memory,
+                             return_candidates=return_candidates)
         feature_size = (int(features.shape[-2]), int(features.shape[-1]))
+        out = self._outputs(t, return_attn, feature_size)
+        if return_memory:
+            out["encoded"] = {"memory": t["memory"], "memory_mask": t["memory_mask"], "pos_embed": t["pos_embed"],
+                              "feature_size": feature_size}
+        out["query_embed"] = self.query_embed.weight
+        return out
+
+    def decode(self, encoded: dict[str, Any], groups: Sequence[dict[str, Tensor]], return_attn: bool = False,
+               return_candidates: bool = False) -> list[dict[str, Any]]:
+        """A decoder pass of query ``groups`` only (no primary queries) on an encoder output from
+        ``forward(..., return_memory=True)["encoded"]``; e.g. Co-DETR's customised positive queries.
+
+        Returns one dict per group, as ``forward``'s ``groups`` entries.
+        """
+        t = self.transformer.decode(encoded["memory"], encoded["memory_mask"], encoded["pos_embed"], None,
+                                    extra_groups=groups, return_attn=return_attn,
+                                    return_candidates=return_candidates)
+        out = self._outputs(t, return_attn, encoded["feature_size"])
+        return [out] if len(groups) == 1 else [{k: v for k, v in out.items() if k != "groups"}, *out["groups"]]
+
+    def _outputs(self, t: dict[str, Any], return_attn: bool, feature_size: tuple[int, int]) -> dict[str, Any]:
+        """Heads on the decoder output of :meth:`Transformer.decode`, split into query groups."""
+        logits, boxes = self._heads(t["hs"], t["reference_points"])
         sizes = t["group_sizes"]
+        cands = t.get("candidates")
 
         if len(sizes) == 1:
             out = self._pack(logits, boxes, t["hs"], t["reference_points"])
             if return_attn:
                 out["self_attn"] = t["self_attn"][0]
                 out["cross_attn"] = t["cross_attn"]
+            if cands is not None:
+                out["candidates"] = cands
         else:
             per_group = [
                 self._pack(lg, bx, h, r)
@@ -153,12 +189,14 @@ class ConditionalDETR(nn.Module):
                 for g, ca in enumerate(t["cross_attn"].split(sizes, dim=3)):
                     per_group[g]["self_attn"] = t["self_attn"][g]
                     per_group[g]["cross_attn"] = ca
+            if cands is not None:
+                for g, c in enumerate(cands.split(sizes, dim=2)):
+                    per_group[g]["candidates"] = c
             for g in per_group[1:]:
                 g["feature_size"] = feature_size
                 g["memory_mask"] = t["memory_mask"]
             out = per_group[0]
             out["groups"] = per_group[1:]
-        out["query_embed"] = self.query_embed.weight
         out["feature_size"] = feature_size
         out["memory_mask"] = t["memory_mask"]
         return out

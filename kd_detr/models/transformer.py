@@ -143,7 +143,8 @@ class TransformerDecoderLayer(nn.Module):
 
         Returns:
             ``(tgt [N,B,d], self-attention maps (one ``[B,H,Ng,Ng]`` per group) or None,
-            cross-attention map ``[B,H,N,S]`` or None)``.
+            cross-attention map ``[B,H,N,S]`` or None, candidates [N,B,d])``: the candidates are the
+            features after cross-attention, before the FFN.
         """
         # ---- self-attention (within each query group) ----
         q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
@@ -189,11 +190,12 @@ class TransformerDecoderLayer(nn.Module):
         tgt2, ca_map = self.cross_attn(q, k, v, key_padding_mask=memory_key_padding_mask,
                                        need_weights=need_weights)
         tgt = self.norm2(tgt + self.dropout2(tgt2))
+        candidates = tgt  # the object candidates cross-attention just produced (MS-DETR supervises these)
 
         # ---- FFN ----
         tgt2 = self.linear2(self.dropout(self.activation(self.linear1(tgt))))
         tgt = self.norm3(tgt + self.dropout3(tgt2))
-        return tgt, sa_maps, ca_map
+        return tgt, sa_maps, ca_map, candidates
 
 
 class TransformerDecoder(nn.Module):
@@ -214,31 +216,38 @@ class TransformerDecoder(nn.Module):
 
     def forward(self, tgt: Tensor, memory: Tensor, memory_key_padding_mask: Optional[Tensor], pos: Tensor,
                 query_pos: Tensor, reference_points: Tensor, group_sizes: Optional[Sequence[int]] = None,
-                need_weights: bool = False) -> dict[str, Any]:
+                need_weights: bool = False, return_candidates: bool = False) -> dict[str, Any]:
         """
         Args:
             tgt, query_pos: ``[N,B,d]``; memory, pos: ``[S,B,d]``; memory_key_padding_mask ``[B,S]``.
             reference_points: ``[N,B,2]`` in sigmoid space ``(x, y)``.
+            return_candidates: also return each layer's features after cross-attention (before the FFN).
 
         Returns dict: ``hs [L,N,B,d]`` (every layer's output through the shared final norm),
         ``self_attn``: per layer a list of per-group ``[B,H,Ng,Ng]`` maps, ``cross_attn``: per layer
-        ``[B,H,N,S]`` (both only with ``need_weights``).
+        ``[B,H,N,S]`` (both only with ``need_weights``); with ``return_candidates``: ``candidates
+        [L,N,B,d]`` (raw, not through the final norm).
         """
         # Reference points are fixed across layers, so the sine embedding is computed once.
         sine = sine_embed_points(reference_points, self.d_model // 2, self.temperature)
         output = tgt
-        intermediate, sa_all, ca_all = [], [], []
+        intermediate, sa_all, ca_all, candidates = [], [], [], []
         for layer_id, layer in enumerate(self.layers):
             # The first layer uses p_s as is; later layers scale it by an MLP of the raw (un-normed)
             # previous output, as the official decoder does.
             query_sine_embed = sine if layer_id == 0 else sine * self.query_scale(output)
-            output, sa, ca = layer(output, memory, memory_key_padding_mask, pos, query_pos, query_sine_embed,
+            output, sa, ca, cand = layer(output, memory, memory_key_padding_mask, pos, query_pos, query_sine_embed,
                                    is_first=layer_id == 0, group_sizes=group_sizes, need_weights=need_weights)
             intermediate.append(self.norm(output))
+            if return_candidates:
+                candidates.append(cand)
             if need_weights:
                 sa_all.append(sa)
                 ca_all.append(ca)
-        return {"hs": torch.stack(intermediate), "self_attn": sa_all, "cross_attn": ca_all}
+        out = {"hs": torch.stack(intermediate), "self_attn": sa_all, "cross_attn": ca_all}
+        if return_candidates:
+            out["candidates"] = torch.stack(candidates)
+        return out
 
 
 class Transformer(nn.Module):
@@ -298,38 +307,61 @@ class Transformer(nn.Module):
 
     def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos_embed: Tensor,
                 extra_groups: Optional[Sequence[dict[str, Tensor]]] = None,
-                return_attn: bool = False) -> dict[str, Any]:
+                return_attn: bool = False, return_memory: bool = False,
+                return_candidates: bool = False) -> dict[str, Any]:
         """
         Args:
             src: projected C5 features ``[B,d,h,w]``; mask: ``[B,h,w]`` True = pad;
-            query_embed: ``[Q,d]`` positional queries of the primary group; pos_embed ``[B,d,h,w]``;
+            query_embed: ``[Q,d]`` positional queries of the primary group (``None``: only the extra
+                groups, e.g. a decoder pass of auxiliary queries); pos_embed ``[B,d,h,w]``;
             extra_groups: see :meth:`ConditionalDETR.forward`.
+            return_memory: also return ``memory [S,B,d]`` and ``pos_embed [S,B,d]`` (encoder output).
+            return_candidates: also return ``candidates [L,B,N,d]`` (see :class:`TransformerDecoder`).
 
         Returns dict: ``hs [L,B,N,d]``, ``reference_points [B,N,2]`` (N = all groups concatenated,
         primary first), ``group_sizes``, ``memory_mask [B,S]`` and with ``return_attn``
         ``self_attn`` (one ``[L,B,H,Ng,Ng]`` per group) and ``cross_attn [L,B,H,N,S]``.
         """
-        bs = src.shape[0]
         src = src.flatten(2).permute(2, 0, 1)
         pos_embed = pos_embed.flatten(2).permute(2, 0, 1)
         mask = mask.flatten(1)
-        query_pos = query_embed.unsqueeze(1).repeat(1, bs, 1)
-        tgt = torch.zeros_like(query_pos)
-        reference = self.decoder.ref_point_head(query_pos).sigmoid()
-        group_sizes = [query_pos.shape[0]]
-        if extra_groups:
-            contents, poses, refs = [tgt], [query_pos], [reference]
-            for i, group in enumerate(extra_groups):
-                c, p, r = self._group_inputs(group, bs, i)
-                contents.append(c.to(tgt.dtype))
-                poses.append(p.to(query_pos.dtype))
-                refs.append(r.to(reference.dtype))
-                group_sizes.append(p.shape[0])
-            tgt, query_pos, reference = torch.cat(contents), torch.cat(poses), torch.cat(refs)
-
         memory = self.encoder(src, mask, pos_embed)
+        out = self.decode(memory, mask, pos_embed, query_embed, extra_groups, return_attn, return_candidates)
+        if return_memory:
+            out["memory"], out["pos_embed"] = memory, pos_embed
+        return out
+
+    def decode(self, memory: Tensor, mask: Tensor, pos_embed: Tensor, query_embed: Optional[Tensor],
+               extra_groups: Optional[Sequence[dict[str, Tensor]]] = None, return_attn: bool = False,
+               return_candidates: bool = False) -> dict[str, Any]:
+        """The decoder on given encoder output ``memory [S,B,d]`` (``mask [B,S]``, ``pos_embed [S,B,d]``).
+
+        Same outputs as :meth:`forward` (without ``memory``); ``query_embed=None`` runs the extra
+        groups only.
+        """
+        bs = memory.shape[1]
+        contents, poses, refs, group_sizes = [], [], [], []
+        if query_embed is not None:
+            query_pos = query_embed.unsqueeze(1).repeat(1, bs, 1)
+            contents.append(torch.zeros_like(query_pos))
+            poses.append(query_pos)
+            refs.append(self.decoder.ref_point_head(query_pos).sigmoid())
+            group_sizes.append(query_pos.shape[0])
+        for i, group in enumerate(extra_groups or []):
+            c, p, r = self._group_inputs(group, bs, i)
+            dtype = memory.dtype if not contents else contents[0].dtype
+            contents.append(c.to(dtype))
+            poses.append(p.to(dtype))
+            refs.append(r.to(refs[0].dtype if refs else r.dtype))
+            group_sizes.append(p.shape[0])
+        if not group_sizes:
+            raise ValueError("decode needs query_embed or at least one extra group")
+        if len(group_sizes) == 1:
+            tgt, query_pos, reference = contents[0], poses[0], refs[0]
+        else:
+            tgt, query_pos, reference = torch.cat(contents), torch.cat(poses), torch.cat(refs)
         dec = self.decoder(tgt, memory, mask, pos_embed, query_pos, reference,
-                           group_sizes=group_sizes, need_weights=return_attn)
+                           group_sizes=group_sizes, need_weights=return_attn, return_candidates=return_candidates)
         out: dict[str, Any] = {
             "hs": dec["hs"].transpose(1, 2).contiguous(),
             "reference_points": reference.transpose(0, 1).contiguous(),
@@ -340,4 +372,6 @@ class Transformer(nn.Module):
             out["self_attn"] = [torch.stack([layer_maps[g] for layer_maps in dec["self_attn"]])
                                 for g in range(len(group_sizes))]
             out["cross_attn"] = torch.stack(dec["cross_attn"])
+        if return_candidates:
+            out["candidates"] = dec["candidates"].transpose(1, 2).contiguous()
         return out
