@@ -225,6 +225,14 @@ def recipes_cmd(name: str | None, overrides: tuple[str, ...]) -> None:
               help="Teacher card name (teachers/NAME.toml) or a registered model name with --teacher-checkpoint.")
 @click.option("--teacher-checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Teacher weights (kd-detr .safetensors or official .pth); replaces a card's checkpoint.")
+@click.option("--teacher-cache", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Read the teacher's outputs from this cache (kd-detr cache); no teacher model is loaded.")
+@click.option("--teacher-serve", type=click.Choice(["inprocess", "ray"]), default="inprocess", show_default=True,
+              help="Run the teacher in this process, or in Ray actors ahead of the student.")
+@click.option("--teacher-actors", type=int, default=1, show_default=True, help="Ray teacher actors (--teacher-serve ray).")
+@click.option("--views", type=int, default=None,
+              help="Train on K recorded views per image with fixed batches (the plan a cache is built on).")
+@click.option("--view-seed", type=int, default=0, show_default=True, help="Seed of the view plan (--views).")
 @click.option("--student", required=True, help="Student architecture, e.g. cond_detr_r50.")
 @click.option("--student-opt", multiple=True, metavar="KEY=VALUE",
               help="Override a student model config field (repeatable).")
@@ -241,7 +249,8 @@ def recipes_cmd(name: str | None, overrides: tuple[str, ...]) -> None:
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the recipe's, auto).")
 @click.option("--amp", is_flag=True, default=None, help="Mixed precision (CUDA only).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def distill_cmd(teacher, teacher_checkpoint, student, student_opt, recipe_name, overrides, data, train_ann,
+def distill_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_serve, teacher_actors, views, view_seed, student,
+                student_opt, recipe_name, overrides, data, train_ann,
                 train_images, val_ann, val_images, image_size, num_workers, label_map, output_dir, resume, seed,
                 device, amp, no_progress) -> None:
     """Distil a teacher into a student with a recipe (D3ETR by default).
@@ -253,15 +262,20 @@ def distill_cmd(teacher, teacher_checkpoint, student, student_opt, recipe_name, 
     """
     from kd_detr.distill.recipe import load_recipe
     from kd_detr.distill.teacher_loading import resolve_teacher
-    from kd_detr.distill.trainer import distill
+    from kd_detr.distill.trainer import TeacherServing, distill
     from kd_detr.engine.trainer import TrainConfig
 
     recipe = load_recipe(recipe_name, overrides)
     spec = None
+    if teacher_cache and teacher_serve == "ray":
+        raise click.UsageError("--teacher-cache and --teacher-serve ray exclude each other")
     if recipe.distill.enabled:
-        if teacher is None:
-            raise click.UsageError(f"recipe {recipe.name} distils from a teacher: give --teacher")
-        spec = resolve_teacher(teacher, teacher_checkpoint)
+        if teacher is None and not teacher_cache:
+            raise click.UsageError(f"recipe {recipe.name} distils from a teacher: give --teacher or --teacher-cache")
+        if teacher is not None:  # with a cache: only to check that the cache was built from this teacher
+            spec = resolve_teacher(teacher, teacher_checkpoint)
+    serving = TeacherServing(mode="cache" if teacher_cache else teacher_serve, views=views, view_seed=view_seed,
+                             cache=teacher_cache, actors=teacher_actors)
     kwargs = dict(recipe.train_config_kwargs())
     # options given on the command line win over the recipe's [train] values
     cli = {"image_size": image_size, "label_map": label_map, "seed": seed, "device": device, "amp": amp,
@@ -272,7 +286,7 @@ def distill_cmd(teacher, teacher_checkpoint, student, student_opt, recipe_name, 
     cfg = TrainConfig(model=student, model_overrides=parse_overrides(student_opt, "--student-opt"), data=data,
                       train_ann=train_ann, train_images=train_images, val_ann=val_ann, val_images=val_images,
                       output_dir=output_dir, resume=resume, **kwargs)
-    metrics = distill(cfg, recipe, spec)
+    metrics = distill(cfg, recipe, spec, serving)
     if metrics:
         click.echo(f"final AP {100 * metrics['AP']:.1f} (best {100 * metrics['best_ap']:.1f}); "
                    f"outputs in {output_dir}")

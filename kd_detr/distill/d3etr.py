@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from typing import Any, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from kd_detr.criterion import SetCriterion
@@ -31,7 +32,7 @@ from .losses import attention_distill, prediction_distill
 from .recipe import DistillConfig
 from .teacher import TeacherOutputs, stack_layers
 
-__all__ = ["D3ETRLoss", "resolve_layer_map", "resolve_layers"]
+__all__ = ["D3ETRLoss", "assignment_to_indices", "indices_to_assignment", "resolve_layer_map", "resolve_layers"]
 
 PRED_TERMS = ("pred_cls", "pred_l1", "pred_giou")
 
@@ -72,6 +73,23 @@ def resolve_layers(layers: str | Sequence[int], student_layers: int) -> list[int
         raise ValueError(f"distill.layers: student layers {bad} do not exist (the student has {student_layers})")
     if not out:
         raise ValueError("distill.layers is empty: nothing to distil")
+    return out
+
+
+def assignment_to_indices(assignment: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """``[B,N]`` GT index per query (-1: background) -> per-image ``(query_idx, gt_idx)`` pairs sorted by query."""
+    out = []
+    for row in assignment.cpu():
+        q = (row >= 0).nonzero().flatten()
+        out.append((q, row[q]))
+    return out
+
+
+def indices_to_assignment(indices: Sequence[tuple[Tensor, Tensor]], num_queries: int) -> Tensor:
+    """Inverse of :func:`assignment_to_indices`: ``[B,N]`` int64, -1 where a query has no GT."""
+    out = torch.full((len(indices), num_queries), -1, dtype=torch.int64)
+    for b, (q, g) in enumerate(indices):
+        out[b, q.cpu()] = g.cpu().long()
     return out
 
 
@@ -197,7 +215,10 @@ class D3ETRLoss(nn.Module):
         for layer in range(self.num_layers):
             if layer in shared:
                 m = self.layer_map[layer]
-                idx = self._match_gt(teacher.logits[m], teacher.boxes[m], targets)
+                if teacher.gt_assignment is not None and m == teacher.num_layers - 1:
+                    idx = assignment_to_indices(teacher.gt_assignment)  # stored with a cached teacher
+                else:
+                    idx = self._match_gt(teacher.logits[m], teacher.boxes[m], targets)
             else:
                 idx = self._match_gt(logits[layer], boxes[layer], targets)
             terms = self.criterion.layer_losses({"pred_logits": logits[layer], "pred_boxes": boxes[layer]},

@@ -140,9 +140,37 @@ class TeacherCheck:
 
 @dataclass
 class MsDetrConfig:
-    """MS-DETR mixed supervision of the student's primary queries (``[ms_detr]``, methods.md 3)."""
+    """MS-DETR mixed supervision of the student's primary queries (``[ms_detr]``, methods.md 3).
+
+    A training-only one-to-many (o2m) loss beside the usual one-to-one Hungarian loss; the trained and
+    exported student is a plain Conditional DETR (the auxiliary FFNs / class head live in the objective).
+
+    * ``enabled``: switch the o2m objective on.
+    * ``alpha``: class weight of the assignment score ``alpha * p(class) + (1 - alpha) * IoU`` (MS-DETR 0.3).
+    * ``threshold``: a query is a candidate positive of its best GT when that score is ``>=`` this (0.4).
+    * ``topk``: at most this many positives per GT, the best by score (MS-DETR ``K = 6``).
+    * ``max_positive_fraction``: random cap on the positives of one image, as a fraction of the queries (0.25).
+    * ``use_aux_ffn``: an auxiliary FFN (Linear-ReLU-Linear + residual + LayerNorm) per decoder layer on the
+      o2m features, as MS-DETR's ``--use_aux_ffn``.
+    * ``tap``: o2m features: ``"cross_attn"`` (each layer's features after cross-attention, before the FFN;
+      the MS-DETR main implementation) or ``"layer_output"`` (the normal layer output, implementation (a)).
+    * ``class_head``: ``"shared"`` (the student's class head, MS-DETR main) or ``"separate"`` (an own o2m class
+      head, implementation (a)); the box head is always the student's.
+    * ``class_weight``, ``bbox_weight``, ``giou_weight``: weights of the o2m focal, L1 and GIoU terms of every
+      decoder layer (MS-DETR 2, 5, 2).
+    """
 
     enabled: bool = False
+    alpha: float = _opt(0.3, min=0, max=1)
+    threshold: float = _opt(0.4, min=0, max=1)
+    topk: int = _opt(6, min=1)
+    max_positive_fraction: float = _opt(0.25, gt=0, max=1)
+    use_aux_ffn: bool = True
+    tap: str = _opt("cross_attn", choices=("cross_attn", "layer_output"))
+    class_head: str = _opt("shared", choices=("shared", "separate"))
+    class_weight: float = _opt(2.0, min=0)
+    bbox_weight: float = _opt(5.0, min=0)
+    giou_weight: float = _opt(2.0, min=0)
 
 
 @dataclass

@@ -39,6 +39,9 @@ class TeacherOutputs:
         query_embed: ``[Nt,d_t]`` the teacher's (frozen) object queries.
         reference_points: ``[B,Nt,2]`` the teacher's reference points (sigmoid space).
         feature_size: ``(h, w)`` of the teacher's C5 map (``S = h * w``).
+        gt_assignment: ``[B,Nt]`` int64 or ``None``: the ground-truth index each teacher query got in the
+            teacher's last-layer Hungarian matching (-1: background). A cache stores it; when ``None`` it
+            is recomputed from ``logits[-1]``/``boxes[-1]``.
     """
 
     logits: Tensor
@@ -48,6 +51,7 @@ class TeacherOutputs:
     query_embed: Tensor
     reference_points: Tensor
     feature_size: tuple[int, int]
+    gt_assignment: Optional[Tensor] = None
 
     @property
     def num_layers(self) -> int:
@@ -62,6 +66,8 @@ class TeacherOutputs:
         def conv(t):
             if t is None:
                 return None
+            if not torch.is_tensor(t):
+                return t
             return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
         return dataclasses.replace(self, **{f.name: conv(getattr(self, f.name)) for f in dataclasses.fields(self)
                                             if f.name != "feature_size"})

@@ -7,8 +7,10 @@ teacher, its queries and any projection live beside it and never enter the stude
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -40,15 +42,19 @@ TeacherFn = Callable[[torch.Tensor, torch.Tensor], TeacherOutputs]
 
 
 def distill_losses(model, teacher: Optional[TeacherFn], kd: Optional[D3ETRLoss], criterion, images, mask, targets,
-                   aux_loss: bool = True, objectives: Sequence[AuxiliaryObjective] = (), raw_model=None):
+                   aux_loss: bool = True, objectives: Sequence[AuxiliaryObjective] = (), raw_model=None,
+                   teacher_out: Optional[TeacherOutputs] = None):
     """One training forward: teacher (if any), student (with the auxiliary group when distilling, and
     what the objectives ask for), GT + KD + objective losses.
 
     Returns ``(total, gt_terms, extra_terms, extra_weights)``: unweighted term dicts, the GT weights in
     ``criterion.weight_dict``, the others in ``extra_weights``. Shared by the trainer and
     ``benchmarks/distill_step.py``. ``raw_model``: the unwrapped detector (for objectives), default ``model``.
+    ``teacher_out``: the teacher's outputs for this batch when they come from elsewhere (a cache, Ray
+    actors); otherwise ``teacher(images, mask)`` runs here.
     """
-    teacher_out = teacher(images, mask) if kd is not None else None
+    if kd is not None and teacher_out is None:
+        teacher_out = teacher(images, mask)
     kwargs: dict[str, Any] = {}
     for obj in objectives:
         kwargs.update(obj.forward_kwargs())
@@ -86,16 +92,54 @@ def build_objectives(recipe: Recipe, model_config, criterion) -> list[AuxiliaryO
     return objectives
 
 
+@dataclass
+class TeacherServing:
+    """Where the teacher's outputs come from.
+
+    ``inprocess``: the teacher runs in the training process. ``cache``: read from a teacher cache
+    (``cache``: its folder; no teacher model is built). ``ray``: Ray actors run the teacher on upcoming
+    batches (``actors``, ``prefetch``). ``views``: train on a view plan of K recorded views per image
+    (implied by ``cache``, which fixes K, the batches and the seed); ``view_seed`` seeds the plan.
+    """
+
+    mode: str = "inprocess"
+    views: Optional[int] = None
+    view_seed: int = 0
+    cache: Optional[str] = None
+    actors: int = 1
+    prefetch: int = 2
+    address: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("inprocess", "cache", "ray"):
+            raise ValueError(f"teacher serving mode must be inprocess, cache or ray, got {self.mode!r}")
+        if (self.mode == "cache") != (self.cache is not None):
+            raise ValueError("--teacher-cache CACHE selects the cache mode")
+        if self.views is not None and self.views < 1:
+            raise ValueError(f"--views must be >= 1, got {self.views}")
+        if self.actors < 1 or self.prefetch < 1:
+            raise ValueError("--teacher-actors and the prefetch depth must be >= 1")
+
+
+def _identity(batch):
+    return batch
+
+
 class DistillTrainer(Trainer):
     """Trains ``cfg.model`` (the student) with ``recipe``; ``teacher`` may be None only for recipes
     with ``distill.enabled = false`` (the baseline)."""
 
-    def __init__(self, cfg: TrainConfig, recipe: Recipe, teacher: Optional[TeacherSpec] = None):
+    def __init__(self, cfg: TrainConfig, recipe: Recipe, teacher: Optional[TeacherSpec] = None,
+                 serving: Optional[TeacherServing] = None):
         super().__init__(cfg)
         self.recipe = recipe
+        self.serving = serving or TeacherServing()
+        self.cache_reader = None
+        self.server = None
+        self.plan = None
         self.teacher_spec = teacher if recipe.distill.enabled else None
-        if recipe.distill.enabled and teacher is None:
-            raise ValueError(f"recipe {recipe.name} distils from a teacher: give --teacher")
+        if recipe.distill.enabled and teacher is None and self.serving.mode != "cache":
+            raise ValueError(f"recipe {recipe.name} distils from a teacher: give --teacher (or --teacher-cache)")
         if teacher is not None and not recipe.distill.enabled:
             log.info("recipe %s trains the student alone; --teacher %s is not used", recipe.name, teacher.name)
         self.teacher: Optional[TeacherFn] = None
@@ -104,10 +148,52 @@ class DistillTrainer(Trainer):
         self.objectives: list[AuxiliaryObjective] = []
 
     # ---------------------------------------------------------------- setup
+    def build_data(self) -> None:
+        super().build_data()
+        sv = self.serving
+        if sv.mode != "cache" and sv.views is None:
+            return
+        from kd_detr.data.view_plan import PlanBatches, PlanBatchSampler, ViewPlan
+
+        if not self.cfg.augment:
+            raise ValueError("a view plan records augmented views: it cannot be combined with --no-augment")
+        if sv.mode == "cache":
+            self.cache_reader = open_cache_for_run(sv.cache, self.train_set, self.label_map, self.cfg,
+                                                   self.recipe, self.teacher_spec)
+            p = self.cache_reader.manifest["plan"]
+            if sv.views is not None and sv.views != p["num_views"]:
+                raise ValueError(f"--views {sv.views}: teacher cache {sv.cache} holds {p['num_views']} views per image")
+            self.plan = ViewPlan.for_dataset(self.train_set, p["num_views"], p["batch_size"], p["seed"])
+            if self.plan.fingerprint() != p["fingerprint"]:
+                raise ValueError(f"teacher cache {sv.cache} was built for another view plan (images, their sizes or "
+                                 "the augmentation policy differ): rebuild it with kd-detr cache")
+        else:
+            self.plan = ViewPlan.for_dataset(self.train_set, sv.views, self.cfg.batch_size, sv.view_seed)
+        self.sampler = PlanBatchSampler(self.plan, self.cfg.seed, rank=self.dist.rank,
+                                        world_size=self.dist.world_size)
+        source = self.cache_reader if sv.mode == "cache" and self.recipe.distill.enabled else None
+        self.train_loader = DataLoader(PlanBatches(self.train_set, self.plan, source), batch_size=None,
+                                       sampler=self.sampler, num_workers=self.cfg.num_workers,
+                                       collate_fn=_identity, generator=self._loader_generator(),
+                                       pin_memory=self.device.startswith("cuda"))
+        log.info("view plan: %d views per image, %d batches of %d per view%s", self.plan.num_views,
+                 self.plan.num_batches(), self.plan.batch_size,
+                 f", teacher outputs read from {sv.cache}" if source is not None else "")
+
     def build_extras(self) -> None:
         self.objectives = [o.to(self.device) for o in build_objectives(self.recipe, self.raw_model.config,
                                                                         self.criterion)]
-        if self.teacher_spec is None:
+        if not self.recipe.distill.enabled:
+            return
+        if self.serving.mode == "cache":  # no teacher model: its config comes from the cache
+            from kd_detr.models import ModelConfig
+
+            teacher_config = ModelConfig.from_dict(self.cache_reader.manifest["teacher"]["config"])
+            self.kd_loss = D3ETRLoss(self.recipe.distill, self.raw_model.config, teacher_config, self.criterion)
+            self.kd_loss.to(self.device)
+            check_cache_serves_recipe(self.cache_reader.manifest, self.kd_loss.attn_mode, self.serving.cache)
+            if self.recipe.teacher_check.eval_images > 0:
+                log.warning("teacher_check.eval_images is skipped with --teacher-cache (no teacher model is loaded)")
             return
         spec = self.teacher_spec
         model, t_label_map, t_image_size = load_teacher(spec, self.label_map)
@@ -120,6 +206,11 @@ class DistillTrainer(Trainer):
         self.teacher = teacher
         if self.recipe.teacher_check.eval_images > 0:
             self.check_teacher_ap(teacher.model)
+        if self.serving.mode == "ray":
+            from kd_detr.serving import RayTeacherServer
+
+            self.server = RayTeacherServer(spec, self.kd_loss.attn_mode, actors=self.serving.actors,
+                                           prefetch=self.serving.prefetch, address=self.serving.address)
         log.info("teacher %s (%s, %s): %d decoder layers, %d queries; student %s; recipe %s",
                  spec.name, spec.model, spec.checkpoint, model.config.dec_layers, model.config.num_queries,
                  self.cfg.model, self.recipe.name)
@@ -189,9 +280,13 @@ class DistillTrainer(Trainer):
     def training_step(self, images, mask, targets):
         if self.kd_loss is None and not self.objectives:
             return super().training_step(images, mask, targets)
+        teacher_out = getattr(self, "batch_extra", None)
+        if teacher_out is not None:
+            teacher_out = teacher_out.to(self.device)
         total, gt, kd_terms, weights = distill_losses(
             self.model, self.teacher, self.kd_loss, self.criterion, images, mask, targets,
-            aux_loss=self.cfg.aux_loss, objectives=self.objectives, raw_model=self.raw_model)
+            aux_loss=self.cfg.aux_loss, objectives=self.objectives, raw_model=self.raw_model,
+            teacher_out=teacher_out)
         logs: dict[str, float] = {}
         sums: dict[str, float] = {}
 
@@ -211,6 +306,11 @@ class DistillTrainer(Trainer):
         logs.update(sums)
         return total, logs
 
+    def train_batches(self):
+        if self.server is not None:  # Ray actors compute the teacher on upcoming batches
+            return self.server.prefetching(iter(self.train_loader))
+        return self.train_loader
+
     # ---------------------------------------------------------------- records
     def model_metadata(self) -> dict[str, Any]:
         meta = super().model_metadata()
@@ -224,6 +324,9 @@ class DistillTrainer(Trainer):
         rc["recipe"] = self.recipe.to_dict()
         rc["recipe_files"] = list(self.recipe.chain)
         rc["teacher"] = self.teacher_spec.to_dict() if self.teacher_spec else None
+        rc["teacher_serving"] = dataclasses.asdict(self.serving)
+        if self.plan is not None:
+            rc["view_plan"] = self.plan.to_dict()
         rc.update(self.teacher_metrics)
         return rc
 
@@ -243,9 +346,68 @@ class DistillTrainer(Trainer):
             write_text_atomic(saved, merged)
 
 
-def distill(cfg: TrainConfig, recipe: Recipe, teacher: Optional[TeacherSpec]) -> dict[str, Any]:
+def open_cache_for_run(cache: str, dataset, label_map, cfg: TrainConfig, recipe: Recipe,
+                       spec: Optional[TeacherSpec]):
+    """Open a teacher cache for this run, refusing one built for other data, labels, sizes or teacher."""
+    from kd_detr.teacher_cache import CacheReader
+
+    reader = CacheReader(cache)
+    m = reader.manifest
+    problems = []
+    ds = m["dataset"]
+    if ds.get("images") != len(dataset):
+        problems.append(f"images: cache has {ds.get('images')}, this data set has {len(dataset)}")
+    if ds.get("annotations_sha256") != _sha256(dataset.ann_file):
+        problems.append(f"annotations: the cache was built from another annotation file ({ds.get('annotations')})")
+    if ds.get("label_map") != label_map.to_dict():
+        problems.append("label_map: the cache's label map differs from this run's (--label-map)")
+    if ds.get("image_size") != cfg.image_size:
+        problems.append(f"image_size: cache has {ds.get('image_size')}, this run uses {cfg.image_size} (--image-size)")
+    if m["plan"].get("batch_size") != cfg.batch_size:
+        problems.append(f"batch_size: the cache's plan batches hold {m['plan'].get('batch_size')} images, this run "
+                        f"uses train.batch_size = {cfg.batch_size} (a cached batch is only valid with its padding)")
+    if spec is not None:
+        sha = _sha256(spec.checkpoint)
+        if m["teacher"].get("checkpoint_sha256") != sha:
+            problems.append(f"teacher: the cache was built with {m['teacher'].get('checkpoint')} "
+                            f"(sha256 {str(m['teacher'].get('checkpoint_sha256'))[:12]}...), not {spec.checkpoint}")
+    if problems:
+        raise ValueError(f"teacher cache {cache} does not match this run:\n  " + "\n  ".join(problems))
+    return reader
+
+
+def check_cache_serves_recipe(manifest: dict, attn_mode: str, cache: str) -> None:
+    """Refuse a cache without the attention maps the recipe distils (or with coarser ones)."""
+    store = manifest["store"]
+    if attn_mode == "none":
+        return
+    if store.get("attention") == "none":
+        raise ValueError(f"teacher cache {cache} stores no attention maps but the recipe distils them "
+                         "(distill.self_attn / distill.cross_attn): rebuild with --attention full or topk:K, "
+                         "or disable those terms")
+    if attn_mode == "per_head" and store.get("heads") != "per_head":
+        raise ValueError(f"teacher cache {cache} stores head-averaged attention maps but the recipe compares them "
+                         "per head (per_head = true): rebuild with --heads per_head, or set per_head = false")
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def distill(cfg: TrainConfig, recipe: Recipe, teacher: Optional[TeacherSpec],
+            serving: Optional[TeacherServing] = None) -> dict[str, Any]:
     """Run a whole distillation job (used by ``kd-detr distill``)."""
+    trainer = None
     try:
-        return DistillTrainer(cfg, recipe, teacher).fit()
+        trainer = DistillTrainer(cfg, recipe, teacher, serving)
+        return trainer.fit()
     finally:
+        if trainer is not None and trainer.server is not None:
+            trainer.server.close()
         distributed.cleanup()

@@ -256,6 +256,10 @@ class Trainer:
         cfg = self.cfg
         return param_groups(self.raw_model, cfg.lr, cfg.lr_backbone, cfg.weight_decay)
 
+    def train_batches(self):
+        """The iterable of training batches ``(images, mask, targets[, extra])`` of the current epoch."""
+        return self.train_loader
+
     def after_backward(self) -> None:
         """Called after ``backward`` and before clipping (e.g. to all-reduce extra modules' grads)."""
 
@@ -393,8 +397,10 @@ class Trainer:
                 self.train_set.set_epoch(self.epoch)
                 self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
                 t0 = time.perf_counter()
-                for images, mask, targets in self.train_loader:
-                    images, mask, targets = self._to_device(images, mask, targets)
+                for batch in self.train_batches():
+                    # a batch may carry a 4th element (e.g. teacher outputs read with it); kept for the step
+                    images, mask, targets = self._to_device(*batch[:3])
+                    self.batch_extra = batch[3] if len(batch) > 3 else None
                     t1 = time.perf_counter()
                     logs = self.step(images, mask, targets)
                     t2 = time.perf_counter()
