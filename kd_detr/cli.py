@@ -292,6 +292,133 @@ def distill_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_serve, teach
                    f"outputs in {output_dir}")
 
 
+@main.group("cache", invoke_without_command=True)
+@click.option("--teacher", default=None, help="Teacher card name, or a model name with --teacher-checkpoint.")
+@click.option("--teacher-checkpoint", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
+              help="COCO tree whose training split is cached.")
+@click.option("--train-ann", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--train-images", type=click.Path(exists=True, file_okay=False), default=None)
+@click.option("--image-size", type=int, default=None, help="Small-image preset (as in distill); default official sizes.")
+@click.option("--label-map", type=click.Choice(["contiguous", "coco91"]), default="contiguous", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Cache folder.")
+@click.option("--views", type=int, default=4, show_default=True, help="Recorded augmentation views per image (K).")
+@click.option("--view-seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=2, show_default=True,
+              help="Images per batch; must equal the distillation's train.batch_size (padding is part of a view).")
+@click.option("--actors", type=int, default=1, show_default=True, help="Ray teacher actors (one GPU each when GPUs exist).")
+@click.option("--attention", default="topk:32", show_default=True, help="none | full | topk:K (keys kept per query row).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--heads", type=click.Choice(["mean", "per_head"]), default="mean", show_default=True,
+              help="Store attention maps averaged over heads or per head.")
+@click.option("--batches-per-shard", type=int, default=8, show_default=True)
+@click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
+@click.option("--no-progress", is_flag=True)
+@click.pass_context
+def cache_group(ctx, teacher, teacher_checkpoint, data, train_ann, train_images, image_size, label_map, out, views,
+                view_seed, batch_size, actors, attention, dtype, heads, batches_per_shard, address, no_progress):
+    """Precompute a teacher's decoder outputs on K recorded views per image into a safetensors cache.
+
+    Resumable: rerunning skips finished shards. `kd-detr cache verify CACHE` checks it, `kd-detr cache
+    info CACHE` describes it. Distil from it with `kd-detr distill --teacher-cache CACHE`.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if teacher is None or out is None:
+        raise click.UsageError("building a cache needs --teacher and --out (or a subcommand: verify, info)")
+    from kd_detr import data as kd_data
+    from kd_detr.data.view_plan import ViewPlan
+    from kd_detr.distill.teacher_loading import check_teacher_fits, load_teacher, resolve_teacher
+    from kd_detr.engine.trainer import TrainConfig, dataset_files, label_map_mode
+    from kd_detr.teacher_cache import StoreConfig
+    from kd_detr.teacher_cache.build import build_cache
+
+    store = StoreConfig.parse(attention, dtype=dtype, heads=heads)
+    spec = resolve_teacher(teacher, teacher_checkpoint)
+    ann, img = dataset_files(TrainConfig(data=data, train_ann=train_ann, train_images=train_images), "train")
+    dataset = kd_data.CocoDetection(img, ann, transforms=kd_data.make_policy(True, image_size),
+                                    label_map=label_map_mode(label_map))
+    model, t_label_map, t_image_size = load_teacher(spec, dataset.label_map)
+    check_teacher_fits(spec, t_label_map, t_image_size, dataset.label_map, model.config.num_classes, image_size)
+    del model  # the actors load their own copy
+    plan = ViewPlan.for_dataset(dataset, num_views=views, batch_size=batch_size, seed=view_seed)
+    summary = build_cache(spec, dataset, plan, out, store, actors=actors, batches_per_shard=batches_per_shard,
+                          address=address, progress=not no_progress, image_size=image_size)
+    click.echo(f"cache {out}: {summary}")
+
+
+@cache_group.command("verify")
+@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+def cache_verify_cmd(cache: str) -> None:
+    """Check every shard of CACHE against its manifest (presence, size, SHA-256, batch keys)."""
+    from kd_detr.teacher_cache import verify_cache
+
+    problems = verify_cache(cache)
+    if problems:
+        for p in problems:
+            click.echo(f"FAIL {p}")
+        raise click.ClickException(f"{cache}: {len(problems)} problem(s)")
+    click.echo(f"{cache}: OK")
+
+
+@cache_group.command("info")
+@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+def cache_info_cmd(cache: str) -> None:
+    """Describe CACHE: teacher, data, views, storage mode, size."""
+    from kd_detr.teacher_cache import cache_info
+
+    click.echo(cache_info(cache))
+
+
+@main.command("compare")
+@click.option("--teacher", default=None, help="Teacher card name, or a model name with --teacher-checkpoint.")
+@click.option("--teacher-checkpoint", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--teacher-cache", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Distil every recipe from this cache (baseline runs on the same view plan).")
+@click.option("--student", required=True, help="Student architecture.")
+@click.option("--student-opt", multiple=True, metavar="KEY=VALUE", help="Student model config override (repeatable).")
+@click.option("--recipes", required=True, help="Comma-separated recipe names or paths, e.g. baseline,d3etr.")
+@click.option("--budget", type=int, required=True, help="Training iterations per run.")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds (one run per recipe and seed).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Recipe override applied to every recipe.")
+@_data_options
+@click.option("--label-map", type=click.Choice(["contiguous", "coco91"]), default=None)
+@click.option("--eval-points", type=int, default=4, show_default=True, help="Evaluations per run.")
+@click.option("--views", type=int, default=None, help="Train every recipe on a K-view plan (in-process teacher).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--no-ray", is_flag=True, help="Run the recipes in this process, one after another.")
+@click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
+@click.option("--no-progress", is_flag=True)
+def compare_cmd(teacher, teacher_checkpoint, teacher_cache, student, student_opt, recipes, budget, seeds, overrides,
+                data, train_ann, train_images, val_ann, val_images, image_size, num_workers, label_map, eval_points,
+                views, out, device, no_ray, address, no_progress) -> None:
+    """Run several recipes (and seeds) on one budget and write a comparison table and plots.
+
+    Writes OUT/comparison.md and .csv (AP, AP50, AP75, APs, APm, APl, gain over baseline, time per step, peak
+    memory, the teacher's AP), OUT/ap_curve.png and OUT/losses.png, and every run under OUT/runs/. Finished
+    runs are not redone on a rerun; failed runs are reported in the table.
+    """
+    from kd_detr.compare import CompareConfig, compare
+
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError as e:
+        raise click.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds") from e
+    cfg = CompareConfig(student=student, recipes=[r.strip() for r in recipes.split(",") if r.strip()], out=out,
+                        budget=budget, teacher=teacher, teacher_checkpoint=teacher_checkpoint,
+                        teacher_cache=teacher_cache, student_overrides=parse_overrides(student_opt, "--student-opt"),
+                        seeds=seed_list, overrides=list(overrides), data=data, train_ann=train_ann,
+                        train_images=train_images, val_ann=val_ann, val_images=val_images, image_size=image_size,
+                        label_map=label_map, eval_points=eval_points, num_workers=num_workers, device=device,
+                        views=views, use_ray=not no_ray, address=address, progress=not no_progress)
+    rows, files = compare(cfg)
+    from kd_detr.compare import format_table
+
+    click.echo(format_table(rows, len(seed_list)))
+    click.echo(f"wrote {files['markdown']}, {files['csv']}, {files['ap_plot']}, {files['loss_plot']}")
+
+
 @main.command("export")
 @click.option("--run", "source", required=True, type=click.Path(exists=True),
               help="A training/distillation output folder, or a kd-detr .safetensors model file.")

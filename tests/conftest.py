@@ -19,3 +19,15 @@ def synth_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth") / "data"
     generate_synthetic(root, num_train=24, num_val=8, image_size=64, seed=3)
     return root
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray (2 CPUs, no dashboard) shared by every test that needs Ray: starting one costs
+    ~6 s, so tests share it; each test kills the actors it made."""
+    import logging
+
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,308 @@
+"""``kd-detr cache``: compute a teacher's outputs on a view plan with Ray actors and store them.
+
+The driver splits the plan into shards (``batches_per_shard`` consecutive plan batches of one view,
+``shard-00000.safetensors``, ... in a fixed order: view 0's batches first), hands the shards that the
+manifest does not list yet to a :class:`ray.util.ActorPool` of :class:`TeacherActor` s and writes each
+result with the one :class:`~kd_detr.teacher_cache.store.CacheWriter` as it arrives (actors only
+compute; a single writer keeps the manifest consistent).
+
+* **Resumable**: a shard is listed in the manifest only once complete; a rerun skips listed shards and
+  computes the rest (an interrupted build loses at most the shards in flight).
+* **Fault tolerant**: actors are created with ``max_restarts=-1, max_task_retries=-1``, so an actor
+  process that dies is restarted (reloading data and teacher) and its pending shard is computed again;
+  results are pure functions of (plan, teacher, view, batches), so nothing is lost or duplicated.
+* **Identical to the in-process teacher**: an actor builds batch ``(k, j)`` with :class:`PlanBatches`
+  and runs :class:`InProcessTeacher`; a ``full`` float32 cache holds exactly those numbers (on CPU, with
+  the same intra-op thread count: see ``num_threads``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import ray
+import torch
+from ray.util import ActorPool
+
+from kd_detr.data import CocoDetection, LabelMap
+from kd_detr.data.transforms import AugmentationPolicy
+from kd_detr.data.view_plan import PlanBatches, ViewPlan
+from kd_detr.distill.d3etr import indices_to_assignment
+from kd_detr.distill.teacher import InProcessTeacher
+from kd_detr.distill.teacher_loading import TeacherSpec, load_teacher
+from kd_detr.engine.logger import Progress
+from kd_detr.matcher import HungarianMatcher
+from kd_detr.serving import (actor_options, ensure_ray, from_numpy, spec_from_dict, spec_to_dict, to_numpy,
+                             torch_threads)
+
+from .attention_codec import StoreConfig, encode_batch
+from .store import CacheError, CacheWriter, sha256_file
+
+log = logging.getLogger("kd_detr.teacher_cache")
+
+__all__ = ["cache_header", "plan_shards", "ShardTask", "TeacherActor", "actor_job", "build_cache"]
+
+
+# ---------------------------------------------------------------------------------------- header
+
+
+def cache_header(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, store: StoreConfig,
+                 label_map: LabelMap, image_size: Optional[int] = None,
+                 model_sizes: Optional[dict[str, int]] = None) -> dict[str, Any]:
+    """The manifest header (everything but ``shards``) of a cache of ``spec`` on ``plan``.
+
+    Args:
+        image_size: the image-size preset of the augmentation policy (``None``: official sizes).
+        model_sizes: ``{"layers", "queries", "classes"}`` of the teacher, added to ``store`` once known.
+
+    A resumed build must produce the same header (the writer compares them field by field), so it
+    holds only what decides the stored numbers: teacher file (by SHA-256), annotations (by SHA-256),
+    plan and store config.
+    """
+    return {
+        "teacher": {"name": spec.name, "model": spec.model, "checkpoint": str(spec.checkpoint),
+                    "checkpoint_sha256": sha256_file(spec.checkpoint), "card": spec.card},
+        "dataset": {"annotations": str(dataset.ann_file), "annotations_sha256": sha256_file(dataset.ann_file),
+                    "images": len(dataset), "image_size": image_size, "label_map": label_map.to_dict()},
+        "plan": plan.to_dict(),
+        "store": {**store.to_dict(), **(model_sizes or {})},
+    }
+
+
+# ---------------------------------------------------------------------------------------- shards
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard: plan batches ``batches`` of view ``view``, stored in file ``name``."""
+
+    name: str
+    view: int
+    batches: tuple[int, ...]
+
+
+def plan_shards(plan: ViewPlan, batches_per_shard: int) -> list[ShardTask]:
+    """Every shard of ``plan``, in a fixed order: views in order, each view's batches cut into groups
+    of ``batches_per_shard``; shard ``n`` is ``shard-{n:05d}.safetensors``. A rerun with the same
+    plan and ``batches_per_shard`` names the same batches the same way (what resuming relies on)."""
+    if batches_per_shard < 1:
+        raise ValueError(f"batches_per_shard must be >= 1, got {batches_per_shard}")
+    tasks = []
+    nb = plan.num_batches()
+    for k in range(plan.num_views):
+        for start in range(0, nb, batches_per_shard):
+            js = tuple(range(start, min(start + batches_per_shard, nb)))
+            tasks.append(ShardTask(f"shard-{len(tasks):05d}.safetensors", k, js))
+    return tasks
+
+
+# ----------------------------------------------------------------------------------------- actor
+
+
+def actor_job(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, store: StoreConfig,
+              device: str = "cpu", num_threads: int = 1) -> dict[str, Any]:
+    """The plain-data arguments a :class:`TeacherActor` rebuilds data set, plan and teacher from
+    (objects with open files or a model would be pickled to every actor; paths are cheap)."""
+    rep = dataset.report
+    return {
+        "spec": spec_to_dict(spec),
+        "dataset": {"img_dir": str(dataset.img_dir), "ann_file": str(dataset.ann_file),
+                    "policy": dataset.transforms.to_dict(), "label_map": dataset.label_map.to_dict(),
+                    "strict": bool(dataset.strict),
+                    # a data set built with validate_files dropped unreadable images: do the same
+                    "validate_files": rep.num_kept_images != rep.num_images},
+        "plan": {"num_views": plan.num_views, "batch_size": plan.batch_size, "seed": plan.seed,
+                 "fingerprint": plan.fingerprint()},
+        "store": store.to_dict(),
+        "device": device,
+        "num_threads": int(num_threads),
+    }
+
+
+class _TeacherWorker:
+    """Body of :class:`TeacherActor` (a plain class too, so it can run in-process for debugging).
+
+    Args:
+        job: :func:`actor_job`.
+    """
+
+    def __init__(self, job: dict[str, Any]):
+        torch.set_num_threads(job["num_threads"])
+        d = job["dataset"]
+        label_map = LabelMap.from_dict(d["label_map"])
+        self.dataset = CocoDetection(d["img_dir"], d["ann_file"], transforms=AugmentationPolicy.from_dict(d["policy"]),
+                                     label_map=label_map, strict=d["strict"], validate_files=d["validate_files"],
+                                     log_report=False)
+        p = job["plan"]
+        self.plan = ViewPlan.for_dataset(self.dataset, p["num_views"], p["batch_size"], p["seed"])
+        if self.plan.fingerprint() != p["fingerprint"]:
+            # e.g. the annotation file changed between the driver and this worker, or another node
+            # sees other files: its batches would not be the driver's
+            raise CacheError(f"teacher actor rebuilt a different view plan from {d['ann_file']} "
+                             f"(fingerprint {self.plan.fingerprint()[:12]} != {p['fingerprint'][:12]})")
+        self.batches = PlanBatches(self.dataset, self.plan)
+        self.store = StoreConfig.from_dict(job["store"])
+        self.device = torch.device(job["device"])
+        model, _, _ = load_teacher(spec_from_dict(job["spec"]), label_map)
+        self.teacher = InProcessTeacher(model.to(self.device), attn=self.store.attn_mode)
+        self.matcher = HungarianMatcher()  # the teacher's own GT matching: default 2/5/2 costs
+
+    def ping(self) -> int:
+        """Process id (a restarted actor answers with a new one)."""
+        return os.getpid()
+
+    def describe(self) -> dict[str, int]:
+        """``{"layers", "queries", "classes"}`` of the teacher (the manifest's ``store`` sizes)."""
+        c = self.teacher.config
+        return {"layers": int(c.dec_layers), "queries": int(c.num_queries), "classes": int(c.num_classes)}
+
+    def queries(self) -> np.ndarray:
+        """``[Nt, d]`` the teacher's query_embed."""
+        return to_numpy(self.teacher.model.query_embed.weight)
+
+    @torch.no_grad()
+    def compute(self, view: int, batch_ids: list[int]) -> dict[int, dict[str, np.ndarray]]:
+        """Teacher outputs of plan batches ``batch_ids`` of view ``view``: ``{j: encode_batch(...)}`` as
+        numpy (cheap to serialise for Ray). ``gt_assignment [B,Nt]`` is the teacher's last-layer
+        Hungarian matching to the batch targets; ``image_index [B]`` the plan batch's dataset indices."""
+        out = {}
+        for j in batch_ids:
+            images, mask, targets = self.batches[(view, j)]
+            res = self.teacher(images.to(self.device), mask.to(self.device))
+            tgt = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
+            idx = self.matcher({"pred_logits": res.logits[-1], "pred_boxes": res.boxes[-1]}, tgt)
+            res.gt_assignment = indices_to_assignment(idx, res.num_queries)
+            index = torch.tensor(self.plan.batch(view, j), dtype=torch.int64)
+            out[int(j)] = {k: to_numpy(v) for k, v in encode_batch(res, index, self.store).items()}
+        return out
+
+    def run_shard(self, name: str, view: int, batch_ids: list[int]) -> tuple[str, dict[int, dict[str, np.ndarray]]]:
+        """:meth:`compute` tagged with the shard name (``ActorPool`` returns results unordered)."""
+        return name, self.compute(view, batch_ids)
+
+
+# A killed actor is restarted (-1: without limit) and the call it was running retried: ``compute`` has
+# no side effects, the driver alone writes.
+TeacherActor = ray.remote(max_restarts=-1, max_task_retries=-1)(_TeacherWorker)
+
+
+# ----------------------------------------------------------------------------------------- build
+
+
+def build_cache(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, out: Union[str, os.PathLike],
+                store: Union[StoreConfig, str], *, actors: int = 1, batches_per_shard: int = 8,
+                address: Optional[str] = None, progress: bool = True, image_size: Optional[int] = None,
+                num_gpus: Optional[float] = None, num_threads: Optional[int] = None,
+                on_actors: Optional[Callable[[list], None]] = None) -> dict[str, Any]:
+    """Compute and store the teacher outputs of every plan batch not yet in the cache ``out``.
+
+    Args:
+        spec: the teacher.
+        dataset: the training data set (with the plan's augmentation policy).
+        plan: the view plan (every view, every batch is stored).
+        out: the cache folder (created; an existing cache of the same header is resumed).
+        store: a :class:`StoreConfig` or an ``--attention`` spec (``none`` | ``full`` | ``topk:k``).
+        actors: teacher actors (each holds a model; one GPU each when the cluster has GPUs).
+        batches_per_shard: plan batches per shard file (keep it fixed across resumes).
+        address: Ray cluster (default ``$RAY_ADDRESS``, else a local Ray with ``max(2, actors)`` CPUs);
+            ignored when Ray is already initialised (then Ray is also left running).
+        progress: show a progress bar with images/s.
+        image_size: the image-size preset of the policy, recorded in the manifest.
+        num_gpus: GPUs per actor (default 1 when the driver sees CUDA and the cluster has GPUs, else CPU).
+        num_threads: torch threads per actor (default: the node's CPUs // actors).
+        on_actors: called with the actor handles once they are up (monitoring; tests kill one).
+
+    Returns:
+        ``{"out", "shards_total", "shards_written", "shards_skipped", "images" (image views computed
+        now), "images_skipped", "seconds" (compute + write), "images_per_s", "startup_s", "actors",
+        "device"}``.
+    """
+    t_start = time.perf_counter()
+    store = StoreConfig.parse(store) if isinstance(store, str) else store
+    if len(dataset) != plan.num_images:
+        raise ValueError(f"the view plan covers {plan.num_images} images but the data set has {len(dataset)}")
+    if actors < 1:
+        raise ValueError(f"actors must be >= 1, got {actors}")
+    tasks = plan_shards(plan, batches_per_shard)
+    started_ray = ensure_ray(address, num_cpus=max(2, actors))
+    handles: list = []
+    try:
+        opts, device = actor_options(num_gpus)
+        job = actor_job(spec, dataset, plan, store, device, torch_threads(actors, num_threads))
+        handles = [TeacherActor.options(**opts).remote(job) for _ in range(actors)]
+        ray.get([h.ping.remote() for h in handles])  # every actor loaded: fail early on a bad teacher
+        sizes = ray.get(handles[0].describe.remote())
+        header = cache_header(spec, dataset, plan, store, dataset.label_map, image_size, sizes)
+        writer = CacheWriter(out, header)
+        writer.write_queries(from_numpy(ray.get(handles[0].queries.remote())))
+        todo, skipped = _pending(tasks, writer)
+        if on_actors is not None:
+            on_actors(handles)
+
+        coco_ids = dataset.image_ids  # a property that builds the list: once
+
+        def shard_images(t: ShardTask) -> list[int]:
+            return [i for j in t.batches for i in plan.batch(t.view, j)]
+
+        total_images = plan.num_views * plan.num_images
+        done_images = total_images - sum(len(shard_images(t)) for t in todo)
+        bar = Progress(total=total_images, initial=done_images, enabled=progress, desc="teacher cache")
+        t0 = time.perf_counter()
+        startup = t0 - t_start
+        computed = 0
+        try:
+            pool = ActorPool(handles)
+            by_name = {t.name: t for t in todo}
+            for t in todo:  # the pool queues them and hands one to each idle actor
+                pool.submit(lambda a, t: a.run_shard.remote(t.name, t.view, list(t.batches)), t)
+            while pool.has_next():
+                name, batches = pool.get_next_unordered()
+                t = by_name[name]
+                ids = shard_images(t)
+                writer.write_shard(name, t.view, {j: {k: from_numpy(a) for k, a in b.items()}
+                                                  for j, b in batches.items()},
+                                   [coco_ids[i] for i in ids])
+                computed += len(ids)
+                bar.update(len(ids), **{"img/s": computed / max(time.perf_counter() - t0, 1e-9)})
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - t0
+    finally:
+        for h in handles:
+            ray.kill(h, no_restart=True)
+        if started_ray:
+            ray.shutdown()
+    summary = {"out": str(out), "shards_total": len(tasks), "shards_written": len(todo), "shards_skipped": skipped,
+               "images": computed, "images_skipped": done_images, "seconds": seconds,
+               "images_per_s": computed / seconds if seconds > 0 else math.nan, "startup_s": startup,
+               "actors": actors, "device": device}
+    log.info("teacher cache %s: %d shards written, %d already there, %d image views in %.1f s (%.2f img/s)",
+             out, len(todo), skipped, computed, seconds, summary["images_per_s"])
+    return summary
+
+
+def _pending(tasks: list[ShardTask], writer: CacheWriter) -> tuple[list[ShardTask], int]:
+    """``(shards still to compute, number already complete)``. A listed shard must hold exactly the
+    batches this run would put in it: otherwise the cache was started with another
+    ``batches_per_shard`` and resuming would store some batches twice."""
+    entries = {e["file"]: e for e in writer.manifest["shards"]}
+    done_batches = writer.done_batches()
+    todo, skipped = [], 0
+    for t in tasks:
+        entry = entries.get(t.name)
+        if entry is not None and int(entry["view"]) == t.view and tuple(entry["batches"]) == t.batches:
+            skipped += 1
+            continue
+        if entry is not None or any((t.view, j) in done_batches for j in t.batches):
+            raise CacheError(f"{Path(writer.root)}: shard {t.name} (view {t.view}, batches {list(t.batches)}) does "
+                             "not match the cache's shards; it was built with another batches_per_shard: resume "
+                             "with the same value, or use a new folder")
+        todo.append(t)
+    return todo, skipped

@@ -1,0 +1,53 @@
+"""kd-detr compare: table, CSV and plots from the runs' own files; resume; failed recipes reported."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from click.testing import CliRunner
+
+from kd_detr.cli import main
+from test_d3etr import _save_teacher
+
+
+def _args(synth_data, teacher, out, recipes, *extra):
+    return ["compare", "--teacher", "cond_detr_r10_tiny", "--teacher-checkpoint", str(teacher),
+            "--student", "cond_detr_r10_tiny", "--student-opt", "num_queries=10", "--student-opt", "dim_feedforward=128",
+            "--recipes", recipes, "--budget", "4", "--eval-points", "2", "--data", str(synth_data),
+            "--image-size", "64", "--num-workers", "0", "--out", str(out), "--no-progress",
+            "--set", "train.batch_size=4", "--set", "train.log_every=1", *extra]
+
+
+def test_compare_table_csv_plots_resume_and_failure(synth_data, tmp_path):
+    teacher = _save_teacher(tmp_path, synth_data)
+    broken = tmp_path / "broken.toml"  # valid TOML and schema, fails when the run starts (no such teacher layer)
+    broken.write_text('name = "broken"\nextends = "d3etr"\n[distill]\nlayer_map = [0, 7]\n')
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(main, _args(synth_data, teacher, out, f"baseline,d3etr,{broken}", "--no-ray"))
+    assert res.exit_code == 0, res.output + repr(res.exception)
+
+    rows = {r["recipe"]: r for r in csv.DictReader((out / "comparison.csv").open())}
+    assert set(rows) == {"baseline", "d3etr", "broken"}
+    for name in ("baseline", "d3etr"):
+        metrics = json.loads((out / "runs" / name / "seed0" / "metrics.json").read_text())
+        assert float(rows[name]["AP"]) == 100 * metrics["AP"]  # taken from the run, not recomputed
+        assert float(rows[name]["APl"]) == 100 * metrics["APl"]
+        log = [json.loads(x) for x in (out / "runs" / name / "seed0" / "log.jsonl").read_text().splitlines()]
+        assert sum(1 for x in log if "eval/AP" in x) == 2  # evaluated at regular points
+        assert (out / "runs" / name / "seed0" / "model_final.safetensors").exists()
+        assert (out / "runs" / name / "seed0" / "recipe.toml").exists()
+    assert float(rows["d3etr"]["gain_AP"]) == float(rows["d3etr"]["AP"]) - float(rows["baseline"]["AP"])
+    assert rows["broken"]["ok"] == "0" and "layer_map" in rows["broken"]["failed"]
+    assert rows["d3etr"]["teacher_AP"] != ""
+    md = (out / "comparison.md").read_text()
+    assert "| baseline |" in md and "failed" in md
+    for png in ("ap_curve.png", "losses.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+    # rerun: finished runs are not redone (their logs do not grow), the failed one is tried again
+    before = (out / "runs" / "d3etr" / "seed0" / "log.jsonl").read_text()
+    res = CliRunner().invoke(main, _args(synth_data, teacher, out, f"baseline,d3etr,{broken}", "--no-ray"))
+    assert res.exit_code == 0, res.output
+    assert (out / "runs" / "d3etr" / "seed0" / "log.jsonl").read_text() == before
+    assert "failed" in (out / "comparison.md").read_text()
