@@ -90,11 +90,19 @@ def actor_options(num_gpus: Optional[float] = None) -> tuple[dict[str, Any], str
 
 
 def torch_threads(num_actors: int, num_threads: Optional[int] = None) -> int:
-    """Intra-op threads of one actor: its node's CPUs shared among the actors (Ray itself sets
-    ``OMP_NUM_THREADS=1`` in workers, which would leave a CPU teacher on one core)."""
+    """Intra-op threads of one actor: the CPUs this process may use shared among the actors (Ray itself
+    sets ``OMP_NUM_THREADS=1`` in workers, which would leave a CPU teacher on one core).
+
+    Keep ``actors * threads`` at most the free cores: OpenMP threads spin at barriers, and an
+    oversubscribed machine makes a 2-thread forward many times slower than a 1-thread one.
+    """
     if num_threads:
         return int(num_threads)
-    return max(1, (os.cpu_count() or 1) // max(1, int(num_actors)))
+    try:
+        cpus = len(os.sched_getaffinity(0))  # the container's / taskset's CPUs, not the host's
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, int(num_actors)))
 
 
 def to_numpy(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
@@ -123,12 +131,13 @@ class TeacherServeActor:
         label_map: the data's :meth:`LabelMap.to_dict` (only needed for an official checkpoint whose
             card says ``label_map = "contiguous"``), or ``None``.
         device: ``cpu`` | ``cuda``.
-        num_threads: torch intra-op threads in this worker.
+        actors, num_threads: torch intra-op threads in this worker: ``num_threads``, or (``None``) the
+            node's CPUs // ``actors``.
     """
 
     def __init__(self, spec: dict[str, Any], attn_mode: str, label_map: Optional[dict[str, Any]],
-                 device: str, num_threads: int):
-        torch.set_num_threads(int(num_threads))
+                 device: str, actors: int = 1, num_threads: Optional[int] = None):
+        torch.set_num_threads(torch_threads(actors, num_threads))
         lm = LabelMap.from_dict(label_map) if label_map is not None else None
         model, _, _ = load_teacher(spec_from_dict(spec), lm)
         self.device = torch.device(device)
@@ -149,7 +158,7 @@ class TeacherServeActor:
     def forward(self, images: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
         """``images [B,3,H,W]`` float32, ``mask [B,H,W]`` bool -> the :class:`TeacherOutputs` fields as
         numpy (``query_embed`` omitted: constant, fetched once with :meth:`queries`)."""
-        out = self.teacher(torch.from_numpy(images).to(self.device), torch.from_numpy(mask).to(self.device))
+        out = self.teacher(from_numpy(images).to(self.device), from_numpy(mask).to(self.device))
         return {"logits": to_numpy(out.logits), "boxes": to_numpy(out.boxes),
                 "self_attn": to_numpy(out.self_attn), "cross_attn": to_numpy(out.cross_attn),
                 "reference_points": to_numpy(out.reference_points),
@@ -193,10 +202,9 @@ class RayTeacherServer:
         self.spec, self.attn_mode, self.prefetch = spec, attn_mode, int(prefetch)
         self._started_ray = ensure_ray(address, num_cpus=max(2, actors))
         opts, self.device = actor_options(num_gpus)
-        threads = torch_threads(actors, num_threads)
         lm = label_map.to_dict() if label_map is not None else None
         self.actors = [TeacherServeActor.options(**opts).remote(spec_to_dict(spec), attn_mode, lm, self.device,
-                                                                threads) for _ in range(actors)]
+                                                                actors, num_threads) for _ in range(actors)]
         self._next = 0
         try:
             # wait for every actor to load its teacher: a bad checkpoint fails here, not mid-epoch

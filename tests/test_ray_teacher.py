@@ -105,7 +105,7 @@ def slow_writes(monkeypatch):
 
     def write_shard(self, *args, **kw):
         entry = orig(self, *args, **kw)
-        time.sleep(0.3)
+        time.sleep(0.2)
         return entry
 
     monkeypatch.setattr(build.CacheWriter, "write_shard", write_shard)
@@ -115,7 +115,7 @@ def test_cache_full_float32_is_the_in_process_teacher(setup, tmp_path):
     spec, ds, plan, reference = setup
     root = tmp_path / "full"
     store = StoreConfig.parse("full", dtype="float32", heads="per_head")
-    summary = build_cache(spec, ds, plan, root, store, actors=2, batches_per_shard=4, progress=False,
+    summary = build_cache(spec, ds, plan, root, store, actors=1, batches_per_shard=4, progress=False,
                           image_size=64, num_threads=1)
     assert summary["shards_total"] == 2 * 2 and summary["shards_written"] == 4 and summary["shards_skipped"] == 0
     assert summary["images"] == 2 * 24 and summary["images_per_s"] > 0
@@ -137,21 +137,7 @@ def test_cache_full_float32_is_the_in_process_teacher(setup, tmp_path):
     again = build_cache(spec, ds, plan, root, store, actors=1, batches_per_shard=4, progress=False,
                         image_size=64, num_threads=1)
     assert again["shards_written"] == 0 and again["shards_skipped"] == 4 and again["images"] == 0
-
-
-def test_cache_topk(setup, tmp_path):
-    spec, ds, plan, reference = setup
-    root = tmp_path / "topk"
-    store = StoreConfig.parse("topk:4", dtype="float32", heads="per_head")
-    build_cache(spec, ds, plan, root, store, actors=1, batches_per_shard=8, progress=False, image_size=64,
-                num_threads=1)
-    reader = _check_complete(root, ds, plan)
-    for key, ref in reference.items():
-        got = reader.teacher_outputs(*key)
-        assert torch.equal(got.logits, ref.logits) and torch.equal(got.boxes, ref.boxes)
-        for name, n in (("self_attn", 10), ("cross_attn", ref.feature_size[0] * ref.feature_size[1])):
-            want = decode_attention(encode_attention(getattr(ref, name), store, name), store, n, name)
-            assert torch.equal(getattr(got, name), want), (key, name)
+    assert again["device"] is None  # recognised from the manifest: no actor was started
 
 
 _BUILD_SCRIPT = textwrap.dedent("""
@@ -212,7 +198,9 @@ def test_interrupted_build_resumes(setup, synth_data, tmp_path):
 
 
 def test_killed_actor_loses_and_duplicates_nothing(setup, tmp_path, slow_writes):
+    """Also the ``topk`` store (one build covers both: actor start-up dominates the test time)."""
     spec, ds, plan, reference = setup
+    store = StoreConfig.parse("topk:4", dtype="float32", heads="per_head")
     root = tmp_path / "cache"
     record: dict = {}
 
@@ -225,21 +213,30 @@ def test_killed_actor_loses_and_duplicates_nothing(setup, tmp_path, slow_writes)
             while not json.loads(manifest.read_text())["shards"]:  # mid-run: the first shard is written
                 time.sleep(0.01)
             ray.kill(victim, no_restart=False)
-            record["new_pid"] = ray.get(victim.ping.remote())  # answers once restarted
+            # ray.kill is asynchronous: the old process may still answer a moment
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                record["new_pid"] = ray.get(victim.ping.remote())
+                if record["new_pid"] != record["pid"]:
+                    break
+                time.sleep(0.05)
 
         record["thread"] = threading.Thread(target=run, daemon=True)
         record["thread"].start()
 
-    summary = build_cache(spec, ds, plan, root, StoreConfig.parse("full", dtype="float32", heads="per_head"),
-                          actors=2, batches_per_shard=1, progress=False, image_size=64, num_threads=1,
-                          on_actors=kill_one)
+    summary = build_cache(spec, ds, plan, root, store, actors=2, batches_per_shard=1, progress=False,
+                          image_size=64, num_threads=1, on_actors=kill_one)
     record["thread"].join(timeout=30)
     assert record.get("new_pid") not in (None, record["pid"])  # the actor really died and came back
     assert summary["shards_written"] == 2 * plan.num_batches() and summary["images"] == 2 * 24
     reader = _check_complete(root, ds, plan)
     for key, ref in reference.items():
         got = reader.teacher_outputs(*key)
-        assert torch.equal(got.logits, ref.logits) and torch.equal(got.cross_attn, ref.cross_attn), key
+        assert torch.equal(got.logits, ref.logits) and torch.equal(got.boxes, ref.boxes), key
+        # top-4 per row, renormalised: exactly the codec applied to the in-process maps
+        for name, n in (("self_attn", 10), ("cross_attn", ref.feature_size[0] * ref.feature_size[1])):
+            want = decode_attention(encode_attention(getattr(ref, name), store, name), store, n, name)
+            assert torch.equal(getattr(got, name), want), (key, name)
 
 
 def test_ray_teacher_server_prefetches_in_order(setup):

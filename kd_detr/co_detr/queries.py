@@ -81,15 +81,15 @@ def select_queries(assignments: Sequence[HeadAssignment], image_sizes: Sequence[
     boxes, gt_index, source, feats = [], [], [], []
     for a, p, (h, w) in zip(assignments, positives, image_sizes):
         src = torch.cat([p, _pad_indices((a.gt_index == -1).nonzero().squeeze(1), m - len(p))])
-        known = src >= 0
-        xyxy = torch.where(known[:, None], a.boxes[src.clamp(min=0)],
-                           a.boxes.new_tensor(_FALLBACK_BOX).expand(m, 4))
+        # Row N of the extended tensors is the fallback background box (source index -1).
+        row = torch.where(src >= 0, src, len(a.boxes))
+        xyxy = torch.cat([a.boxes.detach(), a.boxes.new_tensor([_FALLBACK_BOX])])[row]
         scale = a.boxes.new_tensor([w, h, w, h])
-        boxes.append(box_convert(xyxy.detach() / scale, "xyxy", "cxcywh").clamp(0.0, 1.0))
-        gt_index.append(torch.where(known, a.gt_index[src.clamp(min=0)], torch.full_like(src, -1)))
+        boxes.append(box_convert(xyxy / scale, "xyxy", "cxcywh").clamp(0.0, 1.0))
+        gt_index.append(torch.cat([a.gt_index, a.gt_index.new_tensor([-1])])[row])
         source.append(src)
         if a.features is not None:
-            feats.append(torch.where(known[:, None], a.features[src.clamp(min=0)], 0.0))
+            feats.append(torch.cat([a.features, a.features.new_zeros(1, a.features.shape[1])])[row])
     device = boxes[0].device
     return QuerySelection(
         boxes=torch.stack(boxes), gt_index=torch.stack(gt_index), source_index=torch.stack(source),

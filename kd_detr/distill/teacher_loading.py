@@ -18,7 +18,7 @@ from .teacher_card import TeacherCard, find_card, load_card
 
 log = logging.getLogger("kd_detr.distill")
 
-__all__ = ["TeacherSpec", "resolve_teacher", "load_teacher", "check_teacher_fits"]
+__all__ = ["TeacherSpec", "resolve_teacher", "load_teacher", "check_teacher_fits", "teacher_config"]
 
 
 @dataclass
@@ -77,6 +77,19 @@ def resolve_teacher(teacher: str, checkpoint: Optional[str] = None) -> TeacherSp
     if not ckpt.exists():
         raise FileNotFoundError(f"--teacher-checkpoint {ckpt} does not exist")
     return TeacherSpec(name=teacher, model=teacher, checkpoint=ckpt)
+
+
+def teacher_config(spec: TeacherSpec) -> dict[str, Any]:
+    """The teacher's :class:`ModelConfig` as a dict, without loading its weights (a cache records it so
+    that distilling from the cache needs no teacher model)."""
+    if _file_format(spec.checkpoint, spec.format) == "safetensors":
+        from kd_detr.models.checkpoint import read_model_metadata
+
+        return read_model_metadata(spec.checkpoint)["config"]
+    overrides = dict(spec.model_overrides)
+    if spec.num_classes is not None:
+        overrides["num_classes"] = spec.num_classes
+    return get_config(spec.model).replace(**overrides).to_dict()
 
 
 def load_teacher(spec: TeacherSpec, data_label_map: LabelMap) -> tuple[torch.nn.Module, LabelMap, Optional[int]]:

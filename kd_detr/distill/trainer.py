@@ -181,6 +181,13 @@ class DistillTrainer(Trainer):
                  f", teacher outputs read from {sv.cache}" if source is not None else "")
 
     def build_extras(self) -> None:
+        # Building the teacher and the objectives must not shift the training RNG (dropout): a run
+        # then matches its baseline / in-process / cached twin draw for draw.
+        devices = [torch.device(self.device).index or 0] if self.device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=devices):
+            self._build_extras()
+
+    def _build_extras(self) -> None:
         self.objectives = [o.to(self.device) for o in build_objectives(self.recipe, self.raw_model.config,
                                                                         self.criterion)]
         if not self.recipe.distill.enabled:

@@ -18,6 +18,7 @@ compute; a single writer keeps the manifest consistent).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -36,14 +37,14 @@ from kd_detr.data.transforms import AugmentationPolicy
 from kd_detr.data.view_plan import PlanBatches, ViewPlan
 from kd_detr.distill.d3etr import indices_to_assignment
 from kd_detr.distill.teacher import InProcessTeacher
-from kd_detr.distill.teacher_loading import TeacherSpec, load_teacher
+from kd_detr.distill.teacher_loading import TeacherSpec, load_teacher, teacher_config
 from kd_detr.engine.logger import Progress
 from kd_detr.matcher import HungarianMatcher
 from kd_detr.serving import (actor_options, ensure_ray, from_numpy, spec_from_dict, spec_to_dict, to_numpy,
                              torch_threads)
 
 from .attention_codec import StoreConfig, encode_batch
-from .store import CacheError, CacheWriter, sha256_file
+from .store import MANIFEST, QUERIES, CacheError, CacheWriter, sha256_file
 
 log = logging.getLogger("kd_detr.teacher_cache")
 
@@ -68,7 +69,8 @@ def cache_header(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, stor
     """
     return {
         "teacher": {"name": spec.name, "model": spec.model, "checkpoint": str(spec.checkpoint),
-                    "checkpoint_sha256": sha256_file(spec.checkpoint), "card": spec.card},
+                    "checkpoint_sha256": sha256_file(spec.checkpoint), "card": spec.card,
+                    "config": teacher_config(spec)},
         "dataset": {"annotations": str(dataset.ann_file), "annotations_sha256": sha256_file(dataset.ann_file),
                     "images": len(dataset), "image_size": image_size, "label_map": label_map.to_dict()},
         "plan": plan.to_dict(),
@@ -107,22 +109,26 @@ def plan_shards(plan: ViewPlan, batches_per_shard: int) -> list[ShardTask]:
 
 
 def actor_job(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, store: StoreConfig,
-              device: str = "cpu", num_threads: int = 1) -> dict[str, Any]:
+              device: str = "cpu", actors: int = 1, num_threads: Optional[int] = None) -> dict[str, Any]:
     """The plain-data arguments a :class:`TeacherActor` rebuilds data set, plan and teacher from
-    (objects with open files or a model would be pickled to every actor; paths are cheap)."""
+    (objects with open files or a model would be pickled to every actor; paths are cheap).
+
+    ``num_threads=None``: each actor takes its node's CPUs // ``actors`` (decided on the node, which
+    may not be the driver's machine)."""
     rep = dataset.report
     return {
         "spec": spec_to_dict(spec),
         "dataset": {"img_dir": str(dataset.img_dir), "ann_file": str(dataset.ann_file),
-                    "policy": dataset.transforms.to_dict(), "label_map": dataset.label_map.to_dict(),
+                    "label_map": dataset.label_map.to_dict(),
                     "strict": bool(dataset.strict),
                     # a data set built with validate_files dropped unreadable images: do the same
                     "validate_files": rep.num_kept_images != rep.num_images},
         "plan": {"num_views": plan.num_views, "batch_size": plan.batch_size, "seed": plan.seed,
-                 "fingerprint": plan.fingerprint()},
+                 "policy": plan.policy.to_dict(), "fingerprint": plan.fingerprint()},
         "store": store.to_dict(),
         "device": device,
-        "num_threads": int(num_threads),
+        "actors": int(actors),
+        "num_threads": num_threads,
     }
 
 
@@ -134,13 +140,13 @@ class _TeacherWorker:
     """
 
     def __init__(self, job: dict[str, Any]):
-        torch.set_num_threads(job["num_threads"])
-        d = job["dataset"]
+        torch.set_num_threads(torch_threads(job["actors"], job["num_threads"]))
+        d, p = job["dataset"], job["plan"]
         label_map = LabelMap.from_dict(d["label_map"])
-        self.dataset = CocoDetection(d["img_dir"], d["ann_file"], transforms=AugmentationPolicy.from_dict(d["policy"]),
-                                     label_map=label_map, strict=d["strict"], validate_files=d["validate_files"],
-                                     log_report=False)
-        p = job["plan"]
+        # the views come from the plan's policy (PlanBatches replays them with get_view)
+        policy = AugmentationPolicy.from_dict(p["policy"])
+        self.dataset = CocoDetection(d["img_dir"], d["ann_file"], transforms=policy, label_map=label_map,
+                                     strict=d["strict"], validate_files=d["validate_files"], log_report=False)
         self.plan = ViewPlan.for_dataset(self.dataset, p["num_views"], p["batch_size"], p["seed"])
         if self.plan.fingerprint() != p["fingerprint"]:
             # e.g. the annotation file changed between the driver and this worker, or another node
@@ -222,7 +228,8 @@ def build_cache(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, out: 
     Returns:
         ``{"out", "shards_total", "shards_written", "shards_skipped", "images" (image views computed
         now), "images_skipped", "seconds" (compute + write), "images_per_s", "startup_s", "actors",
-        "device"}``.
+        "device"}`` (``device`` ``None`` when the cache was already complete: then neither Ray nor an
+        actor is started).
     """
     t_start = time.perf_counter()
     store = StoreConfig.parse(store) if isinstance(store, str) else store
@@ -231,54 +238,67 @@ def build_cache(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, out: 
     if actors < 1:
         raise ValueError(f"actors must be >= 1, got {actors}")
     tasks = plan_shards(plan, batches_per_shard)
-    started_ray = ensure_ray(address, num_cpus=max(2, actors))
-    handles: list = []
-    try:
-        opts, device = actor_options(num_gpus)
-        job = actor_job(spec, dataset, plan, store, device, torch_threads(actors, num_threads))
-        handles = [TeacherActor.options(**opts).remote(job) for _ in range(actors)]
-        ray.get([h.ping.remote() for h in handles])  # every actor loaded: fail early on a bad teacher
-        sizes = ray.get(handles[0].describe.remote())
-        header = cache_header(spec, dataset, plan, store, dataset.label_map, image_size, sizes)
-        writer = CacheWriter(out, header)
-        writer.write_queries(from_numpy(ray.get(handles[0].queries.remote())))
+    coco_ids = dataset.image_ids  # a property that builds the list: once
+
+    def shard_images(t: ShardTask) -> list[int]:
+        return [i for j in t.batches for i in plan.batch(t.view, j)]
+
+    header = cache_header(spec, dataset, plan, store, dataset.label_map, image_size)
+    writer: Optional[CacheWriter] = None
+    todo, skipped = list(tasks), 0
+    known = _stored_sizes(Path(out))
+    if known is not None:
+        # Resuming: the model sizes are those the cache recorded (its header pins the checkpoint by
+        # SHA-256), so the header is checked, and a finished cache recognised, before any actor starts.
+        writer = CacheWriter(out, {**header, "store": {**header["store"], **known}})
         todo, skipped = _pending(tasks, writer)
-        if on_actors is not None:
-            on_actors(handles)
-
-        coco_ids = dataset.image_ids  # a property that builds the list: once
-
-        def shard_images(t: ShardTask) -> list[int]:
-            return [i for j in t.batches for i in plan.batch(t.view, j)]
-
-        total_images = plan.num_views * plan.num_images
-        done_images = total_images - sum(len(shard_images(t)) for t in todo)
-        bar = Progress(total=total_images, initial=done_images, enabled=progress, desc="teacher cache")
-        t0 = time.perf_counter()
-        startup = t0 - t_start
-        computed = 0
+    computed, seconds, device = 0, 0.0, None
+    startup = time.perf_counter() - t_start
+    if todo or not (Path(out) / QUERIES).is_file():
+        started_ray = ensure_ray(address, num_cpus=max(2, actors))
+        handles: list = []
         try:
-            pool = ActorPool(handles)
-            by_name = {t.name: t for t in todo}
-            for t in todo:  # the pool queues them and hands one to each idle actor
-                pool.submit(lambda a, t: a.run_shard.remote(t.name, t.view, list(t.batches)), t)
-            while pool.has_next():
-                name, batches = pool.get_next_unordered()
-                t = by_name[name]
-                ids = shard_images(t)
-                writer.write_shard(name, t.view, {j: {k: from_numpy(a) for k, a in b.items()}
-                                                  for j, b in batches.items()},
-                                   [coco_ids[i] for i in ids])
-                computed += len(ids)
-                bar.update(len(ids), **{"img/s": computed / max(time.perf_counter() - t0, 1e-9)})
+            opts, device = actor_options(num_gpus)
+            job = actor_job(spec, dataset, plan, store, device, actors, num_threads)
+            handles = [TeacherActor.options(**opts).remote(job) for _ in range(actors)]
+            ray.get([h.ping.remote() for h in handles])  # every actor loaded: fail early on a bad teacher
+            sizes = ray.get(handles[0].describe.remote())
+            if writer is None:
+                writer = CacheWriter(out, {**header, "store": {**header["store"], **sizes}})
+                todo, skipped = _pending(tasks, writer)
+            elif sizes != known:
+                raise CacheError(f"{out}: the cache records a teacher with {known}, this checkpoint has {sizes}")
+            writer.write_queries(from_numpy(ray.get(handles[0].queries.remote())))
+            if on_actors is not None:
+                on_actors(handles)
+            total_images = plan.num_views * plan.num_images
+            bar = Progress(total=total_images, initial=total_images - sum(len(shard_images(t)) for t in todo),
+                           enabled=progress, desc="teacher cache")
+            t0 = time.perf_counter()
+            startup = t0 - t_start
+            try:
+                pool = ActorPool(handles)
+                by_name = {t.name: t for t in todo}
+                for t in todo:  # the pool queues them and hands one to each idle actor
+                    pool.submit(lambda a, t: a.run_shard.remote(t.name, t.view, list(t.batches)), t)
+                while pool.has_next():
+                    name, batches = pool.get_next_unordered()
+                    t = by_name[name]
+                    ids = shard_images(t)
+                    writer.write_shard(name, t.view, {j: {k: from_numpy(a) for k, a in b.items()}
+                                                      for j, b in batches.items()},
+                                       [coco_ids[i] for i in ids])
+                    computed += len(ids)
+                    bar.update(len(ids), **{"img/s": computed / max(time.perf_counter() - t0, 1e-9)})
+            finally:
+                bar.close()
+            seconds = time.perf_counter() - t0
         finally:
-            bar.close()
-        seconds = time.perf_counter() - t0
-    finally:
-        for h in handles:
-            ray.kill(h, no_restart=True)
-        if started_ray:
-            ray.shutdown()
+            for h in handles:
+                ray.kill(h, no_restart=True)
+            if started_ray:
+                ray.shutdown()
+    done_images = plan.num_views * plan.num_images - computed
     summary = {"out": str(out), "shards_total": len(tasks), "shards_written": len(todo), "shards_skipped": skipped,
                "images": computed, "images_skipped": done_images, "seconds": seconds,
                "images_per_s": computed / seconds if seconds > 0 else math.nan, "startup_s": startup,
@@ -286,6 +306,16 @@ def build_cache(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, out: 
     log.info("teacher cache %s: %d shards written, %d already there, %d image views in %.1f s (%.2f img/s)",
              out, len(todo), skipped, computed, seconds, summary["images_per_s"])
     return summary
+
+
+def _stored_sizes(root: Path) -> Optional[dict[str, int]]:
+    """``{"layers", "queries", "classes"}`` recorded in an existing cache's manifest, else ``None``
+    (no cache yet, or an unreadable manifest: the writer reports that once it is opened)."""
+    try:
+        stored = json.loads((root / MANIFEST).read_text())["store"]
+        return {k: int(stored[k]) for k in ("layers", "queries", "classes")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _pending(tasks: list[ShardTask], writer: CacheWriter) -> tuple[list[ShardTask], int]:
