@@ -492,13 +492,25 @@ def predict_cmd(model_name, checkpoint, num_classes, images, output, no_resize, 
 # --------------------------------------------------------------------------- quickstart
 @main.command("quickstart")
 @click.option("--out", default="runs/quickstart", show_default=True, help="Output folder.")
-@click.option("--iters", type=int, default=600, show_default=True, help="Training iterations.")
+@click.option("--iters", type=int, default=600, show_default=True, help="Student training iterations per recipe.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def quickstart_cmd(out: str, iters: int, seed: int) -> None:
-    """Generate the synthetic data set, train a tiny Conditional DETR on the CPU and evaluate it."""
+@click.option("--train-teacher", is_flag=True, help="Train the teacher here even if the shipped one exists.")
+@click.option("--teacher-iters", type=int, default=600, show_default=True,
+              help="Iterations when the teacher is trained here.")
+@click.option("--views", type=int, default=2, show_default=True, help="Recorded views per image in the cache.")
+@click.option("--actors", type=int, default=2, show_default=True, help="Ray actors building the cache.")
+@click.option("--num-train", type=int, default=None, hidden=True)
+@click.option("--num-val", type=int, default=None, hidden=True)
+@click.option("--no-progress", is_flag=True)
+def quickstart_cmd(out, iters, seed, train_teacher, teacher_iters, views, actors, num_train, num_val,
+                   no_progress) -> None:
+    """The whole flow on generated data on the CPU: data, teacher, Ray-built teacher cache, baseline vs
+    d3etr distillation of a smaller student, comparison table and plots."""
     from kd_detr.quickstart import run_quickstart
 
-    run_quickstart(Path(out), iters=iters, seed=seed, echo=click.echo)
+    run_quickstart(Path(out), iters=iters, seed=seed, echo=click.echo, train_teacher=train_teacher,
+                   teacher_iters=teacher_iters, views=views, actors=actors, num_train=num_train, num_val=num_val,
+                   progress=not no_progress)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -91,11 +91,19 @@ def test_clear_errors(tmp_path):
     assert res.exit_code != 0 and "--model" in res.output
 
 
-def test_quickstart_runs_end_to_end(tmp_path):
-    res = run("quickstart", "--out", tmp_path / "qs", "--iters", 3)
-    assert "[3/3]" in res.output
-    assert len([l for l in res.output.splitlines() if l.strip().startswith("Average")]) == 12
-    assert (tmp_path / "qs" / "train" / "model_final.safetensors").exists()
-    # a rerun reuses the data and the finished run
-    res = run("quickstart", "--out", tmp_path / "qs", "--iters", 3)
-    assert "reusing synthetic data" in res.output
+def test_quickstart_runs_the_whole_flow_end_to_end(tmp_path, ray_session):
+    """The CI variant: tiny data and budgets, but every step (data, teacher, Ray cache, compare)."""
+    args = ("quickstart", "--out", tmp_path / "qs", "--iters", 4, "--teacher-iters", 4, "--num-train", 16,
+            "--num-val", 4, "--actors", 1, "--no-progress")
+    res = run(*args)
+    assert "[5/5]" in res.output and "| baseline |" in res.output and "| d3etr |" in res.output
+    qs = tmp_path / "qs"
+    assert (qs / "teacher" / "model_final.safetensors").exists() or "quickstart_teacher.toml" in res.output
+    assert (qs / "cache" / "manifest.json").exists()
+    assert (qs / "compare" / "comparison.md").exists() and (qs / "compare" / "ap_curve.png").exists()
+    for recipe in ("baseline", "d3etr"):
+        assert (qs / "compare" / "runs" / recipe / "seed0" / "model_final.safetensors").exists()
+    table = (qs / "compare" / "comparison.md").read_text()
+    # a rerun reuses everything and prints the same table
+    res = run(*args)
+    assert "[5/5]" in res.output and (qs / "compare" / "comparison.md").read_text() == table

@@ -243,7 +243,14 @@ def test_short_run_lowers_co_detr_losses_and_exports_a_plain_student(synth_data,
             "--set", "train.lr_backbone=1e-3", "--set", "train.lr_drop=1000",
             # fewer sampled RoIs: the RoI head's 1024-wide FCs dominate a CPU step of this tiny student
             "--set", "co_detr.roi_batch_size_per_image=64"]
-    res = CliRunner().invoke(main, args)
+    # One thread: the heads run thousands of small ops per step, and on a shared 2-core machine every
+    # parallel op can stall on the other (busy) core; one thread keeps this run at ~15 s either way.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = CliRunner().invoke(main, args)
+    finally:
+        torch.set_num_threads(threads)
     assert res.exit_code == 0, res.output + repr(res.exception)
     log = [r for r in (json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(log) == 30

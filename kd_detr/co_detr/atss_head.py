@@ -76,7 +76,7 @@ def atss_assign(anchors: Tensor, num_per_level: Sequence[int], gt_boxes: Tensor,
     ltrb = torch.cat([a_ctr[:, None, :] - gt_boxes[None, :, :2], gt_boxes[None, :, 2:] - a_ctr[:, None, :]], -1)
     inside = ltrb.min(-1).values > 0.01
     positive = candidate & (iou >= threshold) & inside  # [A,G]
-    best_iou, best_gt = iou.masked_fill(~positive, -1.0).max(1)
+    best_gt = iou.masked_fill(~positive, -1.0).argmax(1)
     is_pos = positive.any(1)
     out[is_pos] = best_gt[is_pos]
     return out
@@ -181,10 +181,9 @@ class ATSSHead(nn.Module):
             loss_ctr = loss_ctr + F.binary_cross_entropy_with_logits(ctr_logits[b][pos], ctr_t, reduction="sum")
             num_pos = num_pos + pos.sum()
             ctr_sum = ctr_sum + ctr_t.detach().sum()
-            keep = gt_index != IGNORED
-            assignments.append(HeadAssignment(
-                boxes=anchors[keep], gt_index=gt_index[keep],
-                features=flat_feats[b][keep] if flat_feats is not None else None))
+            assignments.append(HeadAssignment(  # the valid anchors: ignored ones are neither pos nor neg
+                boxes=anchors[valid], gt_index=gt_index[valid],
+                features=flat_feats[b][valid] if flat_feats is not None else None))
         num_pos = mean_over_ranks(num_pos, logits.device)
         ctr_sum = mean_over_ranks(ctr_sum, logits.device)
         losses = {"loss_cls": loss_cls / num_pos, "loss_bbox": loss_bbox / ctr_sum,

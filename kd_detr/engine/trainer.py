@@ -420,7 +420,8 @@ class Trainer:
                         rec.update({
                             "iteration": self.iteration, "epoch": self.epoch,
                             "lr": self.optimizer.param_groups[0]["lr"],
-                            "lr_backbone": self.optimizer.param_groups[-1]["lr"],
+                            "lr_backbone": next((g["lr"] for g in self.optimizer.param_groups
+                                                 if g.get("name") == "backbone"), self.optimizer.param_groups[0]["lr"]),
                             "iter_time": t_iter / n_in_window, "data_time": t_data / n_in_window,
                             "peak_mem_mb": peak_memory_mb(self.device),
                             "eta_s": rate * (self.total_iters - self.iteration),

@@ -1,0 +1,233 @@
+"""kd-detr performance measurements, side by side in one run: ``python -m benchmarks [--quick]``.
+
+Prints one table of ratios (these machines are noisy: only ratios measured in the same run mean
+anything) and writes them to ``--json``:
+
+* D3ETR step vs baseline step with the teacher in process, from a teacher cache, and Ray-served;
+  the matching share of the d3etr step; peak memory d3etr / (baseline + teacher);
+* cache bytes per image view per storage mode at the official sizes (R50/R101: 800x1066, 300 queries,
+  6 layers, 91 classes) and how much of the d3etr attention loss a ``topk`` cache keeps;
+* cache build images/s with 1 and 2 Ray actors; cache read throughput (batches/s in the loader);
+* MS-DETR and Co-DETR step time vs baseline.
+
+Tiny models on generated data on the CPU (about 5-10 minutes on 2 cores); on a GPU add
+``--official`` for the R101 -> R50 step at 800x1066 (``benchmarks/distill_step.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from kd_detr import data as kd_data  # noqa: E402
+from kd_detr.criterion import SetCriterion, weighted_total  # noqa: E402
+from kd_detr.data.view_plan import PlanBatches, ViewPlan  # noqa: E402
+from kd_detr.distill.d3etr import D3ETRLoss  # noqa: E402
+from kd_detr.distill.recipe import load_recipe  # noqa: E402
+from kd_detr.distill.teacher import InProcessTeacher  # noqa: E402
+from kd_detr.distill.trainer import build_objectives, distill_losses  # noqa: E402
+from kd_detr.engine.trainer import param_groups  # noqa: E402
+from kd_detr.models import build_model, save_model  # noqa: E402
+
+TEACHER = ("cond_detr_r18_tiny", {"dec_layers": 2, "num_queries": 30})  # same depth/queries as the student
+STUDENT = ("cond_detr_r10_tiny", {})
+
+
+def _median_time(fn, rounds: int, warmup: int = 1) -> float:
+    times = []
+    for i in range(warmup + rounds):
+        t0 = time.perf_counter()
+        fn()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class Steps:
+    """Baseline / d3etr (in-process, cached, served) / objective steps on the same batches."""
+
+    def __init__(self, dataset, plan, teacher_model, recipe_overrides=()):
+        torch.manual_seed(0)
+        self.student = build_model(STUDENT[0], num_classes=dataset.label_map.num_classes, **STUDENT[1]).train()
+        self.teacher_model = teacher_model
+        self.dataset, self.plan = dataset, plan
+        self.criterion = SetCriterion(self.student.config.num_classes, num_dec_layers=self.student.config.dec_layers)
+        self.recipe = load_recipe("d3etr", list(recipe_overrides))
+        self.kd = D3ETRLoss(self.recipe.distill, self.student.config, teacher_model.config, self.criterion)
+        self.teacher = InProcessTeacher(teacher_model, attn=self.kd.attn_mode)
+        self.opt = torch.optim.AdamW(param_groups(self.student, 1e-4, 1e-5, 1e-4), lr=1e-4)
+        self.batches = PlanBatches(dataset, plan)
+
+    def _update(self, loss, extra=()):
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 0.1)
+        self.opt.step()
+
+    def baseline(self, batch):
+        images, mask, targets = batch[:3]
+        loss = weighted_total(self.criterion(self.student(images, mask), targets), self.criterion.weight_dict)
+        self._update(loss)
+
+    def d3etr(self, batch, teacher_out=None, teacher=None):
+        images, mask, targets = batch[:3]
+        total, *_ = distill_losses(self.student, teacher or self.teacher, self.kd, self.criterion, images, mask,
+                                   targets, teacher_out=teacher_out)
+        self._update(total)
+
+    def objective(self, batch, objectives):
+        images, mask, targets = batch[:3]
+        total, *_ = distill_losses(self.student, None, None, self.criterion, images, mask, targets,
+                                   objectives=objectives, raw_model=self.student)
+        self._update(total)
+
+
+def section_bytes(res: dict) -> None:
+    from kd_detr.teacher_cache import bytes_per_view
+
+    for spec in ("none", "topk:8", "topk:32", "full"):
+        res[f"cache_bytes_per_view[{spec}]"] = bytes_per_view(spec)
+    res["cache_bytes_per_view[full per_head]"] = bytes_per_view(
+        __import__("kd_detr.teacher_cache", fromlist=["StoreConfig"]).StoreConfig.parse("full", heads="per_head"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--images", type=int, default=64, help="generated training images")
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and images (a smoke run)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.images = 2, 32
+    torch.set_num_threads(2)
+    res: dict = {"device": "cpu", "threads": torch.get_num_threads(), "size": args.size, "batch": args.batch}
+    work = Path(tempfile.mkdtemp(prefix="kd_detr_bench_"))
+    data = kd_data.generate_synthetic(work / "data", num_train=args.images, num_val=8, image_size=args.size, seed=0,
+                                      progress=False)
+    ds = kd_data.CocoDetection(data / "train2017", data / "annotations" / "instances_train2017.json",
+                               transforms=kd_data.make_policy(True, args.size), log_report=False)
+    plan = ViewPlan.for_dataset(ds, num_views=2, batch_size=args.batch, seed=0)
+    torch.manual_seed(1)
+    teacher_model = build_model(TEACHER[0], num_classes=ds.label_map.num_classes, **TEACHER[1])
+    teacher_path = work / "teacher.safetensors"
+    save_model(teacher_model, teacher_path, label_map=ds.label_map, extra_metadata={"image_size": args.size})
+
+    # ---- cache: build throughput with 1 and 2 actors (Ray), bytes, read throughput
+    import ray
+
+    from kd_detr.distill.teacher_loading import resolve_teacher
+    from kd_detr.teacher_cache import CacheReader, StoreConfig
+    from kd_detr.teacher_cache.build import build_cache
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    spec = resolve_teacher(TEACHER[0], str(teacher_path))
+    for actors in (1, 2):
+        s = build_cache(spec, ds, plan, work / f"cache{actors}", StoreConfig.parse("topk:32"), actors=actors,
+                        batches_per_shard=2, progress=False, image_size=args.size, num_threads=max(1, 2 // actors))
+        res[f"cache_build_images_per_s[{actors} actor]"] = s["images_per_s"]
+    section_bytes(res)
+    reader = CacheReader(work / "cache1")
+    keys = plan.all_batches()
+    loader = torch.utils.data.DataLoader(PlanBatches(ds, plan, reader), batch_size=None, sampler=keys, num_workers=1,
+                                         collate_fn=lambda b: b)
+    t0 = time.perf_counter()
+    n = sum(1 for _ in loader)
+    res["cache_read_batches_per_s (images + teacher, 1 worker)"] = n / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for k, j in keys:
+        reader.teacher_outputs(k, j)
+    res["cache_read_teacher_only_batches_per_s"] = len(keys) / (time.perf_counter() - t0)
+
+    # ---- steps side by side on the same plan batches
+    steps = Steps(ds, plan, teacher_model)
+    batch = steps.batches[(0, 0)]
+    cached = reader.teacher_outputs(0, 0)
+    from kd_detr.serving import RayTeacherServer
+    server = RayTeacherServer(spec, steps.kd.attn_mode, actors=1, prefetch=2, num_threads=1)
+    phases = {
+        "baseline": lambda: steps.baseline(batch),
+        "teacher_fwd": lambda: steps.teacher(batch[0], batch[1]),
+        "d3etr_inprocess": lambda: steps.d3etr(batch),
+        "d3etr_no_teacher_fwd": lambda: steps.d3etr(batch, teacher_out=steps.teacher(batch[0], batch[1])),
+        "d3etr_cache": lambda: steps.d3etr(batch, teacher_out=reader.teacher_outputs(0, 0)),
+        "d3etr_ray_served": lambda: steps.d3etr(batch, teacher=server),
+    }
+    del cached
+    t = {}
+    for name in phases:  # interleave rounds so drift hits every phase alike
+        t[name] = []
+    for i in range(args.rounds + 1):
+        for name, fn in phases.items():
+            t0 = time.perf_counter()
+            steps.kd.match_seconds = {"adaptive": 0.0, "gt": 0.0}
+            fn()
+            if i:
+                t[name].append(time.perf_counter() - t0)
+                if name == "d3etr_inprocess":
+                    t.setdefault("matching", []).append(sum(steps.kd.match_seconds.values()))
+    server.close()
+    med = {k: statistics.median(v) for k, v in t.items()}
+    res.update({f"step_s[{k}]": v for k, v in med.items()})
+    # d3etr_no_teacher_fwd includes a teacher forward outside the step: subtract it
+    step_wo_teacher = med["d3etr_no_teacher_fwd"] - med["teacher_fwd"]
+    res["ratio d3etr_inprocess / (baseline + teacher)"] = med["d3etr_inprocess"] / (med["baseline"] + med["teacher_fwd"])
+    res["ratio d3etr_cache / d3etr without teacher forward"] = med["d3etr_cache"] / step_wo_teacher
+    res["ratio d3etr_cache / baseline"] = med["d3etr_cache"] / med["baseline"]
+    res["ratio d3etr_ray_served / d3etr_inprocess (same device; overlap needs a 2nd device)"] = (
+        med["d3etr_ray_served"] / med["d3etr_inprocess"])
+    res["matching share of d3etr step"] = med["matching"] / med["d3etr_inprocess"]
+
+    # ---- how much of the attention loss a topk cache keeps (same batch, same student state)
+    full_t = steps.teacher(batch[0], batch[1])
+    out = steps.student(batch[0], batch[1], extra_groups=steps.kd.extra_groups(full_t), return_attn=True)
+    full_terms = steps.kd(out, full_t, batch[2])
+    for k in (4, 8, 32):
+        from kd_detr.teacher_cache import decode_attention, encode_attention
+        cfg = StoreConfig.parse(f"topk:{k}")
+        t_k = full_t.to()
+        s_keys = full_t.self_attn.shape[-1]
+        c_keys = full_t.cross_attn.shape[-1]
+        t_k.self_attn = decode_attention(encode_attention(full_t.self_attn, cfg), cfg, s_keys)
+        t_k.cross_attn = decode_attention(encode_attention(full_t.cross_attn, cfg), cfg, c_keys)
+        terms = steps.kd(out, t_k, batch[2])
+        for kind in ("self_attn", "cross_attn"):
+            a = sum(float(v) for n_, v in full_terms.items() if f".{kind}." in n_)
+            b = sum(float(v) for n_, v in terms.items() if f".{kind}." in n_)
+            res[f"topk:{k} {kind} loss / full loss"] = b / a if a else float("nan")
+
+    # ---- MS-DETR / Co-DETR vs baseline
+    for name in ("ms_detr", "co_detr"):
+        try:
+            r = load_recipe(name)
+            objs = build_objectives(r, steps.student.config, steps.criterion)
+            steps.opt.add_param_group({"params": [p for o in objs for p in o.parameters()], "lr": 1e-4})
+            tb = _median_time(lambda: steps.baseline(batch), args.rounds)
+            to = _median_time(lambda: steps.objective(batch, objs), args.rounds)
+            res[f"ratio {name} / baseline step"] = to / tb
+        except Exception as e:  # noqa: BLE001 - report, keep the other figures
+            res[f"ratio {name} / baseline step"] = f"failed: {e}"
+    ray.shutdown()
+
+    width = max(len(k) for k in res)
+    print(f"## kd-detr benchmarks (CPU, {res['threads']} threads, {args.size}px, batch {args.batch}, "
+          f"teacher {TEACHER[0]} -> student {STUDENT[0]}, median of {args.rounds} rounds)")
+    for k, v in res.items():
+        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
