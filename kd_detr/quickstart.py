@@ -24,7 +24,7 @@ STUDENT_OPTS = {"dec_layers": 3, "num_queries": 30, "d_model": 64, "dim_feedforw
 CARD = Path(__file__).resolve().parents[1] / "teachers" / "quickstart_teacher.toml"
 
 
-def teacher_train_config(data_dir: Path, out: Path, iters: int, seed: int):
+def teacher_train_config(data_dir: Path, out: Path, iters: int, seed: int, progress: bool = True):
     """The exact ``kd-detr train`` settings of the quickstart teacher (also recorded in its card)."""
     from kd_detr.engine.trainer import TrainConfig
 
@@ -32,7 +32,7 @@ def teacher_train_config(data_dir: Path, out: Path, iters: int, seed: int):
                        image_size=QUICKSTART_DATA["image_size"], batch_size=8, lr=4e-4, lr_backbone=4e-4,
                        max_iters=iters, warmup_iters=min(100, iters // 5), lr_drop=None,
                        lr_drop_iter=int(iters * 0.8), eval_every_epochs=0, num_workers=1, output_dir=str(out),
-                       seed=seed, resume="auto", checkpoint_every=200)
+                       seed=seed, resume="auto", checkpoint_every=200, progress=progress)
 
 
 def run_quickstart(out: Path, iters: int = 600, seed: int = 0, echo: Callable[[str], None] = print,
@@ -53,7 +53,7 @@ def run_quickstart(out: Path, iters: int = 600, seed: int = 0, echo: Callable[[s
          f"{data_params['image_size']} px)")
     generate_synthetic(data_dir, seed=seed, progress=False, **data_params)
 
-    teacher_ckpt = _teacher(out, data_dir, seed, echo, train_teacher, teacher_iters)
+    teacher_ckpt = _teacher(out, data_dir, seed, echo, train_teacher, teacher_iters, progress)
 
     cache_dir = out / "cache"
     echo(f"[3/5] caching the teacher's decoder outputs ({views} views per image, Ray actors: {actors}) in {cache_dir}")
@@ -80,7 +80,8 @@ def run_quickstart(out: Path, iters: int = 600, seed: int = 0, echo: Callable[[s
     return {r["recipe"]: r for r in rows}
 
 
-def _teacher(out: Path, data_dir: Path, seed: int, echo, train_teacher: bool, teacher_iters: int) -> Path:
+def _teacher(out: Path, data_dir: Path, seed: int, echo, train_teacher: bool, teacher_iters: int,
+             progress: bool = True) -> Path:
     """The shipped quickstart teacher, or one trained here."""
     if not train_teacher and CARD.exists():
         from kd_detr.distill.teacher_card import load_card
@@ -99,7 +100,7 @@ def _teacher(out: Path, data_dir: Path, seed: int, echo, train_teacher: bool, te
         return final
     echo(f"[2/5] training the teacher {TEACHER} {TEACHER_OPTS} for {teacher_iters} iterations (kd-detr train)")
     t = time.perf_counter()
-    metrics = train(teacher_train_config(data_dir, teacher_dir, teacher_iters, seed))
+    metrics = train(teacher_train_config(data_dir, teacher_dir, teacher_iters, seed, progress))
     echo(f"      teacher AP {100 * metrics.get('AP', 0.0):.1f} after {time.perf_counter() - t:.0f} s")
     return final
 

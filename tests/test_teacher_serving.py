@@ -118,3 +118,21 @@ def test_mismatching_or_damaged_caches_are_refused(synth_data, cached, tmp_path)
     res = runner.invoke(main, _distill_args(synth_data, tmp_path / "r5", teacher, "--teacher-cache", str(damaged),
                                             "--set", "train.max_iters=12", "--num-workers", "0"))
     assert res.exit_code != 0 and shard.name in res.output
+
+
+def test_verify_reports_a_stale_cache(cached, tmp_path):
+    """A teacher checkpoint that changed after the build makes `cache verify` fail, naming the file."""
+    import shutil
+
+    tmp, teacher = cached
+    stale = tmp_path / "stale"
+    shutil.copytree(tmp / "topk", stale)
+    moved = tmp_path / "teacher_copy.safetensors"
+    shutil.copy(teacher, moved)
+    manifest = json.loads((stale / "manifest.json").read_text())
+    manifest["teacher"]["checkpoint"] = str(moved)
+    (stale / "manifest.json").write_text(json.dumps(manifest))
+    assert CliRunner().invoke(main, ["cache", "verify", str(stale)]).exit_code == 0
+    moved.write_bytes(moved.read_bytes()[:-4] + b"\0\0\0\0")
+    res = CliRunner().invoke(main, ["cache", "verify", str(stale)])
+    assert res.exit_code != 0 and "stale" in res.output and moved.name in res.output

@@ -458,7 +458,9 @@ def verify_cache(root: str | os.PathLike) -> list[str]:
 
     Checks: the manifest parses and has this format; ``queries.safetensors`` is present and readable;
     every listed shard is present with the listed size and SHA-256, its header metadata names the same
-    view / plan fingerprint, and it holds every tensor of every listed batch.
+    view / plan fingerprint, and it holds every tensor of every listed batch; the teacher checkpoint and
+    the annotation file the cache was built from, where they are still at their recorded paths, still
+    have their recorded SHA-256 (a changed file makes the cache stale).
     """
     root = Path(root)
     try:
@@ -481,6 +483,13 @@ def verify_cache(root: str | os.PathLike) -> list[str]:
                     problems.append(f"{qpath}: no query_embed tensor")
         except Exception as e:
             problems.append(f"{qpath}: unreadable ({e})")
+    for what, path_key, sha_key in (("teacher", "checkpoint", "checkpoint_sha256"),
+                                    ("dataset", "annotations", "annotations_sha256")):
+        section = manifest.get(what) or {}
+        src = section.get(path_key)
+        if src and Path(src).is_file() and section.get(sha_key) and sha256_file(src) != section[sha_key]:
+            problems.append(f"{src}: the {what} file changed since the cache was built (SHA-256 differs from "
+                            f"the manifest's {what}.{sha_key}): the cache is stale, rebuild it")
     fingerprint = str(manifest["plan"].get("fingerprint", ""))
     required = batch_keys(store)
     for entry in manifest["shards"]:
