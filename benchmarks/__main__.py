@@ -108,6 +108,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="fewer rounds and images (a smoke run)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--official", action="store_true",
+                    help="also run benchmarks/distill_step.py for cond_detr_r101 -> cond_detr_r50 at 800x1066 "
+                         "(batch 8 on a GPU, 2 on the CPU)")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.images = 2, 32
@@ -202,8 +205,8 @@ def main() -> None:
         t_k.cross_attn = decode_attention(encode_attention(full_t.cross_attn, cfg), cfg, c_keys)
         terms = steps.kd(out, t_k, batch[2])
         for kind in ("self_attn", "cross_attn"):
-            a = sum(float(v) for n_, v in full_terms.items() if f".{kind}." in n_)
-            b = sum(float(v) for n_, v in terms.items() if f".{kind}." in n_)
+            a = sum(float(v.detach()) for n_, v in full_terms.items() if f".{kind}." in n_)
+            b = sum(float(v.detach()) for n_, v in terms.items() if f".{kind}." in n_)
             res[f"topk:{k} {kind} loss / full loss"] = b / a if a else float("nan")
 
     # ---- MS-DETR / Co-DETR vs baseline
@@ -218,6 +221,18 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - report, keep the other figures
             res[f"ratio {name} / baseline step"] = f"failed: {e}"
     ray.shutdown()
+
+    if args.official:
+        import subprocess
+        gpu = torch.cuda.is_available()
+        cmd = [sys.executable, str(Path(__file__).parent / "distill_step.py"), "--teacher", "cond_detr_r101",
+               "--student", "cond_detr_r50", "--size", "800x1066", "--batch", "8" if gpu else "2",
+               "--rounds", "3" if gpu else "2", "--json", str(work / "official.json")] + (["--amp"] if gpu else [])
+        subprocess.run(cmd, check=True)
+        official = json.loads((work / "official.json").read_text())
+        for k in ("time_ratio", "adaptive_match_share", "all_match_share", "mem_ratio"):
+            if k in official:
+                res[f"official r101->r50 {k}"] = official[k]
 
     width = max(len(k) for k in res)
     print(f"## kd-detr benchmarks (CPU, {res['threads']} threads, {args.size}px, batch {args.batch}, "
