@@ -286,7 +286,10 @@ class DistillTrainer(Trainer):
     # ---------------------------------------------------------------- step
     def training_step(self, images, mask, targets):
         if self.kd_loss is None and not self.objectives:
-            return super().training_step(images, mask, targets)
+            total, logs = super().training_step(images, mask, targets)
+            # the same summary key as distilled runs, so comparisons can plot it for every recipe
+            logs["student.total"] = sum(v for k, v in logs.items() if k in self.criterion.weight_dict)
+            return total, logs
         teacher_out = getattr(self, "batch_extra", None)
         if teacher_out is not None:
             teacher_out = teacher_out.to(self.device)
