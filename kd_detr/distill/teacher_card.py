@@ -54,6 +54,7 @@ class TeacherCard:
     known_ap: float | None = None
     ap_reference: str = ""
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)  # how it was trained: command, seed, data, time
     source: Path | None = None
 
     @property

@@ -204,11 +204,13 @@ def _label_map_dict(label_map: Any) -> Optional[dict]:
 
 
 def save_model(model: ConditionalDETR, path: str | os.PathLike, label_map: Any = None,
-               extra_metadata: Optional[Mapping[str, Any]] = None) -> None:
+               extra_metadata: Optional[Mapping[str, Any]] = None, dtype: Optional[torch.dtype] = None) -> None:
     """Write ``model`` to a ``.safetensors`` file with rebuild metadata, atomically.
 
     ``label_map``: a ``LabelMap`` (anything with ``to_dict()``) or a JSON-serialisable dict (JSON
-    turns int keys into strings). ``extra_metadata``: JSON-serialisable mapping.
+    turns int keys into strings). ``extra_metadata``: JSON-serialisable mapping. ``dtype``: store floating
+    tensors in this dtype (e.g. ``torch.float16`` halves a shipped file; :func:`load_model` loads it back into
+    a float32 model).
     """
     from kd_detr import __version__
 
@@ -224,7 +226,8 @@ def save_model(model: ConditionalDETR, path: str | os.PathLike, label_map: Any =
         "extra_metadata": json.dumps(dict(extra_metadata or {}), sort_keys=True),
         "kd_detr_version": __version__,
     }
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu", dtype=dtype if (dtype is not None and v.is_floating_point()) else None)
+               .contiguous() for k, v in model.state_dict().items()}
     _atomic_write(path, lambda tmp: st.save_file(tensors, tmp, metadata=metadata))
 
 
