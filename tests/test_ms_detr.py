@@ -338,3 +338,13 @@ def test_short_run_lowers_the_o2m_losses_and_saves_a_plain_student(synth_data, t
     plain.load_state_dict(model.state_dict(), strict=True)
     ckpt = copy.deepcopy(model.state_dict())
     assert not any("aux_ffn" in k or "ms_detr" in k for k in ckpt)
+
+
+def test_objective_base_class_is_abstract():
+    """An objective without its loss cannot be built (no silent do-nothing objective)."""
+    import pytest
+
+    from kd_detr.engine.objective import AuxiliaryObjective
+
+    with pytest.raises(TypeError, match="abstract"):
+        AuxiliaryObjective()

@@ -359,7 +359,7 @@ class DistillTrainer(Trainer):
 def open_cache_for_run(cache: str, dataset, label_map, cfg: TrainConfig, recipe: Recipe,
                        spec: Optional[TeacherSpec]):
     """Open a teacher cache for this run, refusing one built for other data, labels, sizes or teacher."""
-    from kd_detr.teacher_cache import CacheReader
+    from kd_detr.teacher_cache import CacheReader, sha256_file
 
     reader = CacheReader(cache)
     m = reader.manifest
@@ -367,7 +367,7 @@ def open_cache_for_run(cache: str, dataset, label_map, cfg: TrainConfig, recipe:
     ds = m["dataset"]
     if ds.get("images") != len(dataset):
         problems.append(f"images: cache has {ds.get('images')}, this data set has {len(dataset)}")
-    if ds.get("annotations_sha256") != _sha256(dataset.ann_file):
+    if ds.get("annotations_sha256") != sha256_file(dataset.ann_file):
         problems.append(f"annotations: the cache was built from another annotation file ({ds.get('annotations')})")
     if ds.get("label_map") != label_map.to_dict():
         problems.append("label_map: the cache's label map differs from this run's (--label-map)")
@@ -377,7 +377,7 @@ def open_cache_for_run(cache: str, dataset, label_map, cfg: TrainConfig, recipe:
         problems.append(f"batch_size: the cache's plan batches hold {m['plan'].get('batch_size')} images, this run "
                         f"uses train.batch_size = {cfg.batch_size} (a cached batch is only valid with its padding)")
     if spec is not None:
-        sha = _sha256(spec.checkpoint)
+        sha = sha256_file(spec.checkpoint)
         if m["teacher"].get("checkpoint_sha256") != sha:
             problems.append(f"teacher: the cache was built with {m['teacher'].get('checkpoint')} "
                             f"(sha256 {str(m['teacher'].get('checkpoint_sha256'))[:12]}...), not {spec.checkpoint}")
@@ -398,16 +398,6 @@ def check_cache_serves_recipe(manifest: dict, attn_mode: str, cache: str) -> Non
     if attn_mode == "per_head" and store.get("heads") != "per_head":
         raise ValueError(f"teacher cache {cache} stores head-averaged attention maps but the recipe compares them "
                          "per head (per_head = true): rebuild with --heads per_head, or set per_head = false")
-
-
-def _sha256(path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def distill(cfg: TrainConfig, recipe: Recipe, teacher: Optional[TeacherSpec],

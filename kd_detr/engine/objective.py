@@ -8,6 +8,7 @@ averages their gradients across DDP ranks.
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Mapping, Sequence
 
 from torch import Tensor, nn
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 __all__ = ["AuxiliaryObjective"]
 
 
-class AuxiliaryObjective(nn.Module):
+class AuxiliaryObjective(nn.Module, abc.ABC):
     """Base class. Subclasses set :attr:`name`, :attr:`weight_dict` and implement :meth:`forward`.
 
     Loss names must be unique across objectives; use ``<name>.<term>`` (e.g. ``ms_detr.loss_ce.l3``).
@@ -28,6 +29,7 @@ class AuxiliaryObjective(nn.Module):
         """Extra keyword arguments for the detector's forward, e.g. ``{"return_candidates": True}``."""
         return {}
 
+    @abc.abstractmethod
     def forward(self, model: nn.Module, outputs: Mapping[str, Any], targets: Sequence[dict],
                 num_boxes: float) -> dict[str, Tensor]:
         """Unweighted loss terms of one batch.
@@ -38,4 +40,3 @@ class AuxiliaryObjective(nn.Module):
             targets: ground truth (``labels [N]``, ``boxes [N,4]`` normalised cxcywh).
             num_boxes: the GT normaliser of the batch (all-reduced across ranks).
         """
-        raise NotImplementedError
