@@ -110,11 +110,26 @@ def data_group() -> None:
 @click.option("--val", "num_val", type=int, default=200, show_default=True, help="Validation images.")
 @click.option("--image-size", type=int, default=128, show_default=True, help="Image side in pixels.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def synth_cmd(out: str, num_train: int, num_val: int, image_size: int, seed: int) -> None:
+@click.option("--objects-per-image", nargs=2, type=int, default=(1, 8), show_default=True, metavar="MIN MAX",
+              help="Objects per non-empty image.")
+@click.option("--clutter", type=float, default=1.0, show_default=True,
+              help="Background noise, lines and distractors: 0 = plain gradient.")
+@click.option("--min-object-size", type=float, default=None,
+              help="Smallest object side in pixels [default: max(8, 0.08 x image size)].")
+@click.option("--class-colours", is_flag=True,
+              help="Each category in its own colour on a grey background (the quickstart's easier task).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out generated with other parameters.")
+def synth_cmd(out: str, num_train: int, num_val: int, image_size: int, seed: int, objects_per_image, clutter: float,
+              min_object_size, class_colours: bool, overwrite: bool) -> None:
     """Write a synthetic COCO-format detection data set (deterministic for a seed)."""
     from kd_detr.data import generate_synthetic
 
-    generate_synthetic(out, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed)
+    try:
+        generate_synthetic(out, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed,
+                           objects_per_image=tuple(objects_per_image), clutter=clutter,
+                           min_object_size=min_object_size, class_colours=class_colours, overwrite=overwrite)
+    except (ValueError, FileExistsError) as e:
+        raise click.UsageError(str(e)) from e
     click.echo(f"wrote {num_train} train / {num_val} val images to {out}")
 
 
@@ -493,10 +508,11 @@ def predict_cmd(model_name, checkpoint, num_classes, images, output, no_resize, 
 @main.command("quickstart")
 @click.option("--out", default="runs/quickstart", show_default=True, help="Output folder.")
 @click.option("--iters", type=int, default=600, show_default=True, help="Student training iterations per recipe.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the runs and the cache's views (the data is always the teacher's, seed 0).")
 @click.option("--train-teacher", is_flag=True, help="Train the teacher here even if the shipped one exists.")
-@click.option("--teacher-iters", type=int, default=600, show_default=True,
-              help="Iterations when the teacher is trained here.")
+@click.option("--teacher-iters", type=int, default=16000, show_default=True,
+              help="Iterations when the teacher is trained here (the shipped teacher's count).")
 @click.option("--views", type=int, default=2, show_default=True, help="Recorded views per image in the cache.")
 @click.option("--actors", type=int, default=2, show_default=True, help="Ray actors building the cache.")
 @click.option("--num-train", type=int, default=None, hidden=True)

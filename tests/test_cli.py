@@ -92,13 +92,20 @@ def test_clear_errors(tmp_path):
 
 
 def test_quickstart_runs_the_whole_flow_end_to_end(tmp_path, ray_session):
-    """The CI variant: tiny data and budgets, but every step (data, teacher, Ray cache, compare)."""
-    args = ("quickstart", "--out", tmp_path / "qs", "--iters", 4, "--teacher-iters", 4, "--num-train", 16,
-            "--num-val", 4, "--actors", 1, "--no-progress")
+    """The CI variant: tiny data and budgets, but every step (data, teacher trained here and written with its
+    card, Ray cache, compare)."""
+    args = ("quickstart", "--out", tmp_path / "qs", "--iters", 4, "--train-teacher", "--teacher-iters", 4,
+            "--num-train", 16, "--num-val", 4, "--actors", 1, "--no-progress")
     res = run(*args)
     assert "[5/5]" in res.output and "| baseline |" in res.output and "| d3etr |" in res.output
     qs = tmp_path / "qs"
-    assert (qs / "teacher" / "model_final.safetensors").exists() or "quickstart_teacher.toml" in res.output
+    assert "minutes" in res.output  # --train-teacher says how long the training takes
+    from kd_detr.distill.teacher_card import load_card
+
+    card = load_card(str(qs / "teacher" / "quickstart_teacher.toml"))
+    assert card.checkpoint_path() == qs / "teacher" / "quickstart_teacher.safetensors"
+    assert card.training["iterations"] == 4 and card.training["data"]["num_train"] == 64
+    assert card.known_ap is not None and "--max-iters 4 " in card.training["commands"][1]
     assert (qs / "cache" / "manifest.json").exists()
     assert (qs / "compare" / "comparison.md").exists() and (qs / "compare" / "ap_curve.png").exists()
     for recipe in ("baseline", "d3etr"):

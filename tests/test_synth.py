@@ -154,3 +154,28 @@ def test_options(tmp_path):
     assert d["info"]["generator_params"]["num_categories"] == 3
     with pytest.raises(ValueError, match="num_categories"):
         generate_synthetic(tmp_path / "x", 1, 1, 64, num_categories=7)
+
+
+def test_class_colours_paint_each_category_in_its_own_colour(tmp_path):
+    """The quickstart's task: the category is readable from the colour (and shape); the default is not."""
+    out = generate_synthetic(tmp_path / "cc", 12, 0, 128, seed=1, objects_per_image=(1, 4), clutter=0.3,
+                             min_object_size=20, class_colours=True, progress=False)
+    doc = json.loads((out / "annotations" / "instances_train2017.json").read_text())
+    assert doc["info"]["generator_params"]["class_colours"] is True
+    assert "colour = category" in doc["info"]["description"]
+    from PIL import Image
+
+    hits = {}
+    for ann in doc["annotations"]:
+        img = np.asarray(Image.open(out / "train2017" / f"{ann['image_id']:012d}.png"), dtype=np.float64)
+        x, y, w, h = ann["bbox"]
+        patch = img[y:y + h, x:x + w].reshape(-1, 3)
+        # fraction of box pixels within the jitter (+-20 per channel) of each category's colour
+        close = [(np.abs(patch - c).max(1) <= 21).mean() for c in synth._CLASS_COLOURS[:6]]
+        hits.setdefault(ann["category_id"], []).append(int(np.argmax(close)) + 1)
+        assert max(close) > 0.15
+    assert sum(v == k for k, vs in hits.items() for v in vs) >= 0.9 * len(doc["annotations"])
+    # the default data set records no class_colours key, so data sets written before the option still match
+    plain = generate_synthetic(tmp_path / "plain", 2, 0, 64, seed=1, progress=False)
+    params = json.loads((plain / "annotations" / "instances_train2017.json").read_text())["info"]["generator_params"]
+    assert "class_colours" not in params

@@ -59,6 +59,9 @@ _MIN_CONTRAST = 80.0
 _PLACEMENT_TRIES = 30
 _MAX_OVERHANG = 0.3  # fraction of a box that may lie outside the image before the visibility test
 _FORMAT_VERSION = 1
+# one saturated colour per category for ``class_colours=True`` (red, blue, green, yellow, magenta, cyan)
+_CLASS_COLOURS = np.array([[230, 40, 40], [40, 70, 230], [40, 190, 60], [235, 220, 40], [210, 50, 210],
+                           [40, 210, 220]], dtype=np.float64)
 
 # aspect-ratio ranges (w/h, log-uniform) and rotation ranges (radians) per shape
 _ASPECT = {
@@ -128,9 +131,16 @@ def _rasterise(polys: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, int, in
 # --------------------------------------------------------------------------------------------------
 # rendering of one image
 # --------------------------------------------------------------------------------------------------
-def _background(rng: np.random.Generator, s: int, clutter: float) -> np.ndarray:
-    """Gradient between two random colours along a random direction, plus pixel noise: float32 [s,s,3]."""
-    c0, c1 = rng.uniform(0, 255, 3).astype(np.float32), rng.uniform(0, 255, 3).astype(np.float32)
+def _background(rng: np.random.Generator, s: int, clutter: float, grey: bool = False) -> np.ndarray:
+    """Gradient between two random colours along a random direction, plus pixel noise: float32 [s,s,3].
+
+    ``grey``: the two colours are grey levels, so saturated class colours stand out against it.
+    """
+    if grey:
+        c0 = np.full(3, rng.uniform(40, 215), np.float32)
+        c1 = np.full(3, rng.uniform(40, 215), np.float32)
+    else:
+        c0, c1 = rng.uniform(0, 255, 3).astype(np.float32), rng.uniform(0, 255, 3).astype(np.float32)
     ang = rng.uniform(0, 2 * np.pi)
     ramp = np.arange(s, dtype=np.float32)
     t = np.float32(np.cos(ang)) * ramp[None, :] + np.float32(np.sin(ang)) * ramp[:, None]
@@ -224,6 +234,7 @@ def render_image(
     min_visible: float = 0.6,
     min_object_size: float | None = None,
     amodal_boxes: bool = False,
+    class_colours: bool = False,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Draw one image.
 
@@ -233,7 +244,7 @@ def render_image(
     """
     s = int(image_size)
     min_side = float(min_object_size) if min_object_size is not None else max(8.0, 0.08 * s)
-    canvas = _background(rng, s, clutter)
+    canvas = _background(rng, s, clutter, grey=class_colours)
     pil = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(pil)
     lw = max(1, s // 64)
@@ -287,12 +298,16 @@ def render_image(
         full_area.append(area)
         visible.append(int(m_in.sum()))
         region = canvas[ya:yb, xa:xb]
+        ys, xs = np.nonzero(m_in)
+        if class_colours:
+            # the category's own saturated colour, slightly jittered, solid fill: a learnable cue
+            region[ys, xs] = _CLASS_COLOURS[cat] + rng.uniform(-20.0, 20.0, 3)
+            continue
         under = region[m_in].mean(0)
         for _ in range(10):
             colour = rng.uniform(0, 255, 3)
             if np.linalg.norm(colour - under) >= _MIN_CONTRAST:
                 break
-        ys, xs = np.nonzero(m_in)
         region[ys, xs] = _texture(rng, colour, ys.astype(np.float32), xs.astype(np.float32), s)
 
     # thin lines over everything: real clutter also crosses objects (too thin to count as occlusion)
@@ -317,8 +332,8 @@ def render_image(
 # dataset writer
 # --------------------------------------------------------------------------------------------------
 def _params(image_size, seed, num_categories, objects_per_image, empty_prob, clutter, min_visible,
-            min_object_size, amodal_boxes) -> dict[str, Any]:
-    return {
+            min_object_size, amodal_boxes, class_colours=False) -> dict[str, Any]:
+    params = {
         "format_version": _FORMAT_VERSION,
         "image_size": int(image_size),
         "seed": int(seed),
@@ -330,6 +345,9 @@ def _params(image_size, seed, num_categories, objects_per_image, empty_prob, clu
         "min_object_size": None if min_object_size is None else float(min_object_size),
         "amodal_boxes": bool(amodal_boxes),
     }
+    if class_colours:  # only recorded when set, so data sets written before the option still match
+        params["class_colours"] = True
+    return params
 
 
 def _existing_matches(out_dir: Path, params: dict[str, Any], counts: dict[str, int]) -> bool:
@@ -359,6 +377,7 @@ def generate_synthetic(
     min_visible: float = 0.6,
     min_object_size: float | None = None,
     amodal_boxes: bool = False,
+    class_colours: bool = False,
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> Path:
@@ -382,6 +401,8 @@ def generate_synthetic(
         min_visible: minimum visible fraction of every object (occlusion + truncation).
         min_object_size: smallest nominal object side in pixels (default ``max(8, 0.08 * image_size)``).
         amodal_boxes: boxes of the full shape instead of the visible pixels.
+        class_colours: each category is drawn in its own saturated colour (solid, jittered) on a grey
+            background: an easier task where colour tells the class (the CPU quickstart's data set).
         overwrite: replace an existing ``out_dir``. Without it an existing ``out_dir`` generated with the
             same parameters is returned as is, and any other existing ``out_dir`` raises FileExistsError.
         progress: tqdm progress bar (default: when more than 500 images).
@@ -402,7 +423,7 @@ def generate_synthetic(
     if not 0.0 <= empty_prob <= 1.0 or not 0.0 < min_visible <= 1.0 or clutter < 0:
         raise ValueError("need 0 <= empty_prob <= 1, 0 < min_visible <= 1 and clutter >= 0")
     params = _params(image_size, seed, num_categories, lo_hi, empty_prob, clutter, min_visible,
-                     min_object_size, amodal_boxes)
+                     min_object_size, amodal_boxes, class_colours)
     counts = {"train": int(num_train), "val": int(num_val)}
     if out_dir.exists() and not overwrite:
         if _existing_matches(out_dir, params, counts):
@@ -426,7 +447,7 @@ def generate_synthetic(
     render_kw = dict(
         image_size=int(image_size), num_categories=int(num_categories), objects_per_image=lo_hi,
         empty_prob=float(empty_prob), clutter=float(clutter), min_visible=float(min_visible),
-        min_object_size=min_object_size, amodal_boxes=bool(amodal_boxes),
+        min_object_size=min_object_size, amodal_boxes=bool(amodal_boxes), class_colours=bool(class_colours),
     )
     try:
         (tmp / "annotations").mkdir(parents=True)
@@ -455,7 +476,8 @@ def generate_synthetic(
                     bar.update(1)
                 doc = {
                     "info": {
-                        "description": "kd-detr synthetic shapes (category = shape; colour uninformative)",
+                        "description": "kd-detr synthetic shapes (category = shape; colour "
+                                       + ("= category)" if class_colours else "uninformative)"),
                         "version": str(_FORMAT_VERSION), "year": 2026, "contributor": "kd_detr.data.synth",
                         "date_created": "2026-01-01", "split": split, "num_images": counts[split],
                         "generator_params": params,
