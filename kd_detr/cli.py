@@ -507,10 +507,11 @@ def predict_cmd(model_name, checkpoint, num_classes, images, output, no_resize, 
 # --------------------------------------------------------------------------- quickstart
 @main.command("quickstart")
 @click.option("--out", default="runs/quickstart", show_default=True, help="Output folder.")
-@click.option("--iters", type=int, default=600, show_default=True, help="Student training iterations per recipe.")
+@click.option("--iters", type=int, default=2000, show_default=True, help="Student training iterations per recipe.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the runs and the cache's views (the data is always the teacher's, seed 0).")
-@click.option("--train-teacher", is_flag=True, help="Train the teacher here even if the shipped one exists.")
+@click.option("--train-teacher", is_flag=True,
+              help="Train the teacher here (about 40 minutes) even if the shipped one exists; a rerun reuses it.")
 @click.option("--teacher-iters", type=int, default=16000, show_default=True,
               help="Iterations when the teacher is trained here (the shipped teacher's count).")
 @click.option("--views", type=int, default=2, show_default=True, help="Recorded views per image in the cache.")

@@ -45,7 +45,7 @@ def teacher_train_config(data_dir: Path, out: Path, iters: int, seed: int = 0, p
                        checkpoint_every=1000, progress=progress)
 
 
-def run_quickstart(out: Path, iters: int = 600, seed: int = 0, echo: Callable[[str], None] = print,
+def run_quickstart(out: Path, iters: int = 2000, seed: int = 0, echo: Callable[[str], None] = print,
                    train_teacher: bool = False, teacher_iters: int = TEACHER_ITERS, views: int = 2, actors: int = 2,
                    num_train: Optional[int] = None, num_val: Optional[int] = None, progress: bool = True) -> dict:
     """Run the flow; returns ``{recipe: comparison row}``. ``seed`` seeds the runs (the data is always the
@@ -112,21 +112,22 @@ def _teacher(out: Path, data_dir: Path, seed: int, echo, train_teacher: bool, te
     teacher_dir = out / "teacher"
     final = teacher_dir / "model_final.safetensors"
     trained_card = teacher_dir / "quickstart_teacher.toml"
-    if trained_card.exists() and not train_teacher:
+    if trained_card.exists():
         card = load_card(str(trained_card))
-        echo(f"[2/5] teacher: reusing {card.checkpoint_path()} (AP {card.known_ap})")
-        return card.checkpoint_path()
-    if final.exists() and not train_teacher:
-        echo(f"[2/5] teacher: reusing {final}")
-        return final
+        # a rerun reuses the teacher trained here (the cache and runs were made with it); to train it
+        # anew, delete OUT/teacher
+        if card.training.get("iterations") == teacher_iters and card.checkpoint_path().exists():
+            echo(f"[2/5] teacher: reusing {card.checkpoint_path()} trained here (AP {card.known_ap})")
+            return card.checkpoint_path()
     teacher_data = out / "teacher_data"
     ann = data_dir / "annotations"
     params = dict(QUICKSTART_DATA, num_train=TEACHER_DATA_FACTOR * _num_images(ann / "instances_train2017.json"),
                   num_val=_num_images(ann / "instances_val2017.json"))
     # about 0.13 s per iteration on an idle 2-core CPU (docs/cpu-convergence.md)
+    minutes = max(1, round(teacher_iters * 0.14 / 60))
     echo(f"[2/5] training the teacher {TEACHER} {TEACHER_OPTS} for {teacher_iters} iterations on "
-         f"{params['num_train']} images (kd-detr train); on a 2-core CPU that takes about "
-         f"{max(1, round(teacher_iters * 0.14 / 60))} minutes, resumable")
+         f"{params['num_train']} images (kd-detr train); on a 2-core CPU that takes about {minutes} "
+         f"minute{'s' if minutes > 1 else ''}, resumable")
     generate_synthetic(teacher_data, progress=False, **params)
     t = time.perf_counter()
     train(teacher_train_config(teacher_data, teacher_dir, teacher_iters, seed, progress))

@@ -9,8 +9,6 @@ from kd_detr.data import generate_synthetic
 from kd_detr.distill.teacher_card import load_card
 from kd_detr.inference import evaluate_checkpoint
 
-pytestmark = pytest.mark.skipif(not quickstart.CARD.exists(), reason="no shipped quickstart teacher")
-
 
 def test_card_records_how_the_teacher_was_trained():
     card = load_card("quickstart_teacher")
