@@ -128,8 +128,11 @@ def synth_cmd(out: str, num_train: int, num_val: int, image_size: int, seed: int
         generate_synthetic(out, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed,
                            objects_per_image=tuple(objects_per_image), clutter=clutter,
                            min_object_size=min_object_size, class_colours=class_colours, overwrite=overwrite)
-    except (ValueError, FileExistsError) as e:
+    except ValueError as e:
         raise click.UsageError(str(e)) from e
+    except FileExistsError as e:
+        raise click.UsageError(f"{out} exists and was generated with other parameters; pass --overwrite to "
+                               "replace it") from e
     click.echo(f"wrote {num_train} train / {num_val} val images to {out}")
 
 

@@ -84,6 +84,24 @@ def test_convert_from_official(tmp_path):
     assert not bad.exists()
 
 
+def test_data_synth_generator_options(tmp_path):
+    import json
+
+    out = tmp_path / "d"
+    run("data", "synth", "--out", out, "--train", 3, "--val", 1, "--image-size", 64, "--objects-per-image", 1, 2,
+        "--clutter", 0, "--min-object-size", 16, "--class-colours")
+    params = json.loads((out / "annotations" / "instances_train2017.json").read_text())["info"]["generator_params"]
+    assert params["objects_per_image"] == [1, 2] and params["clutter"] == 0.0 and params["class_colours"] is True
+    assert params["min_object_size"] == 16.0
+    res = run("data", "synth", "--out", out, "--train", 3, "--val", 1, "--image-size", 64, ok=False)
+    assert res.exit_code != 0 and "--overwrite" in res.output
+    run("data", "synth", "--out", out, "--train", 3, "--val", 1, "--image-size", 64, "--overwrite")
+    params = json.loads((out / "annotations" / "instances_train2017.json").read_text())["info"]["generator_params"]
+    assert "class_colours" not in params and params["objects_per_image"] == [1, 8]
+    res = run("data", "synth", "--out", tmp_path / "e", "--objects-per-image", 3, 1, ok=False)
+    assert res.exit_code != 0 and "objects_per_image" in res.output
+
+
 def test_clear_errors(tmp_path):
     res = run("train", "--model", "no_such_model", "--data", tmp_path, ok=False)
     assert res.exit_code != 0 and "no_such_model" in res.output
