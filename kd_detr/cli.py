@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 
+from kd_detr.quickstart import TEACHER_ITERS as QUICKSTART_TEACHER_ITERS  # light: no torch at import
+
 
 def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
@@ -515,7 +517,7 @@ def predict_cmd(model_name, checkpoint, num_classes, images, output, no_resize, 
               help="Seed of the runs and the cache's views (the data is always the teacher's, seed 0).")
 @click.option("--train-teacher", is_flag=True,
               help="Train the teacher here (about 40 minutes) even if the shipped one exists; a rerun reuses it.")
-@click.option("--teacher-iters", type=int, default=16000, show_default=True,
+@click.option("--teacher-iters", type=int, default=QUICKSTART_TEACHER_ITERS, show_default=True,
               help="Iterations when the teacher is trained here (the shipped teacher's count).")
 @click.option("--views", type=int, default=2, show_default=True, help="Recorded views per image in the cache.")
 @click.option("--actors", type=int, default=2, show_default=True, help="Ray actors building the cache.")

@@ -38,3 +38,38 @@ def test_shipped_teacher_loads_and_reaches_its_recorded_ap(tmp_path):
                                     output_dir=str(tmp_path / "eval"), device="cpu")
     assert 100 * result.metrics["AP"] == pytest.approx(card.known_ap, abs=0.15)
     assert card.known_ap >= 15.0  # a teacher worth distilling from on this data
+
+
+def test_recorded_commands_are_the_settings_train_teacher_uses(tmp_path, monkeypatch):
+    """The card's shell commands and ``kd-detr quickstart --train-teacher`` (teacher_train_config and
+    QUICKSTART_DATA) must not drift apart: run the commands and compare what they produce."""
+    import dataclasses
+    import json
+    import shlex
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from kd_detr.cli import main
+    from kd_detr.engine import trainer
+
+    monkeypatch.chdir(tmp_path)
+    synth_cmd, train_cmd = quickstart.teacher_commands(iters=40, seed=3, num_train=8)
+    res = CliRunner().invoke(main, shlex.split(synth_cmd)[1:], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    ref = generate_synthetic(tmp_path / "ref", progress=False, **dict(quickstart.QUICKSTART_DATA, num_train=8))
+    info = [json.loads((root / "annotations" / "instances_train2017.json").read_text())["info"]
+            for root in (Path("teacher_data"), ref)]
+    assert info[0]["generator_params"] == info[1]["generator_params"] and info[0]["num_images"] == 8
+
+    seen = {}
+    monkeypatch.setattr(trainer, "train", lambda cfg: seen.setdefault("cfg", cfg) and {})
+    res = CliRunner().invoke(main, shlex.split(train_cmd)[1:], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    got = dataclasses.asdict(seen["cfg"])
+    want = dataclasses.asdict(quickstart.teacher_train_config(Path("teacher_data"), Path("teacher"), 40, 3))
+    # --lr-drop-iter wins over the epoch-based lr_drop, which the CLI always fills in
+    for d in (got, want):
+        d.pop("lr_drop")
+        d.pop("progress")
+    assert got == want
