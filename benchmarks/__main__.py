@@ -31,12 +31,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from kd_detr import data as kd_data  # noqa: E402
 from kd_detr.criterion import SetCriterion, weighted_total  # noqa: E402
 from kd_detr.data.view_plan import PlanBatches, ViewPlan  # noqa: E402
-from kd_detr.distill.d3etr import D3ETRLoss  # noqa: E402
-from kd_detr.distill.recipe import load_recipe  # noqa: E402
-from kd_detr.distill.teacher import InProcessTeacher  # noqa: E402
-from kd_detr.distill.trainer import build_objectives, distill_losses  # noqa: E402
+from kd_detr.engine.recipe import load_recipe  # noqa: E402
+from kd_detr.engine.step import batch_losses  # noqa: E402
 from kd_detr.engine.trainer import param_groups  # noqa: E402
-from kd_detr.models import build_model, save_model  # noqa: E402
+from kd_detr.methods import build_methods  # noqa: E402
+from kd_detr.methods.d3etr import D3ETRLoss  # noqa: E402
+from kd_detr.models import DetectorRequest, build_model, save_model  # noqa: E402
+from kd_detr.teacher import InProcessTeacher  # noqa: E402
 
 TEACHER = ("cond_detr_r18_tiny", {"dec_layers": 2, "num_queries": 30})  # same depth/queries as the student
 STUDENT = ("cond_detr_r10_tiny", {})
@@ -80,24 +81,25 @@ class Steps:
 
     def d3etr(self, batch, teacher_out=None, teacher=None):
         images, mask, targets = batch[:3]
-        total, *_ = distill_losses(self.student, teacher or self.teacher, self.kd, self.criterion, images, mask,
-                                   targets, teacher_out=teacher_out)
+        if teacher_out is None:
+            teacher_out = (teacher or self.teacher)(images, mask)
+        total, *_ = batch_losses(self.student, self.criterion, images, mask, targets, [self.kd], teacher_out)
         self._update(total)
 
     def objective(self, batch, objectives):
         images, mask, targets = batch[:3]
-        total, *_ = distill_losses(self.student, None, None, self.criterion, images, mask, targets,
-                                   objectives=objectives, raw_model=self.student)
+        total, *_ = batch_losses(self.student, self.criterion, images, mask, targets, objectives,
+                                 raw_model=self.student)
         self._update(total)
 
 
 def section_bytes(res: dict) -> None:
-    from kd_detr.teacher_cache import bytes_per_view
+    from kd_detr.teacher.cache import bytes_per_view
 
     for spec in ("none", "topk:8", "topk:32", "full"):
         res[f"cache_bytes_per_view[{spec}]"] = bytes_per_view(spec)
     res["cache_bytes_per_view[full per_head]"] = bytes_per_view(
-        __import__("kd_detr.teacher_cache", fromlist=["StoreConfig"]).StoreConfig.parse("full", heads="per_head"))
+        __import__("kd_detr.teacher.cache", fromlist=["StoreConfig"]).StoreConfig.parse("full", heads="per_head"))
 
 
 def main() -> None:
@@ -130,9 +132,9 @@ def main() -> None:
     # ---- cache: build throughput with 1 and 2 actors (Ray), bytes, read throughput
     import ray
 
-    from kd_detr.distill.teacher_loading import resolve_teacher
-    from kd_detr.teacher_cache import CacheReader, StoreConfig
-    from kd_detr.teacher_cache.build import build_cache
+    from kd_detr.teacher import resolve_teacher
+    from kd_detr.teacher.cache import CacheReader, StoreConfig
+    from kd_detr.teacher.cache.build import build_cache
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     spec = resolve_teacher(TEACHER[0], str(teacher_path))
@@ -157,7 +159,7 @@ def main() -> None:
     steps = Steps(ds, plan, teacher_model)
     batch = steps.batches[(0, 0)]
     given = steps.teacher(batch[0], batch[1])  # computed once, outside the timing
-    from kd_detr.serving import RayTeacherServer
+    from kd_detr.teacher.ray_serving import RayTeacherServer
     server = RayTeacherServer(spec, steps.kd.attn_mode, actors=1, prefetch=2, num_threads=1)
     phases = {
         "baseline": lambda: steps.baseline(batch),
@@ -193,10 +195,11 @@ def main() -> None:
 
     # ---- how much of the attention loss a topk cache keeps (same batch, same student state)
     full_t = steps.teacher(batch[0], batch[1])
-    out = steps.student(batch[0], batch[1], extra_groups=steps.kd.extra_groups(full_t), return_attn=True)
+    out = steps.student(batch[0], batch[1],
+                        request=DetectorRequest(query_groups=steps.kd.extra_groups(full_t), attention=True))
     full_terms = steps.kd(out, full_t, batch[2])
     for k in (4, 8, 32):
-        from kd_detr.teacher_cache import decode_attention, encode_attention
+        from kd_detr.teacher.cache import decode_attention, encode_attention
         cfg = StoreConfig.parse(f"topk:{k}")
         t_k = full_t.to()
         s_keys = full_t.self_attn.shape[-1]
@@ -213,7 +216,7 @@ def main() -> None:
     for name in ("ms_detr", "co_detr"):
         try:
             r = load_recipe(name)
-            objs = build_objectives(r, steps.student.config, steps.criterion)
+            objs = build_methods(r.sections, steps.student.config, steps.criterion)
             steps.opt.add_param_group({"params": [p for o in objs for p in o.parameters()], "lr": 1e-4})
             tb = _median_time(lambda: steps.baseline(batch), args.rounds)
             to = _median_time(lambda: steps.objective(batch, objs), args.rounds)

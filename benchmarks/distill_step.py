@@ -34,11 +34,11 @@ import time
 import torch
 
 from kd_detr.criterion import SetCriterion, weighted_total
-from kd_detr.distill.d3etr import D3ETRLoss
-from kd_detr.distill.recipe import load_recipe
-from kd_detr.distill.teacher import InProcessTeacher
-from kd_detr.distill.trainer import distill_losses
+from kd_detr.engine.recipe import load_recipe
+from kd_detr.engine.step import batch_losses
 from kd_detr.engine.trainer import param_groups
+from kd_detr.methods.d3etr import D3ETRLoss
+from kd_detr.teacher import InProcessTeacher
 from kd_detr.models import build_model
 
 from train_step import random_targets  # the same random ground truth as the plain step benchmark
@@ -86,8 +86,9 @@ class Bench:
 
     def d3etr_step(self):
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.args.amp):
-            total, _, _, _ = distill_losses(self.student, self.teacher, self.kd, self.criterion, self.images,
-                                         self.mask, self.targets)
+            teacher_out = self.teacher(self.images, self.mask)
+            total, _, _, _ = batch_losses(self.student, self.criterion, self.images, self.mask, self.targets,
+                                          [self.kd], teacher_out)
         self._update(total)
 
     def timed(self, fn):

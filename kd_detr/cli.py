@@ -1,4 +1,6 @@
-"""The ``kd-detr`` command line."""
+"""The ``kd-detr`` command line: options become specs (:class:`~kd_detr.data.DataSpec`,
+:class:`~kd_detr.runs.assemble.TeacherSourceSpec`, ``TrainConfig``) and calls into :mod:`kd_detr.runs`,
+the engine and the teacher layer; nothing is computed here."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Any
 
 import click
 
-from kd_detr.quickstart import TEACHER_ITERS as QUICKSTART_TEACHER_ITERS  # light: no torch at import
+from kd_detr.runs.quickstart import TEACHER_ITERS as QUICKSTART_TEACHER_ITERS  # light: no torch at import
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -227,7 +229,7 @@ def train_cmd(model_name, model_opt, backbone_weights, init_checkpoint, data, tr
               help="Override a recipe field (dotted key, TOML value), e.g. distill.pred.temperature=2.")
 def recipes_cmd(name: str | None, overrides: tuple[str, ...]) -> None:
     """List the distillation recipes, or print NAME merged with its defaults (and --set overrides)."""
-    from kd_detr.distill.recipe import list_recipes, load_recipe, recipe_to_toml
+    from kd_detr.engine.recipe import list_recipes, load_recipe, recipe_to_toml
 
     if name is None:
         if overrides:
@@ -280,33 +282,21 @@ def distill_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_serve, teach
     OUTPUT_DIR/recipe.toml and in config.json with library versions and the git SHA.
     Multi-GPU: torchrun --nproc_per_node N -m kd_detr distill ...
     """
-    from kd_detr.distill.recipe import load_recipe
-    from kd_detr.distill.teacher_loading import resolve_teacher
-    from kd_detr.distill.trainer import TeacherServing, distill
-    from kd_detr.engine.trainer import TrainConfig
+    from kd_detr.data import DataSpec
+    from kd_detr.runs.assemble import TeacherSourceSpec, assemble_run
 
-    recipe = load_recipe(recipe_name, overrides)
-    spec = None
     if teacher_cache and teacher_serve == "ray":
         raise click.UsageError("--teacher-cache and --teacher-serve ray exclude each other")
-    if recipe.distill.enabled:
-        if teacher is None and not teacher_cache:
-            raise click.UsageError(f"recipe {recipe.name} distils from a teacher: give --teacher or --teacher-cache")
-        if teacher is not None:  # with a cache: only to check that the cache was built from this teacher
-            spec = resolve_teacher(teacher, teacher_checkpoint)
-    serving = TeacherServing(mode="cache" if teacher_cache else teacher_serve, views=views, view_seed=view_seed,
-                             cache=teacher_cache, actors=teacher_actors)
-    kwargs = dict(recipe.train_config_kwargs())
-    # options given on the command line win over the recipe's [train] values
-    cli = {"image_size": image_size, "label_map": label_map, "seed": seed, "device": device, "amp": amp,
-           "num_workers": num_workers}
-    kwargs.update({k: v for k, v in cli.items() if v is not None})
-    if no_progress:
-        kwargs["progress"] = False
-    cfg = TrainConfig(model=student, model_overrides=parse_overrides(student_opt, "--student-opt"), data=data,
-                      train_ann=train_ann, train_images=train_images, val_ann=val_ann, val_images=val_images,
-                      output_dir=output_dir, resume=resume, **kwargs)
-    metrics = distill(cfg, recipe, spec, serving)
+    train_options = {"seed": seed, "device": device, "amp": amp, "num_workers": num_workers,
+                     "progress": False if no_progress else None}
+    run = assemble_run(student, recipe_name,
+                       DataSpec(data, train_ann, train_images, val_ann, val_images, image_size, label_map),
+                       TeacherSourceSpec(teacher=teacher, checkpoint=teacher_checkpoint, cache=teacher_cache,
+                                         serve=teacher_serve, actors=teacher_actors),
+                       output_dir, student_overrides=parse_overrides(student_opt, "--student-opt"),
+                       overrides=overrides, train_options=train_options, resume=resume, views=views,
+                       view_seed=view_seed)
+    metrics = run.run()
     if metrics:
         click.echo(f"final AP {100 * metrics['AP']:.1f} (best {100 * metrics['best_ap']:.1f}); "
                    f"outputs in {output_dir}")
@@ -346,21 +336,17 @@ def cache_group(ctx, teacher, teacher_checkpoint, data, train_ann, train_images,
         return
     if teacher is None or out is None:
         raise click.UsageError("building a cache needs --teacher and --out (or a subcommand: verify, info)")
-    from kd_detr import data as kd_data
+    from kd_detr.data import DataSpec
     from kd_detr.data.view_plan import ViewPlan
-    from kd_detr.distill.teacher_loading import check_teacher_fits, load_teacher, resolve_teacher
-    from kd_detr.engine.trainer import TrainConfig, dataset_files, label_map_mode
-    from kd_detr.teacher_cache import StoreConfig
-    from kd_detr.teacher_cache.build import build_cache
+    from kd_detr.teacher import check_teacher_fits, describe_teacher, resolve_teacher
+    from kd_detr.teacher.cache import StoreConfig
+    from kd_detr.teacher.cache.build import build_cache
 
     store = StoreConfig.parse(attention, dtype=dtype, heads=heads)
     spec = resolve_teacher(teacher, teacher_checkpoint)
-    ann, img = dataset_files(TrainConfig(data=data, train_ann=train_ann, train_images=train_images), "train")
-    dataset = kd_data.CocoDetection(img, ann, transforms=kd_data.make_policy(True, image_size),
-                                    label_map=label_map_mode(label_map))
-    model, t_label_map, t_image_size = load_teacher(spec, dataset.label_map)
-    check_teacher_fits(spec, t_label_map, t_image_size, dataset.label_map, model.config.num_classes, image_size)
-    del model  # the actors load their own copy
+    dataset = DataSpec(data, train_ann, train_images, image_size=image_size, label_map=label_map).train_set()
+    config, t_label_map, t_image_size = describe_teacher(spec, dataset.label_map)  # the actors load the weights
+    check_teacher_fits(spec, t_label_map, t_image_size, dataset.label_map, config.num_classes, image_size)
     plan = ViewPlan.for_dataset(dataset, num_views=views, batch_size=batch_size, seed=view_seed)
     summary = build_cache(spec, dataset, plan, out, store, actors=actors, batches_per_shard=batches_per_shard,
                           address=address, progress=not no_progress, image_size=image_size)
@@ -371,7 +357,7 @@ def cache_group(ctx, teacher, teacher_checkpoint, data, train_ann, train_images,
 @click.argument("cache", type=click.Path(exists=True, file_okay=False))
 def cache_verify_cmd(cache: str) -> None:
     """Check every shard of CACHE against its manifest (presence, size, SHA-256, batch keys)."""
-    from kd_detr.teacher_cache import verify_cache
+    from kd_detr.teacher.cache import verify_cache
 
     problems = verify_cache(cache)
     if problems:
@@ -385,7 +371,7 @@ def cache_verify_cmd(cache: str) -> None:
 @click.argument("cache", type=click.Path(exists=True, file_okay=False))
 def cache_info_cmd(cache: str) -> None:
     """Describe CACHE: teacher, data, views, storage mode, size."""
-    from kd_detr.teacher_cache import cache_info
+    from kd_detr.teacher.cache import cache_info
 
     click.echo(cache_info(cache))
 
@@ -419,7 +405,7 @@ def compare_cmd(teacher, teacher_checkpoint, teacher_cache, student, student_opt
     memory, the teacher's AP), OUT/ap_curve.png and OUT/losses.png, and every run under OUT/runs/. Finished
     runs are not redone on a rerun; failed runs are reported in the table.
     """
-    from kd_detr.compare import CompareConfig, compare
+    from kd_detr.runs.compare import CompareConfig, compare, format_table
 
     try:
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
@@ -433,8 +419,6 @@ def compare_cmd(teacher, teacher_checkpoint, teacher_cache, student, student_opt
                         label_map=label_map, eval_points=eval_points, num_workers=num_workers, device=device,
                         views=views, use_ray=not no_ray, address=address, progress=not no_progress)
     rows, files = compare(cfg)
-    from kd_detr.compare import format_table
-
     click.echo(format_table(rows, len(seed_list)))
     click.echo(f"wrote {files['markdown']}, {files['csv']}, {files['ap_plot']}, {files['loss_plot']}")
 
@@ -449,7 +433,7 @@ def export_cmd(source: str, out: str) -> None:
 
     The .pth loads strictly into the plain Conditional DETR (official code or kd-detr); this is checked.
     """
-    from kd_detr.distill.export import export_student
+    from kd_detr.runs.export import export_student
 
     st_path, pth_path = export_student(source, out)
     click.echo(f"wrote {st_path} and {pth_path}")
@@ -473,7 +457,7 @@ def export_cmd(source: str, out: str) -> None:
 def eval_cmd(model_name, checkpoint, num_classes, data, train_ann, train_images, val_ann, val_images, image_size,
              num_workers, split, batch_size, max_images, output_dir, device, per_class) -> None:
     """Evaluate a checkpoint with pycocotools COCOeval (bbox): 12-line summary, results and metrics JSON."""
-    from kd_detr.inference import evaluate_checkpoint
+    from kd_detr.runs.inference import evaluate_checkpoint
 
     result, out_dir = evaluate_checkpoint(
         checkpoint, model_name=model_name, num_classes=num_classes, data=data,
@@ -500,7 +484,7 @@ def eval_cmd(model_name, checkpoint, num_classes, data, train_ann, train_images,
 @click.option("--device", default="auto", show_default=True)
 def predict_cmd(model_name, checkpoint, num_classes, images, output, no_resize, image_size, top_k, device) -> None:
     """Detect objects in images; writes one JSON entry per image with absolute xyxy boxes."""
-    from kd_detr.inference import predict_images
+    from kd_detr.runs.inference import predict_images
 
     entries = predict_images(checkpoint, list(images), model_name=model_name, num_classes=num_classes,
                              resize=not no_resize, image_size=image_size, top_k=top_k, device=device)
@@ -528,7 +512,7 @@ def quickstart_cmd(out, iters, seed, train_teacher, teacher_iters, views, actors
                    no_progress) -> None:
     """The whole flow on generated data on the CPU: data, teacher, Ray-built teacher cache, baseline vs
     d3etr distillation of a smaller student, comparison table and plots."""
-    from kd_detr.quickstart import run_quickstart
+    from kd_detr.runs.quickstart import run_quickstart
 
     run_quickstart(Path(out), iters=iters, seed=seed, echo=click.echo, train_teacher=train_teacher,
                    teacher_iters=teacher_iters, views=views, actors=actors, num_train=num_train, num_val=num_val,

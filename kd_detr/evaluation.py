@@ -38,6 +38,7 @@ __all__ = [
     "evaluate",
     "evaluate_model",
     "evaluate_results",
+    "eval_loader",
     "format_per_class_table",
     "to_coco_results",
     "write_eval_outputs",
@@ -278,6 +279,26 @@ def _rank() -> int:
 
 
 @torch.no_grad()
+def eval_loader(dataset, batch_size: int = 2, max_images: int | None = None, num_workers: int = 0,
+                distributed: tuple[int, int] | None = None, generator: torch.Generator | None = None):
+    """The evaluation loader (one builder for training, teacher checks, compare and ``kd-detr eval``): images
+    in data-set order, ``batch_size`` per batch (padding changes DETR AP: keep it fixed and logged), the first
+    ``max_images`` only if given; ``distributed = (rank, world_size)`` shards it across ranks."""
+    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data.distributed import DistributedSampler
+
+    from kd_detr.data import collate_fn
+
+    if max_images is not None:
+        dataset = Subset(dataset, range(min(max_images, len(dataset))))
+    sampler = None
+    if distributed is not None:
+        rank, world = distributed
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
+                      collate_fn=collate_fn, generator=generator)
+
+
 def evaluate_model(
     model: nn.Module,
     data_loader: Iterable,

@@ -25,7 +25,9 @@ from torchvision.ops import box_convert, generalized_box_iou
 
 __all__ = [
     "HungarianMatcher",
+    "assignment_to_indices",
     "focal_class_cost",
+    "indices_to_assignment",
     "pairwise_match_cost",
     "solve_assignments",
 ]
@@ -208,3 +210,20 @@ class HungarianMatcher(nn.Module):
             query ``src_idx[k]`` is assigned to target ``tgt_idx[k]``; sorted by ``src_idx``.
         """
         return solve_assignments(self.cost_matrices(outputs, targets))
+
+
+def assignment_to_indices(assignment: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """``[B,N]`` GT index per query (-1: background) -> per-image ``(query_idx, gt_idx)`` pairs sorted by query."""
+    out = []
+    for row in assignment.cpu():
+        q = (row >= 0).nonzero().flatten()
+        out.append((q, row[q]))
+    return out
+
+
+def indices_to_assignment(indices: Sequence[tuple[Tensor, Tensor]], num_queries: int) -> Tensor:
+    """Inverse of :func:`assignment_to_indices`: ``[B,N]`` int64, -1 where a query has no GT."""
+    out = torch.full((len(indices), num_queries), -1, dtype=torch.int64)
+    for b, (q, g) in enumerate(indices):
+        out[b, q.cpu()] = g.cpu().long()
+    return out

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from kd_detr.models import DetectorRequest
 from kd_detr.models import (
     build_model,
     convert_official,
@@ -51,7 +52,7 @@ def _random_official(num_classes=6, seed=0, **kw):
 def _outputs(model):
     images, mask = _images()
     with torch.no_grad():
-        return model.eval()(images, mask, return_attn=True)
+        return model.eval()(images, mask, request=DetectorRequest(attention=True))
 
 
 # ---------------------------------------------------------------- official layout

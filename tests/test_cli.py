@@ -118,7 +118,7 @@ def test_quickstart_runs_the_whole_flow_end_to_end(tmp_path, ray_session):
     assert "[5/5]" in res.output and "| baseline |" in res.output and "| d3etr |" in res.output
     qs = tmp_path / "qs"
     assert "minutes" in res.output  # --train-teacher says how long the training takes
-    from kd_detr.distill.teacher_card import load_card
+    from kd_detr.teacher.card import load_card
 
     card = load_card(str(qs / "teacher" / "quickstart_teacher.toml"))
     assert card.checkpoint_path() == qs / "teacher" / "quickstart_teacher.safetensors"

@@ -9,11 +9,13 @@ import pytest
 import torch
 from torchvision.ops import box_convert, box_iou
 
-from kd_detr.co_detr import CollaborativeHybrid
-from kd_detr.co_detr.adapter import PYRAMID_STRIDES, PyramidAdapter, gn_groups
-from kd_detr.co_detr.atss_head import IGNORED, atss_assign
+from kd_detr.models import DetectorRequest
+from kd_detr.methods.co_detr import CollaborativeHybrid
+from kd_detr.methods.co_detr.adapter import PYRAMID_STRIDES, PyramidAdapter, gn_groups
+from kd_detr.methods.co_detr.atss_head import IGNORED, atss_assign
 from kd_detr.criterion import SetCriterion, weighted_total
-from kd_detr.distill.recipe import CoDetrConfig, load_recipe
+from kd_detr.engine.recipe import load_recipe
+from kd_detr.methods.co_detr import CoDetrConfig
 from kd_detr.models import build_model
 
 TINY = dict(num_classes=5, num_queries=8, d_model=32, nheads=4, dec_layers=2, dim_feedforward=64)
@@ -46,7 +48,7 @@ def objective(model, **cfg):
 
 def run_step(model, obj, with_size=True):
     images, mask, targets = batch(with_size)
-    out = model(images, mask, **obj.forward_kwargs())
+    out = model(images, mask, request=obj.request())
     terms = obj(model, out, targets, num_boxes=3.0)
     return terms, targets
 
@@ -171,7 +173,7 @@ def test_image_sizes_come_from_targets_or_the_mask():
     model = tiny()
     obj = objective(model, heads=["atss"])
     images, mask, targets = batch(with_size=False)
-    enc = model(images, mask, return_memory=True)["encoded"]
+    enc = model(images, mask, request=DetectorRequest(memory=True))["encoded"]
     assert obj.image_sizes(targets, enc) == [(64, 64), (64, 64)]  # 48 px rounded up to the stride
     _, _, targets = batch()
     assert obj.image_sizes(targets, enc) == [(64, 64), (64, 48)]

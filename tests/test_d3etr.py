@@ -9,10 +9,11 @@ import json
 import pytest
 import torch
 
+from kd_detr.models import DetectorRequest
 from kd_detr.criterion import SetCriterion
-from kd_detr.distill.d3etr import D3ETRLoss, resolve_layer_map
-from kd_detr.distill.recipe import load_recipe
-from kd_detr.distill.teacher import InProcessTeacher, TeacherOutputs
+from kd_detr.methods.d3etr import D3ETRLoss, resolve_layer_map
+from kd_detr.engine.recipe import load_recipe
+from kd_detr.teacher import InProcessTeacher, TeacherOutputs
 from kd_detr.models import build_model
 
 TINY = dict(num_queries=6, dim_feedforward=64, d_model=32, nheads=4, dec_layers=3)
@@ -44,7 +45,7 @@ def kd_loss(student, teacher, recipe="d3etr", **overrides):
 
 def run(kd, student, teacher, images, mask, targets):
     t = InProcessTeacher(teacher, attn=kd.attn_mode)(images, mask)
-    out = student(images, mask, extra_groups=kd.extra_groups(t), return_attn=kd.needs_attn)
+    out = student(images, mask, request=DetectorRequest(query_groups=kd.extra_groups(t), attention=kd.needs_attn))
     return kd(out, t, targets), out, t
 
 
@@ -59,7 +60,7 @@ def test_identical_teacher_and_student_give_identity_matchings_and_zero_losses()
     assert len(kd_terms) == 2 * 5 * 3
     for k, v in kd_terms.items():
         assert abs(float(v)) < 1e-5, (k, float(v))
-    from kd_detr.distill.adaptive_match import adaptive_match
+    from kd_detr.methods.d3etr.adaptive_match import adaptive_match
     s_logits = torch.stack([o["pred_logits"] for o in [*out["aux_outputs"], out]])
     s_boxes = torch.stack([o["pred_boxes"] for o in [*out["aux_outputs"], out]])
     t_idx, s_idx = adaptive_match(t.logits, t.boxes, s_logits, s_boxes)
@@ -89,8 +90,8 @@ def test_auxiliary_group_does_not_change_primary_outputs():
     kd = kd_loss(student, teacher)
     t = InProcessTeacher(teacher, attn="per_head")(images, mask)
     with torch.no_grad():
-        plain = student(images, mask, return_attn=True)
-        mixed = student(images, mask, extra_groups=kd.extra_groups(t), return_attn=True)
+        plain = student(images, mask, request=DetectorRequest(attention=True))
+        mixed = student(images, mask, request=DetectorRequest(query_groups=kd.extra_groups(t), attention=True))
     for key in ("pred_logits", "pred_boxes", "self_attn", "cross_attn"):
         torch.testing.assert_close(mixed[key], plain[key], atol=1e-6, rtol=1e-6)
     assert mixed["groups"][0]["pred_logits"].shape == (2, 6, 5)
@@ -108,7 +109,7 @@ def test_label_assignment_sharing_uses_the_teacher_assignment_at_the_last_layer(
     boxes[0, 4], logits[0, 4, 1] = targets[0]["boxes"][0], 5.0
     boxes[0, 1], logits[0, 1, 3] = targets[0]["boxes"][1], 5.0
     t.logits[-1], t.boxes[-1] = logits, boxes
-    out = student(images, mask, extra_groups=kd.extra_groups(t))
+    out = student(images, mask, request=DetectorRequest(query_groups=kd.extra_groups(t)))
     a_layers = [*out["groups"][0]["aux_outputs"], out["groups"][0]]
     a_logits = torch.stack([o["pred_logits"] for o in a_layers])
     a_boxes = torch.stack([o["pred_boxes"] for o in a_layers])
@@ -250,7 +251,7 @@ def test_distillation_loss_falls_and_export_loads_strictly(synth_data, tmp_path)
     images, mask, _ = batch(b=2)
     t = InProcessTeacher(load_model(teacher)[0], attn="none")(images, mask)
     with torch.no_grad():
-        mixed = trained.eval()(images, mask, extra_groups=[{"query_pos": t.query_embed}])
+        mixed = trained.eval()(images, mask, request=DetectorRequest(query_groups=[{"query_pos": t.query_embed}]))
         for m in (plain.eval(), exported.eval()):
             o = m(images, mask)
             torch.testing.assert_close(o["pred_logits"], mixed["pred_logits"], atol=1e-5, rtol=1e-5)

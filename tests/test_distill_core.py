@@ -7,13 +7,13 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from kd_detr.distill.adaptive_match import (
+from kd_detr.methods.d3etr.adaptive_match import (
     adaptive_match,
     identity_matching,
     match_cost,
     solve_matchings,
 )
-from kd_detr.distill.losses import attention_distill, prediction_distill
+from kd_detr.methods.d3etr.losses import attention_distill, prediction_distill
 
 L3 = math.log(3.0)  # sigmoid(+-log 3) = 0.75 / 0.25: probabilities with short closed forms
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from kd_detr.models import DetectorRequest
 from kd_detr.models import (
     ConditionalAttention,
     ModelConfig,
@@ -160,7 +161,7 @@ def test_attention_maps_shapes_normalisation_and_padding():
     images, mask = _batch()
     with torch.no_grad():
         plain = model(images, mask)
-        out = model(images, mask, return_attn=True)
+        out = model(images, mask, request=DetectorRequest(attention=True))
     L, B, H, Q = 3, 2, 4, 10
     S = out["memory_mask"].shape[1]
     sa, ca = out["self_attn"], out["cross_attn"]
@@ -180,7 +181,7 @@ def test_attention_maps_shapes_normalisation_and_padding():
 def test_attention_maps_are_pre_dropout_and_differentiable():
     model = _tiny(dropout=0.5).train()
     images, mask = _batch()
-    out = model(images, mask, return_attn=True)
+    out = model(images, mask, request=DetectorRequest(attention=True))
     ca = out["cross_attn"]
     # dropout would zero entries and rescale the rest; pre-dropout rows still sum to 1
     assert torch.allclose(ca.sum(-1), torch.ones_like(ca.sum(-1)), atol=1e-5)
@@ -218,9 +219,9 @@ def test_extra_group_leaves_primary_unchanged():
     g = torch.Generator().manual_seed(3)
     groups = [{"query_pos": torch.randn(7, 64, generator=g)}]
     with torch.no_grad():
-        plain = model(images, mask, return_attn=True)
-        empty = model(images, mask, extra_groups=[], return_attn=True)
-        both = model(images, mask, extra_groups=groups, return_attn=True)
+        plain = model(images, mask, request=DetectorRequest(attention=True))
+        empty = model(images, mask, request=DetectorRequest(query_groups=[], attention=True))
+        both = model(images, mask, request=DetectorRequest(query_groups=groups, attention=True))
     # no group -> exactly the plain computation
     for k in ("pred_logits", "pred_boxes", "hs", "self_attn", "cross_attn"):
         assert torch.equal(plain[k], empty[k])
@@ -246,7 +247,7 @@ def test_group_with_primary_queries_reproduces_primary():
     images, mask = _batch()
     groups = [{"query_pos": model.query_embed.weight.detach().clone()}]
     with torch.no_grad():
-        out = model(images, mask, extra_groups=groups, return_attn=True)
+        out = model(images, mask, request=DetectorRequest(query_groups=groups, attention=True))
     grp = out["groups"][0]
     for k in ("pred_logits", "pred_boxes", "hs", "reference_points", "self_attn", "cross_attn"):
         assert (grp[k] - out[k]).abs().max() < 1e-5, k
@@ -262,10 +263,10 @@ def test_group_outputs_depend_only_on_own_queries():
     b1 = {"query_pos": torch.randn(5, 64, generator=g)}
     b2 = {"query_pos": torch.randn(9, 64, generator=g)}
     with torch.no_grad():
-        out1 = model(images, mask, extra_groups=[a, b1])
-        out2 = model(images, mask, extra_groups=[a, b2])
+        out1 = model(images, mask, request=DetectorRequest(query_groups=[a, b1]))
+        out2 = model(images, mask, request=DetectorRequest(query_groups=[a, b2]))
         model.query_embed.weight.add_(1.0)  # changes the primary queries only
-        out3 = model(images, mask, extra_groups=[a, b1])
+        out3 = model(images, mask, request=DetectorRequest(query_groups=[a, b1]))
     ga1, ga2, ga3 = out1["groups"][0], out2["groups"][0], out3["groups"][0]
     assert torch.equal(ga1["reference_points"], a["reference_points"])  # override honoured
     for k in ("pred_logits", "pred_boxes", "hs"):
@@ -279,11 +280,11 @@ def test_extra_group_validation():
     model = _tiny()
     images, mask = _batch()
     with pytest.raises(ValueError, match="query_pos"):
-        model(images, mask, extra_groups=[{"query_pos": torch.randn(4, 32)}])
+        model(images, mask, request=DetectorRequest(query_groups=[{"query_pos": torch.randn(4, 32)}]))
     with pytest.raises(ValueError, match="query_content"):
-        model(images, mask, extra_groups=[{"query_pos": torch.randn(4, 64), "query_content": torch.randn(4, 64)}])
+        model(images, mask, request=DetectorRequest(query_groups=[{"query_pos": torch.randn(4, 64), "query_content": torch.randn(4, 64)}]))
     with pytest.raises(ValueError, match="keys"):
-        model(images, mask, extra_groups=[{"pos": torch.randn(4, 64)}])
+        model(images, mask, request=DetectorRequest(query_groups=[{"pos": torch.randn(4, 64)}]))
 
 
 # ---------------------------------------------------------------- invariants
@@ -294,9 +295,9 @@ def test_decoder_is_permutation_equivariant_in_queries():
     images, mask = _batch()
     perm = torch.randperm(10, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        out = model(images, mask, return_attn=True)
+        out = model(images, mask, request=DetectorRequest(attention=True))
         model.query_embed.weight.copy_(model.query_embed.weight[perm])
-        outp = model(images, mask, return_attn=True)
+        outp = model(images, mask, request=DetectorRequest(attention=True))
     for k in ("pred_logits", "pred_boxes", "reference_points"):
         assert (outp[k] - out[k][:, perm]).abs().max() < 1e-5, k
     assert (outp["cross_attn"] - out["cross_attn"][:, :, :, perm]).abs().max() < 1e-5
@@ -428,8 +429,8 @@ def test_decode_pass_and_candidates_match_the_grouped_forward():
     x = torch.randn(2, 3, 64, 64)
     q = torch.randn(4, 32)
     with torch.no_grad():
-        out = m(x, return_memory=True, return_candidates=True, extra_groups=[{"query_pos": q}])
-        alone = m.decode(out["encoded"], [{"query_pos": q}], return_candidates=True)
+        out = m(x, request=DetectorRequest(memory=True, candidates=True, query_groups=[{"query_pos": q}]))
+        alone = m.decode(out["encoded"], [{"query_pos": q}], request=DetectorRequest(candidates=True))
     assert len(alone) == 1
     for key in ("pred_logits", "pred_boxes", "candidates"):
         torch.testing.assert_close(alone[0][key], out["groups"][0][key], rtol=0, atol=1e-6)

@@ -11,10 +11,12 @@ import re
 import pytest
 import torch
 
+from kd_detr.models import DetectorRequest
 from kd_detr.criterion import SetCriterion, weighted_total
-from kd_detr.distill.recipe import MsDetrConfig, load_recipe
+from kd_detr.engine.recipe import load_recipe
+from kd_detr.methods.ms_detr import MsDetrConfig
 from kd_detr.models import build_model
-from kd_detr.ms_detr import MixedSupervision, one_to_many_assignment
+from kd_detr.methods.ms_detr import MixedSupervision, one_to_many_assignment
 
 TINY = dict(num_queries=8, d_model=32, nheads=4, dec_layers=2, dim_feedforward=64)
 C = 5
@@ -153,7 +155,7 @@ def objective(model, **cfg):
 
 
 def o2m_loss(obj, model, images, mask, targets):
-    out = model(images, mask, **obj.forward_kwargs())
+    out = model(images, mask, request=obj.request())
     terms = obj(model, out, targets, num_boxes=3.0)
     return weighted_total(terms, obj.weight_dict), terms, out
 
@@ -167,7 +169,7 @@ def test_terms_and_weights():
     assert obj.weight_dict["ms_detr.loss_ce.l0"] == 2.0 and obj.weight_dict["ms_detr.loss_bbox.l1"] == 5.0
     assert obj.weight_dict["ms_detr.loss_giou.l1"] == 2.0
     assert all(torch.isfinite(v) and v > 0 for v in terms.values())
-    assert obj.forward_kwargs() == {"return_candidates": True} and out["candidates"].shape == (2, 2, 8, 32)
+    assert obj.request() == DetectorRequest(candidates=True) and out["candidates"].shape == (2, 2, 8, 32)
     # an aux FFN per layer; the criterion is not part of the objective's state
     assert len(obj.aux_ffn) == 2 and not any(k.startswith("criterion") for k in obj.state_dict())
 
@@ -239,7 +241,7 @@ def test_separate_class_head_takes_the_class_gradient():
 def test_layer_output_tap_without_aux_ffn_supervises_the_o2o_predictions():
     model = tiny().eval()
     obj = objective(model, tap="layer_output", use_aux_ffn=False)
-    assert obj.forward_kwargs() == {} and obj.aux_ffn is None and not list(obj.parameters())
+    assert obj.request() == DetectorRequest() and obj.aux_ffn is None and not list(obj.parameters())
     images, mask, _ = batch()
     with torch.no_grad():
         out = model(images, mask)
@@ -249,7 +251,7 @@ def test_layer_output_tap_without_aux_ffn_supervises_the_o2o_predictions():
     # the cross-attention tap predicts from other features
     obj2 = objective(model, use_aux_ffn=False)
     with torch.no_grad():
-        out2 = model(images, mask, **obj2.forward_kwargs())
+        out2 = model(images, mask, request=obj2.request())
         logits2, _ = obj2.predictions(model, out2)
         ref = model.heads(model.transformer.decoder.norm(out2["candidates"]), out2["reference_points"])[0]
     torch.testing.assert_close(logits2, ref)
@@ -340,11 +342,11 @@ def test_short_run_lowers_the_o2m_losses_and_saves_a_plain_student(synth_data, t
     assert not any("aux_ffn" in k or "ms_detr" in k for k in ckpt)
 
 
-def test_objective_base_class_is_abstract():
-    """An objective without its loss cannot be built (no silent do-nothing objective)."""
+def test_method_base_class_is_abstract():
+    """A method without its loss cannot be built (no silent do-nothing method)."""
     import pytest
 
-    from kd_detr.engine.objective import AuxiliaryObjective
+    from kd_detr.methods import Method
 
     with pytest.raises(TypeError, match="abstract"):
-        AuxiliaryObjective()
+        Method()

@@ -19,6 +19,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
+from kd_detr.models import DetectorRequest
 from kd_detr.models import build_model, load_official_state_dict  # noqa: E402
 from kd_detr.models.hf_import import hf_to_official  # noqa: E402
 
@@ -81,7 +82,7 @@ def _inputs():
 def _compare(hf, ours, images, mask, tol=1e-4):
     with torch.no_grad():
         ref = hf(pixel_values=images, pixel_mask=(~mask).long(), output_attentions=True)
-        out = ours(images, mask, return_attn=True)
+        out = ours(images, mask, request=DetectorRequest(attention=True))
     assert (out["pred_logits"] - ref.logits).abs().max() < tol
     assert (out["pred_boxes"] - ref.pred_boxes).abs().max() < tol
     # Decoder attention maps: HF returns per-head probabilities [B,H,Q,K] per layer (eval: no dropout).

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from kd_detr import quickstart
+from kd_detr.runs import quickstart
 from kd_detr.data import generate_synthetic
-from kd_detr.distill.teacher_card import load_card
-from kd_detr.inference import evaluate_checkpoint
+from kd_detr.teacher.card import load_card
+from kd_detr.runs.inference import evaluate_checkpoint
 
 
 def test_card_records_how_the_teacher_was_trained():

@@ -29,13 +29,13 @@ ray = pytest.importorskip("ray")
 
 from kd_detr.data import CocoDetection, make_policy  # noqa: E402
 from kd_detr.data.view_plan import PlanBatches, ViewPlan  # noqa: E402
-from kd_detr.distill.teacher import InProcessTeacher  # noqa: E402
-from kd_detr.distill.teacher_loading import load_teacher, resolve_teacher  # noqa: E402
+from kd_detr.teacher import InProcessTeacher  # noqa: E402
+from kd_detr.teacher.loading import load_teacher, resolve_teacher  # noqa: E402
 from kd_detr.models import build_model, save_model  # noqa: E402
-from kd_detr.serving import RayTeacherServer  # noqa: E402
-from kd_detr.teacher_cache import CacheReader, StoreConfig, verify_cache  # noqa: E402
-from kd_detr.teacher_cache.attention_codec import decode_attention, encode_attention  # noqa: E402
-from kd_detr.teacher_cache.build import build_cache  # noqa: E402
+from kd_detr.teacher.ray_serving import RayTeacherServer  # noqa: E402
+from kd_detr.teacher.cache import CacheReader, StoreConfig, verify_cache  # noqa: E402
+from kd_detr.teacher.cache.attention_codec import decode_attention, encode_attention  # noqa: E402
+from kd_detr.teacher.cache.build import build_cache  # noqa: E402
 
 FIELDS = ("logits", "boxes", "self_attn", "cross_attn", "reference_points", "query_embed")
 
@@ -99,7 +99,7 @@ def _shard_state(root):
 @pytest.fixture
 def slow_writes(monkeypatch):
     """Make the driver's shard writes slow, so that a build lasts long enough to be interrupted."""
-    from kd_detr.teacher_cache import build
+    from kd_detr.teacher.cache import build
 
     orig = build.CacheWriter.write_shard
 
@@ -144,8 +144,8 @@ _BUILD_SCRIPT = textwrap.dedent("""
     import sys, time
     from kd_detr.data import CocoDetection, make_policy
     from kd_detr.data.view_plan import ViewPlan
-    from kd_detr.distill.teacher_loading import resolve_teacher
-    from kd_detr.teacher_cache import StoreConfig, build
+    from kd_detr.teacher.loading import resolve_teacher
+    from kd_detr.teacher.cache import StoreConfig, build
     orig = build.CacheWriter.write_shard
     def write_shard(self, *a, **kw):  # slow writes: the parent must catch the build mid-way
         entry = orig(self, *a, **kw)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from kd_detr.distill.recipe import (
+from kd_detr.engine.recipe import (
     Recipe,
     RecipeError,
     find_recipe,
@@ -14,7 +14,7 @@ from kd_detr.distill.recipe import (
     load_recipe,
     recipe_to_toml,
 )
-from kd_detr.distill.teacher_card import find_card, list_cards, load_card
+from kd_detr.teacher.card import find_card, list_cards, load_card
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -9,8 +9,8 @@ import pickle
 import pytest
 import torch
 
-from kd_detr.distill.teacher import TeacherOutputs
-from kd_detr.teacher_cache import (CacheError, CacheReader, CacheWriter, StoreConfig, bytes_per_view, cache_info,
+from kd_detr.teacher import TeacherOutputs
+from kd_detr.teacher.cache import (CacheError, CacheReader, CacheWriter, StoreConfig, bytes_per_view, cache_info,
                                    decode_attention, decode_batch, encode_attention, encode_batch, verify_cache)
 
 L, B, N, C, H = 2, 3, 5, 4, 2

@@ -1,8 +1,10 @@
 """Data: COCO-format datasets, label maps, replayable DETR augmentation, synthetic data, collation."""
 
+from .batch import Batch
 from .coco import CocoDetection, DatasetError, DatasetReport, coco_paths, load_coco_json, read_categories
 from .collate import collate_fn, pad_images
 from .label_map import COCO_CATEGORIES, LabelMap, LabelMapError
+from .spec import DataSpec, label_map_mode
 from .synth import CATEGORY_NAMES, generate_synthetic
 from .transforms import (
     IMAGENET_MEAN,
@@ -21,7 +23,9 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "AugmentationPolicy",
+    "Batch",
     "CocoDetection",
+    "DataSpec",
     "DatasetError",
     "DatasetReport",
     "LabelMap",
@@ -31,6 +35,7 @@ __all__ = [
     "coco_paths",
     "collate_fn",
     "generate_synthetic",
+    "label_map_mode",
     "load_coco_json",
     "make_policy",
     "pad_images",

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .batch import Batch
 from .collate import collate_fn
 from .transforms import AugmentationPolicy, View, view_generator
 
@@ -172,4 +173,4 @@ class PlanBatches(Dataset):
         images, mask, targets = collate_fn(self.items(k, j))
         if self.teacher_source is None:
             return images, mask, targets
-        return images, mask, targets, self.teacher_source.teacher_outputs(k, j)
+        return Batch(images, mask, targets, self.teacher_source.teacher_outputs(k, j))

@@ -1,17 +1,17 @@
-"""Per-loss-term logging: JSON lines on disk plus a rank-0 progress bar."""
+"""Per-loss-term logging: JSON lines on disk (the progress bar is :mod:`kd_detr.progress`)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from kd_detr.atomic import write_text_atomic
+from kd_detr.progress import Progress
+
+__all__ = ["Progress", "RunLogger", "truncate_log"]
 
 
 class RunLogger:
@@ -58,19 +58,3 @@ def truncate_log(path: str | os.PathLike, after_iteration: int) -> None:
             keep.append(line)
     write_text_atomic(path, "".join(line + "\n" for line in keep))
 
-
-class Progress:
-    """A tqdm bar on the main process showing the main loss terms; a no-op elsewhere."""
-
-    def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):
-        self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
-                        disable=not enabled, mininterval=1.0)
-        self.t0 = time.perf_counter()
-
-    def update(self, n: int = 1, **postfix: float) -> None:
-        self.bar.update(n)
-        if postfix:
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
-
-    def close(self) -> None:
-        self.bar.close()

@@ -1,7 +1,10 @@
-"""The training loop: data, model, criterion, AdamW, schedule, logging, checkpoints, resume, DDP, AMP.
+"""The training loop: data, model, criterion, methods, teacher source, AdamW, schedule, logging,
+checkpoints, resume, DDP, AMP.
 
-``Trainer.training_step`` computes the loss of one batch; distillation subclasses override it and
-keep everything else (schedule, logging, checkpoints, resume, DDP, evaluation).
+One loop trains every run: ``kd-detr train`` (no recipe), and ``kd-detr distill`` / ``compare`` (a recipe
+whose registered methods add their losses, with a :class:`~kd_detr.teacher.TeacherSource` when a method
+distils from a teacher). The trained model is the plain student; teacher, method modules and projections
+live beside it and never enter its weights.
 """
 
 from __future__ import annotations
@@ -15,22 +18,28 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from kd_detr import data as kd_data
-from kd_detr.atomic import write_json_atomic
-from kd_detr.criterion import SetCriterion, weighted_total
+from kd_detr.atomic import write_json_atomic, write_text_atomic
+from kd_detr.criterion import SetCriterion
+from kd_detr.data import Batch
 from kd_detr.matcher import HungarianMatcher
+from kd_detr.methods import Method, build_methods
 from kd_detr.models import build_model, get_config, load_model
+from kd_detr.schema import tomllib
+from kd_detr.teacher import CacheSource, TeacherSource
+from kd_detr.teacher.checks import check_teacher_ap
 
 from . import checkpointing, distributed
 from .logger import Progress, RunLogger, truncate_log
 from .run_record import run_record
 from .sampler import ResumableBatchSampler
+from .step import batch_losses, to_float32  # noqa: F401  (to_float32: re-exported for callers)
 
 log = logging.getLogger("kd_detr.train")
 
@@ -94,17 +103,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def to_float32(obj: Any) -> Any:
-    """Cast every floating tensor in a nested dict/list of model outputs to float32."""
-    if torch.is_tensor(obj):
-        return obj.float() if obj.is_floating_point() else obj
-    if isinstance(obj, dict):
-        return {k: to_float32(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_float32(v) for v in obj)
-    return obj
-
-
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -155,31 +153,42 @@ def lr_lambda(warmup_iters: int, drop_iter: int | None):
     return f
 
 
-LABEL_MAP_MODES = {"contiguous": "contiguous", "coco91": "raw_ids"}
-
-
-def label_map_mode(name: str) -> str:
-    if name not in LABEL_MAP_MODES:
-        raise ValueError(f"--label-map must be one of {sorted(LABEL_MAP_MODES)}, got {name!r}")
-    return LABEL_MAP_MODES[name]
-
-
 def dataset_files(cfg: TrainConfig, split: str) -> tuple[str, str]:
-    """The (annotation JSON, image folder) of ``split``: explicit paths win over ``--data``."""
-    ann, img = (cfg.train_ann, cfg.train_images) if split == "train" else (cfg.val_ann, cfg.val_images)
-    if ann and img:
-        return ann, img
-    if cfg.data is None:
-        raise ValueError(f"no {split} data: give --data DIR (a COCO tree) or --{split}-ann and --{split}-images")
-    a, i = kd_data.coco_paths(cfg.data, split)
-    return str(ann or a), str(img or i)
+    """The (annotation JSON, image folder) of ``split`` of a run (see :class:`~kd_detr.data.DataSpec`)."""
+    return kd_data.DataSpec.of(cfg).files(split)
 
 
 class Trainer:
-    """Trains a Conditional DETR with the official recipe (or whatever ``TrainConfig`` says)."""
+    """Trains a detector with ``cfg`` (default: the official Conditional DETR recipe) and, given a ``recipe``,
+    the methods it switches on.
 
-    def __init__(self, cfg: TrainConfig):
+    Args:
+        cfg: the run's :class:`TrainConfig` (a recipe's ``[train]`` values already merged in).
+        recipe: the :class:`~kd_detr.engine.recipe.Recipe` (``None``: ground-truth training only).
+        teacher: where teacher outputs come from; needed when a method of the recipe distils. A
+            :class:`~kd_detr.teacher.CacheSource` also fixes the view plan (even for a recipe without teacher).
+        views: train on a plan of ``views`` recorded views per image with fixed batches (the plan a cache is
+            built on); ``view_seed`` seeds it.
+    """
+
+    def __init__(self, cfg: TrainConfig, recipe: Any = None, teacher: Optional[TeacherSource] = None,
+                 views: Optional[int] = None, view_seed: int = 0):
         self.cfg = cfg
+        self.recipe = recipe
+        self.distils = recipe is not None and recipe.distils
+        if views is not None and views < 1:
+            raise ValueError(f"--views must be >= 1, got {views}")
+        self.views, self.view_seed = views, view_seed
+        if self.distils and teacher is None:
+            raise ValueError(f"recipe {recipe.name} distils from a teacher: give --teacher (or --teacher-cache)")
+        if teacher is not None and not self.distils and not isinstance(teacher, CacheSource):
+            log.info("recipe %s trains the student alone; --teacher %s is not used",
+                     getattr(recipe, "name", "(none)"), teacher.spec.name if teacher.spec else teacher.kind)
+            teacher = None
+        self.teacher = teacher
+        self.methods: list[Method] = []
+        self.plan = None
+        self.teacher_metrics: dict[str, Any] = {}
         self.device = resolve_device(cfg.device)
         self.dist = distributed.init_distributed(self.device)
         if self.dist.enabled and self.device.startswith("cuda"):
@@ -197,25 +206,54 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def build_data(self) -> None:
         cfg = self.cfg
-        train_ann, train_img = dataset_files(cfg, "train")
-        self.train_set = kd_data.CocoDetection(
-            train_img, train_ann, transforms=kd_data.make_policy(cfg.augment, cfg.image_size),
-            label_map=label_map_mode(cfg.label_map), seed=cfg.seed, log_report=self.main)
+        spec = kd_data.DataSpec.of(cfg)
+        self.train_set = spec.train_set(cfg.augment, seed=cfg.seed, log_report=self.main)
         self.label_map = self.train_set.label_map
         self.val_set = None
         try:
-            val_ann, val_img = dataset_files(cfg, "val")
+            spec.files("val")
         except (ValueError, FileNotFoundError) as e:
             log.warning("no validation data (%s): evaluation is skipped", e)
         else:
-            self.val_set = kd_data.CocoDetection(
-                val_img, val_ann, transforms=kd_data.make_policy(False, cfg.image_size),
-                label_map=self.label_map, log_report=self.main)
+            self.val_set = spec.val_set(self.label_map, log_report=self.main)
         self.sampler = ResumableBatchSampler(len(self.train_set), cfg.batch_size, shuffle=True, seed=cfg.seed,
                                              rank=self.dist.rank, world_size=self.dist.world_size)
         self.train_loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=cfg.num_workers,
                                        collate_fn=kd_data.collate_fn, generator=self._loader_generator(),
                                        persistent_workers=False, pin_memory=self.device.startswith("cuda"))
+        if isinstance(self.teacher, CacheSource) or self.views is not None:
+            self.build_plan_data()
+
+    def build_plan_data(self) -> None:
+        """Train on a view plan: K recorded views per image in fixed batches (``--views``, or the plan of a
+        teacher cache, whose outputs are then read with each batch in the loader's workers)."""
+        from kd_detr.data.view_plan import PlanBatches, PlanBatchSampler, ViewPlan
+
+        cfg = self.cfg
+        if not cfg.augment:
+            raise ValueError("a view plan records augmented views: it cannot be combined with --no-augment")
+        source = None
+        if isinstance(self.teacher, CacheSource):
+            reader = self.teacher.open(self.train_set, self.label_map, cfg.image_size, cfg.batch_size)
+            p = reader.manifest["plan"]
+            if self.views is not None and self.views != p["num_views"]:
+                raise ValueError(f"--views {self.views}: teacher cache {self.teacher.cache} holds {p['num_views']} "
+                                 "views per image")
+            self.plan = ViewPlan.for_dataset(self.train_set, p["num_views"], p["batch_size"], p["seed"])
+            if self.plan.fingerprint() != p["fingerprint"]:
+                raise ValueError(f"teacher cache {self.teacher.cache} was built for another view plan (images, their "
+                                 "sizes or the augmentation policy differ): rebuild it with kd-detr cache")
+            source = reader if self.distils else None
+        else:
+            self.plan = ViewPlan.for_dataset(self.train_set, self.views, cfg.batch_size, self.view_seed)
+        self.sampler = PlanBatchSampler(self.plan, cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size)
+        self.train_loader = DataLoader(PlanBatches(self.train_set, self.plan, source), batch_size=None,
+                                       sampler=self.sampler, num_workers=cfg.num_workers,
+                                       collate_fn=_identity, generator=self._loader_generator(),
+                                       pin_memory=self.device.startswith("cuda"))
+        log.info("view plan: %d views per image, %d batches of %d per view%s", self.plan.num_views,
+                 self.plan.num_batches(), self.plan.batch_size,
+                 f", teacher outputs read from {self.teacher.cache}" if source is not None else "")
 
     def _loader_generator(self) -> torch.Generator:
         # A DataLoader draws its workers' base seed from the global RNG unless it has its own
@@ -248,27 +286,89 @@ class Trainer:
     def model_config(self):
         return self.raw_model.config
 
-    # Hooks for subclasses (distillation): extra modules trained beside the model, their state.
+    # ---------------------------------------------------------------- methods and teacher
     def build_extras(self) -> None:
-        """Called in :meth:`setup` after the model and criterion, before the optimizer."""
+        """The recipe's methods and the teacher, after the model and criterion, before the optimizer.
+
+        Building them must not shift the training RNG (dropout): a run then matches its baseline /
+        in-process / cached twin draw for draw."""
+        if self.recipe is None:
+            return
+        devices = [torch.device(self.device).index or 0] if self.device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=devices):
+            self._build_extras()
+
+    def _prepare_teacher(self):
+        """Check the teacher against the data and the student (called once, when a method needs it)."""
+        self.teacher.prepare(self.label_map, self.raw_model.config.num_classes, self.cfg.image_size,
+                             check_image_size=self.recipe.teacher_check.image_size)
+        return self.teacher.config
+
+    def _build_extras(self) -> None:
+        self.methods = [m.to(self.device) for m in build_methods(
+            self.recipe.sections, self.raw_model.config, self.criterion,
+            teacher=self._prepare_teacher if self.distils else None)]
+        wanted = [m.teacher_attention() for m in self.methods if m.uses_teacher]
+        if not wanted:
+            return
+        attn = "per_head" if "per_head" in wanted else ("mean" if "mean" in wanted else "none")
+        self.teacher.start(attn, self.device)
+        chk = self.recipe.teacher_check
+        if chk.eval_images > 0:
+            model = self.teacher.eval_model()
+            if model is None:
+                log.warning("teacher_check.eval_images is skipped with --teacher-cache (no teacher model is loaded)")
+            else:
+                self.teacher_metrics = check_teacher_ap(
+                    model.to(self.device), self.teacher.spec, chk, self.val_set, self.label_map, self.device,
+                    self.cfg.eval_batch_size, progress=self.main and self.cfg.progress) or {}
+        if self.teacher.spec is not None:
+            spec, tc = self.teacher.spec, self.teacher.config
+            log.info("teacher %s (%s, %s, %s): %d decoder layers, %d queries; student %s; recipe %s", spec.name,
+                     spec.model, spec.checkpoint, self.teacher.kind, tc.dec_layers, tc.num_queries, self.cfg.model,
+                     self.recipe.name)
+
+    def extra_modules(self) -> dict[str, torch.nn.Module]:
+        """Modules trained beside the student (never part of it): the methods' projections, FFNs, heads."""
+        mods: dict[str, torch.nn.Module] = {}
+        for m in self.methods:
+            mods.update(m.trainable_modules())
+        return mods
 
     def param_groups(self) -> list[dict]:
         cfg = self.cfg
-        return param_groups(self.raw_model, cfg.lr, cfg.lr_backbone, cfg.weight_decay)
+        groups = param_groups(self.raw_model, cfg.lr, cfg.lr_backbone, cfg.weight_decay)
+        for name, mod in self.extra_modules().items():
+            params = [p for p in mod.parameters() if p.requires_grad]
+            if params:
+                groups.append({"params": params, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": name})
+        return groups
 
     def train_batches(self):
-        """The iterable of training batches ``(images, mask, targets[, extra])`` of the current epoch."""
+        """The iterable of training batches of the current epoch (a teacher source may compute ahead)."""
+        if self.teacher is not None and self.distils:
+            return self.teacher.batches(self.train_loader)
         return self.train_loader
 
     def after_backward(self) -> None:
-        """Called after ``backward`` and before clipping (e.g. to all-reduce extra modules' grads)."""
+        # Method modules sit outside the DDP-wrapped student: average their gradients by hand.
+        if not self.dist.enabled:
+            return
+        for mod in self.extra_modules().values():
+            for p in mod.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= self.dist.world_size
 
     def extra_state(self) -> dict[str, Any]:
         """Saved in every checkpoint's training state and given back to :meth:`load_extra_state`."""
-        return {}
+        return {name: mod.state_dict() for name, mod in self.extra_modules().items()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
+        for name, mod in self.extra_modules().items():
+            if name not in state:
+                raise ValueError(f"the checkpoint has no state for {name}: was it written by another recipe?")
+            mod.load_state_dict(state[name])
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -299,6 +399,27 @@ class Trainer:
                              "pass --resume auto to continue it, or choose another --output-dir")
         if self.iteration == 0 and self.main:
             truncate_log(self.out / "log.jsonl", 0)  # a fresh run does not append to an old log
+        if self.recipe is not None:
+            self._record_recipe()
+
+    def _record_recipe(self) -> None:
+        """Write ``recipe.toml``; on resume, refuse a recipe whose methods differ from the run's."""
+        from .recipe import recipe_to_toml
+
+        saved = self.out / "recipe.toml"
+        current = self.recipe.to_dict()
+        if self.iteration > 0 and saved.exists():
+            # the schedule may change on resume (e.g. more iterations); the methods may not
+            before = tomllib.loads(saved.read_text())
+            changed = [name for name in self.recipe.sections if name != "teacher_check"
+                       and before.get(name) != current[name]]
+            if changed:
+                raise ValueError(f"--resume: the [{changed[0]}] section of {saved} differs from the recipe given now "
+                                 f"({self.recipe.name} with its --set overrides); resume with the same recipe, or "
+                                 "start a new --output-dir")
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(saved, recipe_to_toml(current))
 
     def _resume(self, resume: str) -> None:
         point = checkpointing.find_resume_point(resume, self.out)
@@ -327,34 +448,42 @@ class Trainer:
                  self.epoch, self.batch_in_epoch)
 
     # ---------------------------------------------------------------- steps
-    def training_step(self, images: torch.Tensor, mask: torch.Tensor, targets: list[dict]
-                      ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Forward + loss for one batch. Returns the total loss and per-term log values
-        (each term scaled by its weight, plus ``<term>_unscaled``)."""
-        outputs = self.model(images, mask)
-        if not self.cfg.aux_loss:
-            outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        with torch.autocast(images.device.type, enabled=False):  # losses in float32 under AMP
-            loss_dict = self.criterion(to_float32(outputs), targets)
-        total = weighted_total(loss_dict, self.criterion.weight_dict)
-        logs = {}
-        for k, v in loss_dict.items():
-            if k in self.criterion.weight_dict:
-                logs[k] = float(v.detach()) * self.criterion.weight_dict[k]
-                logs[k + "_unscaled"] = float(v.detach())
+    def training_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward + every loss of one batch (:func:`~kd_detr.engine.step.batch_losses`). Returns the total
+        and per-term log values: each term scaled by its weight and ``<term>_unscaled``; ``student.total``
+        (the GT terms), and for the methods' terms the sum over layers (``distill.adaptive.self_attn``) and
+        per namespace (``distill.total``)."""
+        teacher = self.teacher.outputs(batch) if self.teacher is not None and self.distils else None
+        total, gt, terms, weights = batch_losses(self.model, self.criterion, batch.images, batch.mask,
+                                                 batch.targets, self.methods, teacher, aux_loss=self.cfg.aux_loss,
+                                                 raw_model=self.raw_model)
+        logs: dict[str, float] = {}
+        sums: dict[str, float] = {}
+
+        def add(key: str, value: float) -> None:
+            sums[key] = sums.get(key, 0.0) + value
+
+        wd = self.criterion.weight_dict
+        for k, v in gt.items():
+            if k in wd:
+                value = float(v.detach())
+                logs[k] = value * wd[k]
+                logs[k + "_unscaled"] = value
+                add("student.total", value * wd[k])
+        for k, v in terms.items():
+            value = float(v.detach())
+            logs[k] = value * weights[k]
+            logs[k + "_unscaled"] = value
+            add(k.rsplit(".l", 1)[0], value * weights[k])
+            add(k.split(".")[0] + ".total", value * weights[k])
+        logs.update(sums)
         return total, logs
 
-    def _to_device(self, images, mask, targets):
-        images = images.to(self.device, non_blocking=True)
-        mask = mask.to(self.device, non_blocking=True)
-        targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-        return images, mask, targets
-
-    def step(self, images, mask, targets) -> dict[str, float]:
+    def step(self, batch: Batch) -> dict[str, float]:
         self.model.train()
         self.criterion.train()
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
-            loss, logs = self.training_step(images, mask, targets)
+            loss, logs = self.training_step(batch)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss is {loss.item()} at iteration {self.iteration}: {logs}")
         self.optimizer.zero_grad(set_to_none=True)
@@ -397,12 +526,10 @@ class Trainer:
                 self.train_set.set_epoch(self.epoch)
                 self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
                 t0 = time.perf_counter()
-                for batch in self.train_batches():
-                    # a batch may carry a 4th element (e.g. teacher outputs read with it); kept for the step
-                    images, mask, targets = self._to_device(*batch[:3])
-                    self.batch_extra = batch[3] if len(batch) > 3 else None
+                for item in self.train_batches():
+                    batch = Batch.of(item).to(self.device)
                     t1 = time.perf_counter()
-                    logs = self.step(images, mask, targets)
+                    logs = self.step(batch)
                     t2 = time.perf_counter()
                     self.iteration += 1
                     self.batch_in_epoch += 1
@@ -477,27 +604,37 @@ class Trainer:
 
     def model_metadata(self) -> dict[str, Any]:
         """Stored with every saved model: eval/predict reuse the training image-size preset."""
-        return {"iteration": self.iteration, "epoch": self.epoch, "image_size": self.cfg.image_size}
+        meta = {"iteration": self.iteration, "epoch": self.epoch, "image_size": self.cfg.image_size}
+        if self.recipe is not None:
+            meta["recipe"] = self.recipe.name
+        if self.teacher is not None and self.distils and self.teacher.spec is not None:
+            meta["teacher"] = self.teacher.spec.name
+        return meta
 
     def run_config(self) -> dict[str, Any]:
-        return {"train": self.cfg.to_dict(), "model_config": dataclasses.asdict(self.raw_model.config),
-                "label_map": self.label_map.to_dict(), "world_size": self.dist.world_size,
-                "device": self.device, "iters_per_epoch": self.iters_per_epoch, "total_iters": self.total_iters}
+        rc = {"train": self.cfg.to_dict(), "model_config": dataclasses.asdict(self.raw_model.config),
+              "label_map": self.label_map.to_dict(), "world_size": self.dist.world_size,
+              "device": self.device, "iters_per_epoch": self.iters_per_epoch, "total_iters": self.total_iters}
+        if self.recipe is not None:
+            rc["recipe"] = self.recipe.to_dict()
+            rc["recipe_files"] = list(self.recipe.chain)
+            rc["teacher"] = self.teacher.spec.to_dict() if self.teacher is not None and self.teacher.spec else None
+            rc["teacher_serving"] = {**(self.teacher.describe() if self.teacher is not None else {"kind": None}),
+                                     "views": self.views, "view_seed": self.view_seed}
+            if self.plan is not None:
+                rc["view_plan"] = self.plan.to_dict()
+            rc.update(self.teacher_metrics)
+        return rc
 
     def evaluate(self) -> tuple[Any, list]:
         from kd_detr.evaluation import evaluate_model
 
+        from kd_detr.evaluation import eval_loader
+
         cfg = self.cfg
-        val = self.val_set
-        if cfg.eval_max_images is not None:
-            val = torch.utils.data.Subset(val, range(min(cfg.eval_max_images, len(val))))
-        sampler = None
-        if self.dist.enabled:
-            sampler = torch.utils.data.distributed.DistributedSampler(
-                val, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=False)
-        loader = DataLoader(val, batch_size=cfg.eval_batch_size, sampler=sampler, shuffle=False,
-                            num_workers=cfg.num_workers, collate_fn=kd_data.collate_fn,
-                            generator=self._loader_generator())
+        loader = eval_loader(self.val_set, cfg.eval_batch_size, cfg.eval_max_images, cfg.num_workers,
+                             distributed=(self.dist.rank, self.dist.world_size) if self.dist.enabled else None,
+                             generator=self._loader_generator())
         return evaluate_model(self.raw_model, loader, self.val_set.coco, self.label_map, self.device,
                               progress=self.main and cfg.progress)
 
@@ -538,9 +675,17 @@ def load_init_checkpoint(path: str, model_name: str, num_classes: int, overrides
     return model_from_official(p, model_name, num_classes, **overrides)
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run a whole training job (used by ``kd-detr train``)."""
+def _identity(batch):
+    return batch
+
+
+def train(cfg: TrainConfig, recipe: Any = None, teacher: Optional[TeacherSource] = None,
+          views: Optional[int] = None, view_seed: int = 0) -> dict[str, Any]:
+    """Run a whole training job (``kd-detr train``, ``distill``, each run of ``compare``); the teacher
+    source is closed (actors, Ray) whatever happens."""
     try:
-        return Trainer(cfg).fit()
+        return Trainer(cfg, recipe, teacher, views, view_seed).fit()
     finally:
+        if teacher is not None:
+            teacher.close()
         distributed.cleanup()

@@ -1,4 +1,4 @@
-"""Conditional DETR models: registry, architecture and checkpoint I/O."""
+"""Detectors: the detector contract, Conditional DETR (registry, architecture) and checkpoint I/O."""
 
 from .attention import ConditionalAttention
 from .backbone import Backbone, load_backbone_weights
@@ -12,6 +12,7 @@ from .checkpoint import (
     save_model,
 )
 from .conditional_detr import ConditionalDETR, inverse_sigmoid
+from .detector import Detector, DetectorOutput, DetectorRequest
 from .position_encoding import PositionEmbeddingSine, sine_embed_points
 from .registry import ModelConfig, build_model, get_config, list_models, register_model
 
@@ -19,6 +20,9 @@ __all__ = [
     "Backbone",
     "ConditionalAttention",
     "ConditionalDETR",
+    "Detector",
+    "DetectorOutput",
+    "DetectorRequest",
     "ModelConfig",
     "PositionEmbeddingSine",
     "build_model",

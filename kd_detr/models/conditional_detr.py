@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbone import Backbone
+from .detector import DetectorOutput, DetectorRequest
 from .position_encoding import PositionEmbeddingSine
 from .registry import ModelConfig
 from .transformer import MLP, Transformer
@@ -94,41 +95,39 @@ class ConditionalDETR(nn.Module):
         return self._heads(hs, reference)
 
     @staticmethod
-    def _pack(logits: Tensor, boxes: Tensor, hs: Tensor, reference: Tensor) -> dict[str, Any]:
-        return {
+    def _pack(logits: Tensor, boxes: Tensor, hs: Tensor, reference: Tensor) -> DetectorOutput:
+        return DetectorOutput({
             "pred_logits": logits[-1],
             "pred_boxes": boxes[-1],
             "aux_outputs": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])],
             "hs": hs,
             "reference_points": reference,
-        }
+        })
 
     def forward(self, images: Tensor, mask: Optional[Tensor] = None,
-                extra_groups: Optional[Sequence[dict[str, Tensor]]] = None,
-                return_attn: bool = False, return_memory: bool = False,
-                return_candidates: bool = False) -> dict[str, Any]:
-        """Run the detector.
+                request: Optional[DetectorRequest] = None) -> DetectorOutput:
+        """Run the detector (the :class:`~kd_detr.models.detector.Detector` contract).
 
         Args:
             images: ``[B,3,H,W]`` normalised, zero-padded bottom/right.
             mask: ``[B,H,W]`` bool, True at padding (``None``: no padding).
-            extra_groups: optional list of extra query groups, each a dict with ``query_pos``
-                ``[N,d]`` or ``[B,N,d]``, optional ``query_content [B,N,d]`` (default zeros) and
-                optional ``reference_points [B,N,2]`` in sigmoid space (default
-                ``sigmoid(ref_point_head(query_pos))``). Groups share all decoder weights; decoder
-                self-attention runs only within a group.
-            return_attn: also return the decoder attention maps (memory: ``L*B*H*Q*S`` floats).
-            return_memory: also return the encoder output ``encoded = {"memory" [S,B,d], "memory_mask"
-                [B,S], "pos_embed" [S,B,d], "feature_size"}`` (for :meth:`decode` and auxiliary heads).
-            return_candidates: also return ``candidates [L,B,Q,d]``: each decoder layer's features after
-                cross-attention, before the FFN (per group too), for one-to-many supervision.
+            request: what to return beyond the predictions (:class:`DetectorRequest`):
+                ``query_groups``: extra query groups, each a dict with ``query_pos`` ``[N,d]`` or ``[B,N,d]``,
+                optional ``query_content [B,N,d]`` (default zeros) and optional ``reference_points [B,N,2]``
+                in sigmoid space (default ``sigmoid(ref_point_head(query_pos))``); groups share all decoder
+                weights and decoder self-attention runs only within a group. ``attention``: the decoder
+                attention maps (memory: ``L*B*H*Q*S`` floats). ``memory``: the encoder output ``encoded =
+                {"memory" [S,B,d], "memory_mask" [B,S], "pos_embed" [S,B,d], "feature_size"}`` (for
+                :meth:`decode` and auxiliary heads). ``candidates``: ``candidates [L,B,Q,d]``, each decoder
+                layer's features after cross-attention, before the FFN (per group too), for one-to-many
+                supervision.
 
-        Returns dict (``L`` decoder layers, ``Q`` queries, ``S = h*w`` C5 tokens):
+        Returns a :class:`DetectorOutput` (``L`` decoder layers, ``Q`` queries, ``S = h*w`` C5 tokens):
             ``pred_logits [B,Q,C]``, ``pred_boxes [B,Q,4]`` (sigmoid cxcywh) of the last layer;
             ``aux_outputs``: ``L-1`` dicts for layers ``0..L-2``; ``hs [L,B,Q,d]`` normed decoder
             outputs; ``reference_points [B,Q,2]``; ``query_embed [Q,d]``; ``feature_size (h, w)``;
-            ``memory_mask [B,S]`` True = pad; with ``return_attn``: ``self_attn [L,B,H,Q,Q]`` and
-            ``cross_attn [L,B,H,Q,S]`` (per head, pre-dropout probabilities); with ``extra_groups``:
+            ``memory_mask [B,S]`` True = pad; with ``attention``: ``self_attn [L,B,H,Q,Q]`` and
+            ``cross_attn [L,B,H,Q,S]`` (per head, pre-dropout probabilities); with ``query_groups``:
             ``groups``, one dict per group with ``pred_logits``, ``pred_boxes``, ``aux_outputs``, ``hs``,
             ``reference_points``, ``feature_size``, ``memory_mask`` (+ attention maps).
         """
@@ -140,33 +139,42 @@ class ConditionalDETR(nn.Module):
         elif mask.shape != (images.shape[0], images.shape[2], images.shape[3]) or mask.dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor of shape {[images.shape[0], *images.shape[2:]]}, "
                              f"got {mask.dtype} {list(mask.shape)}")
+        request = request or DetectorRequest()
         features, fmask = self.backbone(images, mask)
         pos = self.position_embedding(fmask).to(features.dtype)
         t = self.transformer(self.input_proj(features), fmask, self.query_embed.weight, pos,
-                             extra_groups=extra_groups, return_attn=return_attn, return_memory=return_memory,
-                             return_candidates=return_candidates)
+                             extra_groups=request.query_groups, return_attn=request.attention,
+                             return_memory=request.memory, return_candidates=request.candidates)
         feature_size = (int(features.shape[-2]), int(features.shape[-1]))
-        out = self._outputs(t, return_attn, feature_size)
-        if return_memory:
+        out = self._outputs(t, request.attention, feature_size)
+        if request.memory:
             out["encoded"] = {"memory": t["memory"], "memory_mask": t["memory_mask"], "pos_embed": t["pos_embed"],
                               "feature_size": feature_size}
         out["query_embed"] = self.query_embed.weight
         return out
 
-    def decode(self, encoded: dict[str, Any], groups: Sequence[dict[str, Tensor]], return_attn: bool = False,
-               return_candidates: bool = False) -> list[dict[str, Any]]:
+    def decode(self, encoded: dict[str, Any], groups: Sequence[dict[str, Tensor]],
+               request: Optional[DetectorRequest] = None) -> list[DetectorOutput]:
         """A decoder pass of query ``groups`` only (no primary queries) on an encoder output from
-        ``forward(..., return_memory=True)["encoded"]``; e.g. Co-DETR's customised positive queries.
+        ``forward(..., request=DetectorRequest(memory=True))["encoded"]``; e.g. Co-DETR's positive queries.
+        ``request``: ``attention`` and ``candidates`` as in :meth:`forward`.
 
-        Returns one dict per group, as ``forward``'s ``groups`` entries.
+        Returns one :class:`DetectorOutput` per group, as ``forward``'s ``groups`` entries.
         """
+        request = request or DetectorRequest()
         t = self.transformer.decode(encoded["memory"], encoded["memory_mask"], encoded["pos_embed"], None,
-                                    extra_groups=groups, return_attn=return_attn,
-                                    return_candidates=return_candidates)
-        out = self._outputs(t, return_attn, encoded["feature_size"])
-        return [out] if len(groups) == 1 else [{k: v for k, v in out.items() if k != "groups"}, *out["groups"]]
+                                    extra_groups=groups, return_attn=request.attention,
+                                    return_candidates=request.candidates)
+        out = self._outputs(t, request.attention, encoded["feature_size"])
+        if len(groups) == 1:
+            return [out]
+        return [DetectorOutput({k: v for k, v in out.items() if k != "groups"}), *out["groups"]]
 
-    def _outputs(self, t: dict[str, Any], return_attn: bool, feature_size: tuple[int, int]) -> dict[str, Any]:
+    def output_norm(self, x: Tensor) -> Tensor:
+        """The decoder's final LayerNorm, which every decoder output goes through before the heads."""
+        return self.transformer.decoder.norm(x)
+
+    def _outputs(self, t: dict[str, Any], return_attn: bool, feature_size: tuple[int, int]) -> DetectorOutput:
         """Heads on the decoder output of :meth:`Transformer.decode`, split into query groups."""
         logits, boxes = self._heads(t["hs"], t["reference_points"])
         sizes = t["group_sizes"]

@@ -76,6 +76,18 @@ class ModelConfig:
     num_classes: int = 91
     pe_temperature: int = 10000
 
+    @property
+    def stride(self) -> int:
+        """Stride of the map the decoder cross-attends to: C5 (32), or 16 with a dilated C5 (DC5)."""
+        return 16 if self.dilation else 32
+
+    @property
+    def supports(self) -> frozenset[str]:
+        """The :class:`~kd_detr.models.detector.DetectorRequest` fields this architecture honours: all."""
+        from .detector import REQUEST_FIELDS
+
+        return frozenset(REQUEST_FIELDS)
+
     def validate(self) -> "ModelConfig":
         """Raise ``ValueError`` on an inconsistent configuration; return ``self``."""
         if self.backbone not in BACKBONES:

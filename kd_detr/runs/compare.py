@@ -1,0 +1,316 @@
+"""``kd-detr compare``: several recipes (and seeds) on one budget, side by side.
+
+Every run is a ``kd-detr distill`` job with the same student, data, budget and seed (so the same
+student initialisation and data order), evaluated with pycocotools at regular points. Runs are Ray
+tasks (one GPU each when GPUs exist), so a multi-GPU machine or a Ray cluster runs them in parallel;
+on a single CPU machine they run one after another. The table and plots are built from what the runs
+wrote (``metrics.json``, ``log.jsonl``), never recomputed. A finished run (``result.json``) is not
+redone on a rerun; an interrupted one resumes; a failed one is reported as failed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import statistics
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from kd_detr.atomic import atomic_write, write_json_atomic, write_text_atomic
+from kd_detr.data import DataSpec
+
+log = logging.getLogger("kd_detr.compare")
+
+__all__ = ["CompareConfig", "RunSpec", "compare", "run_one", "summarise", "write_outputs"]
+
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+@dataclass
+class CompareConfig:
+    """Everything ``kd-detr compare`` needs (paths as strings: it crosses process boundaries)."""
+
+    student: str
+    recipes: list[str]
+    out: str
+    budget: int
+    teacher: Optional[str] = None
+    teacher_checkpoint: Optional[str] = None
+    teacher_cache: Optional[str] = None
+    student_overrides: dict[str, Any] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    overrides: list[str] = field(default_factory=list)  # --set, applied to every recipe
+    data: Optional[str] = None
+    train_ann: Optional[str] = None
+    train_images: Optional[str] = None
+    val_ann: Optional[str] = None
+    val_images: Optional[str] = None
+    image_size: Optional[int] = None
+    label_map: Optional[str] = None
+    eval_points: int = 4  # evaluations per run (at budget / eval_points intervals)
+    num_workers: int = 2
+    device: str = "auto"
+    views: Optional[int] = None
+    use_ray: bool = True
+    address: Optional[str] = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.recipes:
+            raise ValueError("--recipes: give at least one recipe")
+        if len(set(self.recipes)) != len(self.recipes):
+            raise ValueError(f"--recipes lists a recipe twice: {self.recipes}")
+        if self.budget < 1:
+            raise ValueError(f"--budget must be >= 1 iteration, got {self.budget}")
+        if not self.seeds:
+            raise ValueError("--seeds: give at least one seed")
+        if self.eval_points < 1:
+            raise ValueError("eval_points must be >= 1")
+
+
+@dataclass
+class RunSpec:
+    recipe: str
+    seed: int
+    out: str
+
+
+def run_dir(cfg: CompareConfig, recipe: str, seed: int) -> Path:
+    return Path(cfg.out) / "runs" / f"{Path(recipe).stem}" / f"seed{seed}"
+
+
+def run_one(cfg_dict: dict[str, Any], recipe: str, seed: int) -> dict[str, Any]:
+    """One distillation run; returns (and writes ``result.json``) its status and final metrics.
+
+    Never raises for a failing recipe: the failure (error and traceback tail) is the result.
+    """
+    from .assemble import TeacherSourceSpec, assemble_run
+
+    cfg = CompareConfig(**cfg_dict)
+    out = run_dir(cfg, recipe, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        every = max(1, math.ceil(cfg.budget / cfg.eval_points))
+        run = assemble_run(
+            cfg.student, recipe, DataSpec.of(cfg),
+            TeacherSourceSpec(teacher=cfg.teacher, checkpoint=cfg.teacher_checkpoint, cache=cfg.teacher_cache),
+            str(out), student_overrides=cfg.student_overrides,
+            overrides=[*cfg.overrides, f"train.max_iters={cfg.budget}", f"train.eval_every_iters={every}",
+                       f"train.seed={seed}"],
+            train_options={"num_workers": cfg.num_workers, "device": cfg.device, "progress": cfg.progress},
+            resume="auto", views=None if cfg.teacher_cache else cfg.views)
+        r = run.recipe
+        metrics = run.run()
+        result = {"recipe": r.name, "seed": seed, "status": "ok", "seconds": time.perf_counter() - t0,
+                  "metrics": {k: metrics.get(k) for k in METRICS}, "iteration": metrics.get("iteration")}
+    except Exception as e:  # noqa: BLE001 - a failed recipe is a row in the table, not a crash
+        log.error("run %s seed %d failed: %s", recipe, seed, e)
+        result = {"recipe": Path(recipe).stem, "seed": seed, "status": "failed", "error": f"{type(e).__name__}: {e}",
+                  "traceback": traceback.format_exc()[-3000:], "seconds": time.perf_counter() - t0}
+    write_json_atomic(out / "result.json", result)
+    return result
+
+
+def _load_result(cfg: CompareConfig, recipe: str, seed: int) -> Optional[dict[str, Any]]:
+    p = run_dir(cfg, recipe, seed) / "result.json"
+    if p.exists():
+        r = json.loads(p.read_text())
+        if r.get("status") == "ok":
+            return r
+    return None
+
+
+def _gpus_available() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def run_all(cfg: CompareConfig) -> list[dict[str, Any]]:
+    """Run (or reuse) every recipe x seed; Ray tasks when ``cfg.use_ray``."""
+    todo, done = [], []
+    for recipe in cfg.recipes:
+        for seed in cfg.seeds:
+            prev = _load_result(cfg, recipe, seed)
+            if prev is not None:
+                log.info("run %s seed %d finished earlier: not redone", recipe, seed)
+                done.append(prev)
+            else:
+                todo.append((recipe, seed))
+    cfg_dict = asdict(cfg)
+    if not todo:
+        return done
+    if not cfg.use_ray:
+        return done + [run_one(cfg_dict, r, s) for r, s in todo]
+    import ray
+
+    from kd_detr.teacher.ray_session import ensure_ray, shutdown_ray
+
+    started = ensure_ray(cfg.address)
+    try:
+        resources = ray.cluster_resources()
+        gpu = _gpus_available() and resources.get("GPU", 0) >= 1
+        # On a CPU machine one run takes every core: runs go one after another.
+        cpus = 1 if gpu else max(1, int(resources.get("CPU", 1)))
+        task = ray.remote(num_gpus=1 if gpu else 0, num_cpus=cpus, max_retries=0)(run_one)
+        refs = [task.remote(cfg_dict, r, s) for r, s in todo]
+        return done + ray.get(refs)
+    finally:
+        shutdown_ray(started)
+
+
+# --------------------------------------------------------------------------- reading the runs
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(cfg: CompareConfig, results: list[dict[str, Any]], teacher_ap: Optional[dict[str, float]] = None
+              ) -> list[dict[str, Any]]:
+    """One row per recipe from the runs' own files: metrics (mean, std over seeds), step time, memory."""
+    rows = []
+    for recipe in cfg.recipes:
+        name = Path(recipe).stem
+        runs = [r for r in results if r["recipe"] == name or r["recipe"] == recipe]
+        ok = [r for r in runs if r["status"] == "ok"]
+        row: dict[str, Any] = {"recipe": name, "runs": len(runs), "ok": len(ok),
+                               "failed": [f"seed {r['seed']}: {r.get('error')}" for r in runs if r["status"] != "ok"]}
+        for m in METRICS:
+            vals = []
+            for r in ok:
+                metrics = json.loads((run_dir(cfg, recipe, r["seed"]) / "metrics.json").read_text())
+                vals.append(100 * metrics[m])
+            row[m], row[m + "_std"] = _mean_std(vals)
+        step, mem = [], []
+        for r in ok:
+            logs = [x for x in _read_log(run_dir(cfg, recipe, r["seed"]) / "log.jsonl") if "iter_time" in x]
+            if logs:
+                step.append(statistics.fmean(x["iter_time"] for x in logs))
+                mem.append(max(x["peak_mem_mb"] for x in logs))
+        row["step_s"], _ = _mean_std(step)
+        row["peak_mem_mb"] = max(mem) if mem else None
+        rows.append(row)
+    base = next((r for r in rows if r["recipe"] == "baseline" and r["AP"] is not None), None)
+    for row in rows:
+        row["gain_AP"] = (row["AP"] - base["AP"]) if (base and row["AP"] is not None) else None
+        row["teacher_AP"] = (100 * teacher_ap["AP"]) if teacher_ap else None
+    return rows
+
+
+def _fmt(v: Any, std: Any = None, digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    s = f"{v:.{digits}f}"
+    if std:
+        s += f" ± {std:.{digits}f}"
+    return s
+
+
+def format_table(rows: list[dict[str, Any]], seeds: int) -> str:
+    head = ["recipe", *METRICS, "gain AP vs baseline", "s / step", "peak mem (MB)", "teacher AP"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if not r["ok"]:
+            lines.append(f"| {r['recipe']} | failed: {'; '.join(r['failed'])[:200]} |" + " |" * (len(head) - 2))
+            continue
+        gain = "-" if r["gain_AP"] is None else f"{r['gain_AP']:+.1f}"
+        cells = [r["recipe"], *(_fmt(r[m], r[m + "_std"] if seeds > 1 else None) for m in METRICS), gain,
+                 _fmt(r["step_s"], digits=3), _fmt(r["peak_mem_mb"], digits=0), _fmt(r["teacher_AP"])]
+        if r["failed"]:
+            cells[0] += f" ({len(r['failed'])} failed)"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plot(cfg: CompareConfig, path: Path, keys: list[str], ylabel: str, title: str, scale: float = 1.0) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for recipe in cfg.recipes:
+            for seed in cfg.seeds:
+                recs = [x for x in _read_log(run_dir(cfg, recipe, seed) / "log.jsonl") if x.get(key) is not None]
+                if recs:
+                    label = Path(recipe).stem + (f" s{seed}" if len(cfg.seeds) > 1 else "")
+                    ax.plot([x["iteration"] for x in recs], [scale * x[key] for x in recs], label=label,
+                            marker="o" if key.startswith("eval/") else None, markersize=3)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(ylabel if len(keys) == 1 else key)
+        ax.set_title(title if len(keys) == 1 else key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+
+
+def write_outputs(cfg: CompareConfig, rows: list[dict[str, Any]]) -> dict[str, Path]:
+    out = Path(cfg.out)
+    table = format_table(rows, len(cfg.seeds))
+    md = (f"# kd-detr compare: {cfg.student}, budget {cfg.budget} iterations, seeds {cfg.seeds}\n\n{table}\n\n"
+          "AP in %, COCOeval bbox on the validation set at the end of the budget (mean ± std over seeds). "
+          "s / step: mean iteration time from the run logs; peak mem: process peak.\n")
+    write_text_atomic(out / "comparison.md", md)
+    buf = io.StringIO()
+    fields = ["recipe", "runs", "ok", *[x for m in METRICS for x in (m, m + "_std")], "gain_AP", "step_s",
+              "peak_mem_mb", "teacher_AP", "failed"]
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({**r, "failed": "; ".join(r["failed"])})
+    write_text_atomic(out / "comparison.csv", buf.getvalue())
+    _plot(cfg, out / "ap_curve.png", ["eval/AP"], "AP (%)", "AP during training", scale=100)
+    _plot(cfg, out / "losses.png", ["loss", "student.total", "distill.total"], "loss", "loss terms")
+    return {"markdown": out / "comparison.md", "csv": out / "comparison.csv", "ap_plot": out / "ap_curve.png",
+            "loss_plot": out / "losses.png"}
+
+
+def evaluate_teacher(cfg: CompareConfig) -> Optional[dict[str, float]]:
+    """The teacher's own AP on the comparison's validation set (None without teacher weights)."""
+    if not cfg.teacher:
+        return None
+    from kd_detr.engine.trainer import resolve_device
+    from kd_detr.evaluation import eval_loader, evaluate_model
+    from kd_detr.teacher import load_teacher, resolve_teacher
+
+    data = DataSpec.of(cfg)
+    lm = data.train_label_map()
+    val = data.val_set(lm, log_report=False)
+    model, _, _ = load_teacher(resolve_teacher(cfg.teacher, cfg.teacher_checkpoint), lm)
+    result, _ = evaluate_model(model, eval_loader(val, batch_size=2), val.coco, lm, resolve_device(cfg.device),
+                               progress=False)
+    return result.metrics
+
+
+def compare(cfg: CompareConfig) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """Run everything, then write ``comparison.md``/``.csv`` and the plots into ``cfg.out``."""
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(cfg.out) / "compare_config.json", asdict(cfg))
+    results = run_all(cfg)
+    teacher_file = Path(cfg.out) / "teacher_eval.json"
+    if teacher_file.exists():
+        teacher_ap = json.loads(teacher_file.read_text())
+    else:
+        teacher_ap = evaluate_teacher(cfg)
+        if teacher_ap is not None:
+            write_json_atomic(teacher_file, teacher_ap)
+    rows = summarise(cfg, results, teacher_ap)
+    return rows, write_outputs(cfg, rows)

@@ -1,0 +1,281 @@
+"""How teacher outputs are stored in a cache: the store config and the tensor codec.
+
+Attention maps dominate the size of a cached teacher output (methods.md §6.4: per view, head-averaged
+fp16 self-attention ≈ 1.1 MB and cross-attention ≈ 3–4 MB, 8x that per head), so they can be stored
+
+* ``none``: not at all (recipes without attention distillation),
+* ``full``: dense, in ``float16`` or ``float32``, averaged over heads (``mean``, ``H = 1``) or per head,
+* ``topk:k``: per query row the ``k`` largest probabilities and their key indices; on load the row is
+  rebuilt densely (zeros elsewhere) and renormalised to sum 1.
+
+Shapes: ``L`` decoder layers, ``B`` images of the padded batch, ``H`` heads, ``N`` teacher queries,
+``K`` keys (``N`` for self-attention, ``S = h * w`` C5 tokens for cross-attention), ``C`` classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from torch import Tensor
+
+from kd_detr.teacher.outputs import TeacherOutputs
+
+__all__ = ["DTYPES", "ATTENTION_MODES", "HEAD_MODES", "StoreConfig", "encode_attention", "decode_attention",
+           "encode_batch", "decode_batch", "batch_keys", "bytes_per_view"]
+
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+ATTENTION_MODES = ("none", "full", "topk")
+HEAD_MODES = ("mean", "per_head")
+
+# int16 holds key indices up to 32767: enough for self-attention (300 queries) and for the C5 map of
+# any image up to ~5700 px on a side; larger key counts fall back to int32.
+_INT16_KEYS = 32768
+
+
+@dataclass
+class StoreConfig:
+    """How a cache stores teacher outputs (the manifest's ``store`` section, without the model sizes).
+
+    Attributes:
+        dtype: ``float16`` | ``float32``: floating tensors (logits, boxes, reference points, attention).
+        attention: ``none`` | ``full`` | ``topk``.
+        topk: ``k`` for ``topk`` (normalised to 0 for the other modes, so that two configs storing the
+            same thing compare equal).
+        heads: ``mean`` (attention averaged over heads, stored with ``H = 1``) | ``per_head``.
+    """
+
+    dtype: str = "float16"
+    attention: str = "none"
+    topk: int = 0
+    heads: str = "mean"
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"store dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"store attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.heads not in HEAD_MODES:
+            raise ValueError(f"store heads must be one of {HEAD_MODES}, got {self.heads!r}")
+        if self.attention == "topk":
+            if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1:
+                raise ValueError(f"store attention topk needs k >= 1, got topk={self.topk!r}")
+        else:
+            self.topk = 0
+
+    @classmethod
+    def parse(cls, attention_spec: str, dtype: str = "float16", heads: str = "mean") -> "StoreConfig":
+        """``none`` | ``full`` | ``topk:K`` (the ``--attention`` option) -> :class:`StoreConfig`."""
+        spec = str(attention_spec).strip().lower()
+        usage = f"--attention must be none, full or topk:K (K a positive integer), got {attention_spec!r}"
+        if spec in ("none", "full"):
+            return cls(dtype=dtype, attention=spec, topk=0, heads=heads)
+        if spec.startswith("topk:"):
+            try:
+                k = int(spec[len("topk:"):])
+            except ValueError:
+                raise ValueError(usage) from None
+            if k < 1:
+                raise ValueError(usage)
+            return cls(dtype=dtype, attention="topk", topk=k, heads=heads)
+        raise ValueError(usage)
+
+    @property
+    def spec(self) -> str:
+        """The ``--attention`` spelling: ``none`` | ``full`` | ``topk:K``."""
+        return f"topk:{self.topk}" if self.attention == "topk" else self.attention
+
+    def describe(self) -> str:
+        if self.attention == "none":
+            return f"attention none, {self.dtype}"
+        return f"attention {self.spec}, {self.dtype}, heads {self.heads}"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def attn_mode(self) -> str:
+        """The :class:`InProcessTeacher` ``attn`` mode that produces what this config stores."""
+        return "none" if self.attention == "none" else self.heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "StoreConfig":
+        """From a manifest ``store`` section; other keys (``layers``, ``queries``, ...) are ignored."""
+        return cls(dtype=d.get("dtype", "float16"), attention=d.get("attention", "none"),
+                   topk=int(d.get("topk") or 0), heads=d.get("heads", "mean"))
+
+
+# ----------------------------------------------------------------------------------------- attention
+
+
+def _index_dtype(num_keys: int) -> torch.dtype:
+    return torch.int16 if num_keys < _INT16_KEYS else torch.int32
+
+
+def encode_attention(maps: Optional[Tensor], cfg: StoreConfig, prefix: str = "attn") -> dict[str, Tensor]:
+    """Encode attention probabilities ``maps [L,B,H,N,K]`` for storage.
+
+    Returns (on the device of ``maps``):
+        ``none``: ``{}``;
+        ``full``: ``{prefix: [L,B,H',N,K]}`` in ``cfg.dtype``;
+        ``topk``: ``{prefix + ".values": [L,B,H',N,k]}`` in ``cfg.dtype`` and ``{prefix + ".indices":
+        [L,B,H',N,k]}`` int16 (int32 when ``K >= 32768``), ``k = min(cfg.topk, K)``, largest first.
+    ``H' = 1`` with ``heads == "mean"`` (heads averaged here if the teacher returned them), else ``H``.
+    """
+    if cfg.attention == "none":
+        return {}
+    if maps is None:
+        raise ValueError(f"the cache stores attention ({cfg.spec}) but the teacher returned no {prefix} maps: "
+                         f"run the teacher with attn={cfg.attn_mode!r}")
+    if maps.dim() != 5:
+        raise ValueError(f"{prefix}: expected attention maps [L,B,H,N,K], got shape {tuple(maps.shape)}")
+    maps = maps.detach()
+    if cfg.heads == "mean" and maps.shape[2] > 1:
+        maps = maps.float().mean(2, keepdim=True)  # average in fp32 even for an fp16 teacher
+    dt = cfg.torch_dtype
+    if cfg.attention == "full":
+        return {prefix: maps.to(dt).contiguous()}
+    num_keys = maps.shape[-1]
+    k = min(cfg.topk, num_keys)  # self-attention of a small query set may have fewer keys than k
+    values, indices = torch.topk(maps, k, dim=-1, largest=True, sorted=True)
+    return {f"{prefix}.values": values.to(dt).contiguous(),
+            f"{prefix}.indices": indices.to(_index_dtype(num_keys)).contiguous()}
+
+
+def _get(tensors: Mapping[str, Tensor], key: str) -> Tensor:
+    try:
+        return tensors[key]
+    except KeyError:
+        raise KeyError(f"stored teacher batch has no tensor {key!r} (has: {sorted(tensors)})") from None
+
+
+def decode_attention(tensors: Mapping[str, Tensor], cfg: StoreConfig, num_keys: int,
+                     prefix: str = "attn") -> Optional[Tensor]:
+    """Inverse of :func:`encode_attention`: ``[L,B,H',N,K]`` float32 (``K = num_keys``), or ``None``.
+
+    ``topk``: the stored values are scattered into zeros at their key indices and each row is divided
+    by its sum, so it sums to 1 again (a row whose stored values sum to 0 stays 0). ``full`` maps are
+    only cast to float32 (no renormalisation: a float32 cache gives back the teacher's exact numbers).
+    """
+    if cfg.attention == "none":
+        return None
+    if cfg.attention == "full":
+        maps = _get(tensors, prefix)
+        if maps.shape[-1] != num_keys:
+            raise ValueError(f"{prefix}: stored maps have {maps.shape[-1]} keys, expected {num_keys}")
+        return maps.float()
+    values = _get(tensors, f"{prefix}.values").float()
+    indices = _get(tensors, f"{prefix}.indices").long()
+    if values.shape != indices.shape:
+        raise ValueError(f"{prefix}: values {tuple(values.shape)} and indices {tuple(indices.shape)} differ")
+    if indices.numel() and (int(indices.max()) >= num_keys or int(indices.min()) < 0):
+        raise ValueError(f"{prefix}: stored key indices outside [0, {num_keys})")
+    dense = values.new_zeros(*values.shape[:-1], num_keys).scatter_(-1, indices, values)
+    total = dense.sum(-1, keepdim=True)
+    return dense / torch.where(total > 0, total, torch.ones_like(total))
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+# Keys every stored batch has, whatever the attention mode.
+_BASE_KEYS = ("logits", "boxes", "reference_points", "feature_size", "image_index", "gt_assignment")
+
+
+def batch_keys(cfg: StoreConfig) -> tuple[str, ...]:
+    """The tensor names of one stored batch (without the ``b{j}.`` shard prefix)."""
+    if cfg.attention == "none":
+        attn: tuple[str, ...] = ()
+    elif cfg.attention == "full":
+        attn = ("self_attn", "cross_attn")
+    else:
+        attn = ("self_attn.values", "self_attn.indices", "cross_attn.values", "cross_attn.indices")
+    return _BASE_KEYS + attn
+
+
+def encode_batch(outputs: TeacherOutputs, image_index: Tensor, cfg: StoreConfig) -> dict[str, Tensor]:
+    """Teacher outputs of one padded batch -> the tensors stored for it (on the outputs' device).
+
+    Args:
+        outputs: logits ``[L,B,N,C]``, boxes ``[L,B,N,4]``, reference_points ``[B,N,2]``, attention
+            ``[L,B,H,N,N]`` / ``[L,B,H,N,S]`` (unless ``cfg.attention == "none"``), ``gt_assignment
+            [B,N]`` (required: the cache replaces the teacher's Hungarian matching).
+        image_index: ``[B]`` dataset indices of the batch, in batch order.
+    Returns:
+        ``logits``, ``boxes``, ``reference_points`` in ``cfg.dtype``; ``feature_size [2]`` int32;
+        ``image_index [B]`` int64; ``gt_assignment [B,N]`` int64; attention keys of :func:`batch_keys`.
+    """
+    if outputs.gt_assignment is None:
+        raise ValueError("TeacherOutputs.gt_assignment is None: the cache stores the teacher's last-layer "
+                         "GT assignment; compute it (Hungarian matching on the batch targets) before encoding")
+    L, B, N = outputs.logits.shape[:3]
+    image_index = torch.as_tensor(image_index, dtype=torch.int64)
+    if tuple(image_index.shape) != (B,):
+        raise ValueError(f"image_index must be [B={B}], got shape {tuple(image_index.shape)}")
+    if tuple(outputs.gt_assignment.shape) != (B, N):
+        raise ValueError(f"gt_assignment must be [B={B},N={N}], got {tuple(outputs.gt_assignment.shape)}")
+    h, w = (int(x) for x in outputs.feature_size)
+    for name, maps, keys in (("self_attn", outputs.self_attn, N), ("cross_attn", outputs.cross_attn, h * w)):
+        if maps is not None and cfg.attention != "none" and (maps.shape[:2] != (L, B) or maps.shape[3:] != (N, keys)):
+            raise ValueError(f"{name} must be [L={L},B={B},H,N={N},{keys}], got {tuple(maps.shape)}")
+    dt = cfg.torch_dtype
+    wire = outputs.to_wire()  # the one wire format; stored with the cache's dtype and attention codec
+    out = {k: wire[k].detach().to(dt).contiguous() for k in ("logits", "boxes", "reference_points")}
+    out["feature_size"] = wire["feature_size"]
+    out["image_index"] = image_index.contiguous()
+    out["gt_assignment"] = wire["gt_assignment"].detach().to(torch.int64).contiguous()
+    out.update(encode_attention(wire.get("self_attn"), cfg, "self_attn"))
+    out.update(encode_attention(wire.get("cross_attn"), cfg, "cross_attn"))
+    return out
+
+
+def decode_batch(tensors: Mapping[str, Tensor], cfg: StoreConfig, query_embed: Tensor) -> TeacherOutputs:
+    """Stored tensors of one batch -> :class:`TeacherOutputs` (float32; attention ``None`` for ``none``).
+
+    ``query_embed [N,d]`` is stored once per cache (``queries.safetensors``), not per batch.
+    """
+    logits = _get(tensors, "logits").float()
+    n = logits.shape[2]
+    if query_embed.shape[0] != n:
+        raise ValueError(f"the cache's query_embed has {query_embed.shape[0]} queries, its batches {n}")
+    h, w = (int(x) for x in _get(tensors, "feature_size").tolist())
+    wire = {"logits": logits, "boxes": _get(tensors, "boxes").float(),
+            "reference_points": _get(tensors, "reference_points").float(),
+            "feature_size": _get(tensors, "feature_size"), "gt_assignment": _get(tensors, "gt_assignment").long()}
+    for key, num_keys in (("self_attn", n), ("cross_attn", h * w)):
+        maps = decode_attention(tensors, cfg, num_keys, key)
+        if maps is not None:
+            wire[key] = maps
+    return TeacherOutputs.from_wire(wire, query_embed)
+
+
+# -------------------------------------------------------------------------------------------- sizes
+
+
+def bytes_per_view(cfg: Union[StoreConfig, str], L: int = 6, N: int = 300, C: int = 91, H: int = 8,
+                   S: int = 25 * 34) -> int:
+    """Exact bytes of the tensors stored for one image view (a batch of one image, ``B = 1``).
+
+    Counts the tensor data of :func:`encode_batch` (``feature_size`` included), not the safetensors
+    JSON header. Defaults are the official Conditional DETR R50 sizes: 6 layers, 300 queries,
+    91 classes, 8 heads, ``S = 25 * 34`` C5 tokens for an 800x1066 input. ``cfg`` may be an
+    ``--attention`` spec (fp16, mean heads).
+    """
+    if isinstance(cfg, str):
+        cfg = StoreConfig.parse(cfg)
+    e = torch.empty((), dtype=cfg.torch_dtype).element_size()
+    total = (L * N * C + L * N * 4 + N * 2) * e  # logits, boxes, reference points
+    total += 2 * 4 + 8 + N * 8  # feature_size int32 [2], image_index int64 [1], gt_assignment int64 [N]
+    heads = 1 if cfg.heads == "mean" else H
+    for keys in (N, S):  # self-attention, cross-attention
+        if cfg.attention == "full":
+            total += L * heads * N * keys * e
+        elif cfg.attention == "topk":
+            k = min(cfg.topk, keys)
+            idx = torch.empty((), dtype=_index_dtype(keys)).element_size()
+            total += L * heads * N * k * (e + idx)
+    return total

@@ -1,0 +1,242 @@
+"""``kd-detr cache``: compute a teacher's outputs on a view plan with Ray actors and store them.
+
+The driver splits the plan into shards (``batches_per_shard`` consecutive plan batches of one view,
+``shard-00000.safetensors``, ... in a fixed order: view 0's batches first), hands the shards that the
+manifest does not list yet to a :class:`ray.util.ActorPool` of :data:`~kd_detr.teacher.ray_actor.TeacherActor` s and writes each
+result with the one :class:`~kd_detr.teacher_cache.store.CacheWriter` as it arrives (actors only
+compute; a single writer keeps the manifest consistent).
+
+* **Resumable**: a shard is listed in the manifest only once complete; a rerun skips listed shards and
+  computes the rest (an interrupted build loses at most the shards in flight).
+* **Fault tolerant**: actors are created with ``max_restarts=-1, max_task_retries=-1``, so an actor
+  process that dies is restarted (reloading data and teacher) and its pending shard is computed again;
+  results are pure functions of (plan, teacher, view, batches), so nothing is lost or duplicated.
+* **Identical to the in-process teacher**: an actor builds batch ``(k, j)`` with :class:`PlanBatches`
+  and runs :class:`~kd_detr.teacher.sources.InProcessTeacher`; a ``full`` float32 cache holds exactly those numbers (on CPU, with
+  the same intra-op thread count: see ``num_threads``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import ray
+from ray.util import ActorPool
+
+from kd_detr.data import CocoDetection, LabelMap
+from kd_detr.data.view_plan import ViewPlan
+from kd_detr.progress import Progress
+
+from ..loading import TeacherSpec, teacher_config
+from ..ray_actor import TeacherActor, plan_job, teacher_job
+from ..ray_session import actor_options, ensure_ray, from_numpy, shutdown_ray
+
+from .attention_codec import StoreConfig
+from .store import MANIFEST, QUERIES, CacheError, CacheWriter, sha256_file
+
+log = logging.getLogger("kd_detr.teacher_cache")
+
+__all__ = ["cache_header", "plan_shards", "ShardTask", "build_cache"]
+
+
+# ---------------------------------------------------------------------------------------- header
+
+
+def cache_header(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, store: StoreConfig,
+                 label_map: LabelMap, image_size: Optional[int] = None,
+                 model_sizes: Optional[dict[str, int]] = None) -> dict[str, Any]:
+    """The manifest header (everything but ``shards``) of a cache of ``spec`` on ``plan``.
+
+    Args:
+        image_size: the image-size preset of the augmentation policy (``None``: official sizes).
+        model_sizes: ``{"layers", "queries", "classes"}`` of the teacher, added to ``store`` once known.
+
+    A resumed build must produce the same header (the writer compares them field by field), so it
+    holds only what decides the stored numbers: teacher file (by SHA-256), annotations (by SHA-256),
+    plan and store config.
+    """
+    return {
+        "teacher": {"name": spec.name, "model": spec.model, "checkpoint": str(spec.checkpoint),
+                    "checkpoint_sha256": sha256_file(spec.checkpoint), "card": spec.card,
+                    "config": teacher_config(spec)},
+        "dataset": {"annotations": str(dataset.ann_file), "annotations_sha256": sha256_file(dataset.ann_file),
+                    "images": len(dataset), "image_size": image_size, "label_map": label_map.to_dict()},
+        "plan": plan.to_dict(),
+        "store": {**store.to_dict(), **(model_sizes or {})},
+    }
+
+
+# ---------------------------------------------------------------------------------------- shards
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard: plan batches ``batches`` of view ``view``, stored in file ``name``."""
+
+    name: str
+    view: int
+    batches: tuple[int, ...]
+
+
+def plan_shards(plan: ViewPlan, batches_per_shard: int) -> list[ShardTask]:
+    """Every shard of ``plan``, in a fixed order: views in order, each view's batches cut into groups
+    of ``batches_per_shard``; shard ``n`` is ``shard-{n:05d}.safetensors``. A rerun with the same
+    plan and ``batches_per_shard`` names the same batches the same way (what resuming relies on)."""
+    if batches_per_shard < 1:
+        raise ValueError(f"batches_per_shard must be >= 1, got {batches_per_shard}")
+    tasks = []
+    nb = plan.num_batches()
+    for k in range(plan.num_views):
+        for start in range(0, nb, batches_per_shard):
+            js = tuple(range(start, min(start + batches_per_shard, nb)))
+            tasks.append(ShardTask(f"shard-{len(tasks):05d}.safetensors", k, js))
+    return tasks
+
+
+# ----------------------------------------------------------------------------------------- actor
+
+
+# ----------------------------------------------------------------------------------------- build
+
+
+def build_cache(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, out: Union[str, os.PathLike],
+                store: Union[StoreConfig, str], *, actors: int = 1, batches_per_shard: int = 8,
+                address: Optional[str] = None, progress: bool = True, image_size: Optional[int] = None,
+                num_gpus: Optional[float] = None, num_threads: Optional[int] = None,
+                on_actors: Optional[Callable[[list], None]] = None) -> dict[str, Any]:
+    """Compute and store the teacher outputs of every plan batch not yet in the cache ``out``.
+
+    Args:
+        spec: the teacher.
+        dataset: the training data set (with the plan's augmentation policy).
+        plan: the view plan (every view, every batch is stored).
+        out: the cache folder (created; an existing cache of the same header is resumed).
+        store: a :class:`StoreConfig` or an ``--attention`` spec (``none`` | ``full`` | ``topk:k``).
+        actors: teacher actors (each holds a model; one GPU each when the cluster has GPUs).
+        batches_per_shard: plan batches per shard file (keep it fixed across resumes).
+        address: Ray cluster (default ``$RAY_ADDRESS``, else a local Ray with ``max(2, actors)`` CPUs);
+            ignored when Ray is already initialised (then Ray is also left running).
+        progress: show a progress bar with images/s.
+        image_size: the image-size preset of the policy, recorded in the manifest.
+        num_gpus: GPUs per actor (default 1 when the driver sees CUDA and the cluster has GPUs, else CPU).
+        num_threads: torch threads per actor (default: the node's CPUs // actors).
+        on_actors: called with the actor handles once they are up (monitoring; tests kill one).
+
+    Returns:
+        ``{"out", "shards_total", "shards_written", "shards_skipped", "images" (image views computed
+        now), "images_skipped", "seconds" (compute + write), "images_per_s", "startup_s", "actors",
+        "device"}`` (``device`` ``None`` when the cache was already complete: then neither Ray nor an
+        actor is started).
+    """
+    t_start = time.perf_counter()
+    store = StoreConfig.parse(store) if isinstance(store, str) else store
+    if len(dataset) != plan.num_images:
+        raise ValueError(f"the view plan covers {plan.num_images} images but the data set has {len(dataset)}")
+    if actors < 1:
+        raise ValueError(f"actors must be >= 1, got {actors}")
+    tasks = plan_shards(plan, batches_per_shard)
+    coco_ids = dataset.image_ids  # a property that builds the list: once
+
+    def shard_images(t: ShardTask) -> list[int]:
+        return [i for j in t.batches for i in plan.batch(t.view, j)]
+
+    header = cache_header(spec, dataset, plan, store, dataset.label_map, image_size)
+    writer: Optional[CacheWriter] = None
+    todo, skipped = list(tasks), 0
+    known = _stored_sizes(Path(out))
+    if known is not None:
+        # Resuming: the model sizes are those the cache recorded (its header pins the checkpoint by
+        # SHA-256), so the header is checked, and a finished cache recognised, before any actor starts.
+        writer = CacheWriter(out, {**header, "store": {**header["store"], **known}})
+        todo, skipped = _pending(tasks, writer)
+    computed, seconds, device = 0, 0.0, None
+    startup = time.perf_counter() - t_start
+    if todo or not (Path(out) / QUERIES).is_file():
+        started_ray = ensure_ray(address, num_cpus=max(2, actors))
+        handles: list = []
+        try:
+            opts, device = actor_options(num_gpus)
+            job = teacher_job(spec, store.attn_mode, dataset.label_map, device, actors, num_threads)
+            data = plan_job(dataset, plan)
+            handles = [TeacherActor.options(**opts).remote(job, data, store.to_dict()) for _ in range(actors)]
+            ray.get([h.ping.remote() for h in handles])  # every actor loaded: fail early on a bad teacher
+            sizes = ray.get(handles[0].describe.remote())
+            if writer is None:
+                writer = CacheWriter(out, {**header, "store": {**header["store"], **sizes}})
+                todo, skipped = _pending(tasks, writer)
+            elif sizes != known:
+                raise CacheError(f"{out}: the cache records a teacher with {known}, this checkpoint has {sizes}")
+            writer.write_queries(from_numpy(ray.get(handles[0].queries.remote())))
+            if on_actors is not None:
+                on_actors(handles)
+            total_images = plan.num_views * plan.num_images
+            bar = Progress(total=total_images, initial=total_images - sum(len(shard_images(t)) for t in todo),
+                           enabled=progress, desc="teacher cache")
+            t0 = time.perf_counter()
+            startup = t0 - t_start
+            try:
+                pool = ActorPool(handles)
+                by_name = {t.name: t for t in todo}
+                for t in todo:  # the pool queues them and hands one to each idle actor
+                    pool.submit(lambda a, t: a.run_shard.remote(t.name, t.view, list(t.batches)), t)
+                while pool.has_next():
+                    name, batches = pool.get_next_unordered()
+                    t = by_name[name]
+                    ids = shard_images(t)
+                    writer.write_shard(name, t.view, {j: {k: from_numpy(a) for k, a in b.items()}
+                                                      for j, b in batches.items()},
+                                       [coco_ids[i] for i in ids])
+                    computed += len(ids)
+                    bar.update(len(ids), **{"img/s": computed / max(time.perf_counter() - t0, 1e-9)})
+            finally:
+                bar.close()
+            seconds = time.perf_counter() - t0
+        finally:
+            for h in handles:
+                ray.kill(h, no_restart=True)
+            shutdown_ray(started_ray)
+    done_images = plan.num_views * plan.num_images - computed
+    summary = {"out": str(out), "shards_total": len(tasks), "shards_written": len(todo), "shards_skipped": skipped,
+               "images": computed, "images_skipped": done_images, "seconds": seconds,
+               "images_per_s": computed / seconds if seconds > 0 else math.nan, "startup_s": startup,
+               "actors": actors, "device": device}
+    log.info("teacher cache %s: %d shards written, %d already there, %d image views in %.1f s (%.2f img/s)",
+             out, len(todo), skipped, computed, seconds, summary["images_per_s"])
+    return summary
+
+
+def _stored_sizes(root: Path) -> Optional[dict[str, int]]:
+    """``{"layers", "queries", "classes"}`` recorded in an existing cache's manifest, else ``None``
+    (no cache yet, or an unreadable manifest: the writer reports that once it is opened)."""
+    try:
+        stored = json.loads((root / MANIFEST).read_text())["store"]
+        return {k: int(stored[k]) for k in ("layers", "queries", "classes")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _pending(tasks: list[ShardTask], writer: CacheWriter) -> tuple[list[ShardTask], int]:
+    """``(shards still to compute, number already complete)``. A listed shard must hold exactly the
+    batches this run would put in it: otherwise the cache was started with another
+    ``batches_per_shard`` and resuming would store some batches twice."""
+    entries = {e["file"]: e for e in writer.manifest["shards"]}
+    done_batches = writer.done_batches()
+    todo, skipped = [], 0
+    for t in tasks:
+        entry = entries.get(t.name)
+        if entry is not None and int(entry["view"]) == t.view and tuple(entry["batches"]) == t.batches:
+            skipped += 1
+            continue
+        if entry is not None or any((t.view, j) in done_batches for j in t.batches):
+            raise CacheError(f"{Path(writer.root)}: shard {t.name} (view {t.view}, batches {list(t.batches)}) does "
+                             "not match the cache's shards; it was built with another batches_per_shard: resume "
+                             "with the same value, or use a new folder")
+        todo.append(t)
+    return todo, skipped

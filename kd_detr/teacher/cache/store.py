@@ -1,0 +1,558 @@
+"""The on-disk teacher cache: a manifest plus write-once safetensors shards.
+
+Layout of a cache folder (see ``docs/teacher_cache.md``)::
+
+    manifest.json            the header (teacher, dataset, plan, store) + the list of complete shards
+    queries.safetensors      the teacher's query_embed [Nt, d], stored once
+    shard-00000.safetensors  tensors b{j}.{key} of some plan batches j of one view
+
+Consistency rules:
+
+* **Single writer.** Only the process that owns the :class:`CacheWriter` writes ``manifest.json``
+  (teacher actors return tensors; the builder's driver writes the shards and the manifest). Two
+  writers on one folder would lose each other's manifest entries.
+* **Write-once shards, manifest last.** A shard is written to a temporary file, renamed into place,
+  hashed, and only then listed in the manifest (rewritten atomically). A reader only sees listed
+  shards, so a crash at any point leaves a valid (if incomplete) cache; a shard file on disk but not in
+  the manifest was never visible and is simply written again when the build resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from kd_detr.atomic import atomic_write, write_json_atomic
+from kd_detr.teacher.outputs import TeacherOutputs
+
+from .attention_codec import StoreConfig, batch_keys, decode_batch
+
+__all__ = ["CACHE_FORMAT", "FORMAT_VERSION", "MANIFEST", "QUERIES", "CacheError", "CacheWriter", "CacheReader",
+           "verify_cache", "cache_info", "sha256_file"]
+
+CACHE_FORMAT = "kd-detr-teacher-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+QUERIES = "queries.safetensors"
+HEADER_SECTIONS = ("teacher", "dataset", "plan", "store")
+
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors$")
+
+
+class CacheError(ValueError):
+    """A teacher cache is missing, incomplete, corrupt, or was built for another teacher/data/plan."""
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _json_normal(obj: Any) -> Any:
+    """What ``obj`` reads back as from JSON (tuples -> lists, int keys -> str), for comparisons."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+_MISSING = "<missing>"
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; non-dict (and empty dict) values are leaves."""
+    if isinstance(d, Mapping) and d:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _lookup(d: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, Mapping) or part not in d:
+            return _MISSING
+        d = d[part]
+    return d
+
+
+def _diff(cache: Mapping[str, Any], wanted: Mapping[str, Any], *, both_ways: bool) -> list[str]:
+    """``key: cache has X, this run needs Y`` for each dotted key of ``wanted`` (and of ``cache`` when
+    ``both_ways``) whose values differ."""
+    cache, wanted = _json_normal(cache), _json_normal(wanted)
+    keys = list(_flatten(wanted))
+    if both_ways:
+        keys += [k for k in _flatten(cache) if k not in keys]
+    problems = []
+    for key in keys:
+        have, need = _lookup(cache, key), _lookup(wanted, key)
+        if have != need:
+            problems.append(f"{key}: cache has {have!r}, this run needs {need!r}")
+    return problems
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise CacheError(f"no teacher cache in {root} ({MANIFEST} not found): build it with `kd-detr cache`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CacheError(f"cannot read {path}: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
+        raise CacheError(f"{path} is not a kd-detr teacher cache manifest (format "
+                         f"{manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+                         f"expected {CACHE_FORMAT!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CacheError(f"{path}: cache format version {manifest.get('format_version')!r}, this kd-detr reads "
+                         f"version {FORMAT_VERSION}: rebuild the cache with `kd-detr cache`")
+    missing = [k for k in (*HEADER_SECTIONS, "shards") if k not in manifest]
+    if missing:
+        raise CacheError(f"{path}: manifest lacks {missing}")
+    if not isinstance(manifest["shards"], list):
+        raise CacheError(f"{path}: 'shards' must be a list")
+    for i, entry in enumerate(manifest["shards"]):
+        if not isinstance(entry, Mapping) or any(k not in entry for k in ("file", "sha256", "bytes", "view",
+                                                                           "batches", "image_ids")):
+            raise CacheError(f"{path}: shard entry {i} lacks file/sha256/bytes/view/batches/image_ids: {entry!r}")
+    return manifest
+
+
+def _batch_index(manifest: Mapping[str, Any], where: Path) -> dict[tuple[int, int], dict[str, Any]]:
+    """``(view, j) -> shard entry``; a batch listed twice is an error (which copy would be right?)."""
+    index: dict[tuple[int, int], dict[str, Any]] = {}
+    for entry in manifest["shards"]:
+        for j in entry["batches"]:
+            key = (int(entry["view"]), int(j))
+            if key in index:
+                raise CacheError(f"{where / MANIFEST}: batch {key[1]} of view {key[0]} is listed in both "
+                                 f"{index[key]['file']} and {entry['file']}")
+            index[key] = entry
+    return index
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"  # pragma: no cover
+
+
+# ------------------------------------------------------------------------------------------- writer
+
+
+class CacheWriter:
+    """Writes a teacher cache folder; resumes one with the same header.
+
+    Args:
+        root: the cache folder (created if needed).
+        header: the manifest without ``shards``: ``teacher``, ``dataset``, ``plan``, ``store`` sections
+            (``format``/``format_version`` are added). On an existing cache it must equal the stored
+            header field by field, else :class:`CacheError` lists each differing dotted key.
+
+    Only one writer per folder (it alone rewrites ``manifest.json``); ``write_shard`` may be called
+    from several threads of that process (the manifest update is locked).
+    """
+
+    def __init__(self, root: str | os.PathLike, header: Mapping[str, Any]):
+        self.root = Path(root)
+        header = _json_normal(dict(header))
+        if "shards" in header:
+            raise ValueError("CacheWriter header must not contain 'shards' (the writer keeps that list)")
+        missing = [k for k in HEADER_SECTIONS if k not in header]
+        if missing:
+            raise ValueError(f"CacheWriter header lacks sections {missing} (needs {list(HEADER_SECTIONS)})")
+        for key, want in (("format", CACHE_FORMAT), ("format_version", FORMAT_VERSION)):
+            if header.setdefault(key, want) != want:
+                raise ValueError(f"CacheWriter header {key} is {header[key]!r}, this kd-detr writes {want!r}")
+        self.store = StoreConfig.from_dict(header["store"])  # validates the store section
+        self._lock = threading.Lock()
+
+        if (self.root / MANIFEST).exists():
+            manifest = _read_manifest(self.root)
+            existing = {k: v for k, v in manifest.items() if k != "shards"}
+            problems = _diff(existing, header, both_ways=True)
+            if problems:
+                raise CacheError(f"the folder {self.root} holds a cache of another teacher/data/plan: "
+                                 + "; ".join(problems)
+                                 + " (use another folder, or delete this one to rebuild)")
+            self.manifest = {**header, "shards": self._still_present(manifest["shards"])}
+            if len(self.manifest["shards"]) != len(manifest["shards"]):
+                self._write_manifest()
+        else:
+            self._check_empty_or_ours()
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.manifest = {**header, "shards": []}
+            self._write_manifest()  # fixes the header from the start: a resumed build is compared with it
+
+    # -- internals
+
+    def _check_empty_or_ours(self) -> None:
+        """Refuse to adopt a folder with foreign files (a mistyped path must not fill someone's folder);
+        shard/queries/temp files of a build that crashed before its first manifest write are fine."""
+        if not self.root.exists():
+            return
+        if not self.root.is_dir():
+            raise CacheError(f"{self.root} exists and is not a folder")
+        foreign = [p.name for p in self.root.iterdir()
+                   if not (p.name == QUERIES or _SHARD_NAME.match(p.name) or p.name.endswith(".tmp"))]
+        if foreign:
+            raise CacheError(f"{self.root} is not empty and holds no teacher cache ({MANIFEST} missing; "
+                             f"found {sorted(foreign)[:5]}): choose an empty or new folder")
+
+    def _still_present(self, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Drop manifest entries whose file vanished or changed size, so a resume rebuilds them
+        (the size check is cheap; ``verify_cache`` does the full SHA-256 check)."""
+        kept = []
+        for entry in shards:
+            path = self.root / entry["file"]
+            if path.is_file() and path.stat().st_size == entry["bytes"]:
+                kept.append(entry)
+            else:
+                warnings.warn(f"teacher cache {self.root}: shard {entry['file']} is listed in {MANIFEST} but "
+                              f"missing or of the wrong size on disk; it will be rebuilt", stacklevel=3)
+        return kept
+
+    def _write_manifest(self) -> None:
+        write_json_atomic(self.root / MANIFEST, self.manifest)
+
+    # -- public
+
+    @property
+    def header(self) -> dict[str, Any]:
+        return {k: v for k, v in self.manifest.items() if k != "shards"}
+
+    def done(self) -> set[str]:
+        """File names of the shards listed in the manifest (complete and visible to readers)."""
+        with self._lock:
+            return {e["file"] for e in self.manifest["shards"]}
+
+    def done_batches(self) -> set[tuple[int, int]]:
+        """``(view, j)`` of every batch in a complete shard."""
+        with self._lock:
+            return {(int(e["view"]), int(j)) for e in self.manifest["shards"] for j in e["batches"]}
+
+    def write_queries(self, query_embed: Tensor) -> None:
+        """Store the teacher's ``query_embed [Nt, d]`` once; an existing file must hold the same tensor."""
+        q = query_embed.detach().to("cpu").contiguous()
+        path = self.root / QUERIES
+        if path.exists():
+            with safe_open(str(path), framework="pt") as f:
+                old = f.get_tensor("query_embed") if "query_embed" in f.keys() else None
+            if old is None or old.dtype != q.dtype or old.shape != q.shape or not torch.equal(old, q):
+                raise CacheError(f"{path} holds other teacher queries than this teacher's query_embed "
+                                 f"{tuple(q.shape)} {q.dtype}: delete the cache folder to rebuild it")
+            return
+        meta = self._metadata()
+        atomic_write(path, lambda tmp: save_file({"query_embed": q}, tmp, metadata=meta))
+
+    def _metadata(self, **extra: Any) -> dict[str, str]:
+        meta = {"format": CACHE_FORMAT, "format_version": str(FORMAT_VERSION),
+                "plan_fingerprint": str(self.manifest["plan"].get("fingerprint", "")),
+                "teacher_sha256": str(self.manifest["teacher"].get("checkpoint_sha256", ""))}
+        meta.update({k: str(v) for k, v in extra.items()})
+        return meta
+
+    def write_shard(self, name: str, view: int, batches: Mapping[int, Mapping[str, Tensor]],
+                    image_ids: list[int]) -> dict[str, Any]:
+        """Write shard ``name`` with plan batches ``batches`` (``j -> tensors of encode_batch``) of view
+        ``view``, then list it in the manifest.
+
+        Args:
+            name: file name inside the cache, e.g. ``shard-00012.safetensors`` (the caller decides
+                which batches go in which shard).
+            image_ids: the dataset image ids of the shard's images, in batch order (for ``cache info``
+                and debugging; readers go by ``image_index`` inside each batch).
+        Returns:
+            the manifest entry ``{"file", "sha256", "bytes", "view", "batches", "image_ids"}``.
+        """
+        if not _SHARD_NAME.match(name) or name == QUERIES:
+            raise ValueError(f"shard name must be a plain '<name>.safetensors' file name, got {name!r}")
+        if not batches:
+            raise ValueError(f"shard {name}: no batches to write")
+        view = int(view)
+        required = batch_keys(self.store)
+        tensors: dict[str, Tensor] = {}
+        num_images = 0
+        for j, batch in sorted(batches.items()):
+            j = int(j)
+            missing = [k for k in required if k not in batch]
+            if missing:
+                raise ValueError(f"shard {name}: batch {j} of view {view} lacks {missing} "
+                                 f"(store {self.store.spec} needs {list(required)})")
+            for k, t in batch.items():
+                tensors[f"b{j}.{k}"] = t.detach().to("cpu").contiguous()
+            num_images += int(batch["image_index"].numel())
+        if len(image_ids) != num_images:
+            raise ValueError(f"shard {name}: {len(image_ids)} image_ids for {num_images} images in its batches")
+        js = sorted(int(j) for j in batches)
+        with self._lock:
+            listed = {e["file"] for e in self.manifest["shards"]}
+            if name in listed:
+                raise CacheError(f"{self.root / name} is already complete (shards are write-once)")
+            taken = {(int(e["view"]), int(j)): e["file"] for e in self.manifest["shards"] for j in e["batches"]}
+            dup = [j for j in js if (view, j) in taken]
+            if dup:
+                raise CacheError(f"shard {name}: batches {dup} of view {view} are already in "
+                                 f"{sorted({taken[(view, j)] for j in dup})}")
+
+        digest: dict[str, Any] = {}
+
+        def write(tmp: str) -> None:
+            save_file(tensors, tmp, metadata=self._metadata(view=view, batches=json.dumps(js)))
+            digest["sha256"] = sha256_file(tmp)  # hashed before the rename, from the page cache
+            digest["bytes"] = os.path.getsize(tmp)
+
+        # A file of this name on disk but not in the manifest is a leftover of a crash between the
+        # rename and the manifest write: it was never visible, overwriting it is fine.
+        atomic_write(self.root / name, write)
+        entry = {"file": name, "sha256": digest["sha256"], "bytes": digest["bytes"], "view": view,
+                 "batches": js, "image_ids": [int(i) for i in image_ids]}
+        with self._lock:
+            self.manifest["shards"].append(entry)
+            self._write_manifest()
+        return entry
+
+
+# ------------------------------------------------------------------------------------------- reader
+
+
+class CacheReader:
+    """Reads a teacher cache (memory-mapped shards); picklable for DataLoader workers.
+
+    Args:
+        root: the cache folder.
+        expect: a partial header (e.g. ``{"teacher": {"checkpoint_sha256": ...}, "plan": {"num_views": 4},
+            "store": {"attention": "full"}}``): each dotted key must equal the manifest's, else
+            :class:`CacheError` lists ``key: cache has X, this run needs Y``.
+        verify_shards: check a shard's SHA-256 against the manifest the first time this reader (or
+            worker process) opens it. Costs one read of the shard; ``False`` trusts the files.
+    """
+
+    def __init__(self, root: str | os.PathLike, expect: Optional[Mapping[str, Any]] = None,
+                 verify_shards: bool = True):
+        self.root = Path(root)
+        self._manifest = _read_manifest(self.root)
+        if expect:
+            problems = _diff(self._manifest, expect, both_ways=False)
+            if problems:
+                raise CacheError(f"the teacher cache {self.root} does not match this run:\n  "
+                                 + "\n  ".join(problems))
+        self.store = StoreConfig.from_dict(self._manifest["store"])
+        self.verify_shards = verify_shards
+        self._index = _batch_index(self._manifest, self.root)
+        self._handles: dict[str, Any] = {}
+        self._verified: set[str] = set()
+        self._queries: Optional[Tensor] = None
+
+    # -- pickling: safetensors handles (mmaps) do not cross processes; each worker reopens lazily
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    # -- info
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._manifest
+
+    @property
+    def store_config(self) -> StoreConfig:
+        return self.store
+
+    def keys(self) -> list[tuple[int, int]]:
+        """Every stored ``(view, j)``, sorted."""
+        return sorted(self._index)
+
+    def has(self, view: int, j: int) -> bool:
+        return (int(view), int(j)) in self._index
+
+    def missing(self, plan_batches: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The ``(view, j)`` of ``plan_batches`` that the cache does not hold, in the given order."""
+        return [(int(v), int(j)) for v, j in plan_batches if (int(v), int(j)) not in self._index]
+
+    # -- data
+
+    def _open(self, entry: Mapping[str, Any]) -> Any:
+        name = entry["file"]
+        handle = self._handles.get(name)
+        if handle is not None:
+            return handle
+        path = self.root / name
+        if not path.is_file():
+            raise CacheError(f"teacher cache shard {path} is missing (listed in {MANIFEST}); "
+                             f"run `kd-detr cache verify` / rebuild the cache")
+        if self.verify_shards and name not in self._verified:
+            sha = sha256_file(path)
+            if sha != entry["sha256"]:
+                raise CacheError(f"teacher cache shard {path} is corrupt: SHA-256 {sha} differs from the "
+                                 f"manifest's {entry['sha256']}; rebuild it (delete the file and run "
+                                 f"`kd-detr cache` again)")
+            self._verified.add(name)
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as e:  # safetensors raises its own error types for a bad header
+            raise CacheError(f"cannot open teacher cache shard {path}: {e}") from None
+        self._handles[name] = handle
+        return handle
+
+    def batch(self, view: int, j: int) -> dict[str, Tensor]:
+        """The stored tensors of plan batch ``j`` of view ``view`` (keys of :func:`batch_keys`, CPU)."""
+        entry = self._index.get((int(view), int(j)))
+        if entry is None:
+            raise CacheError(f"the teacher cache {self.root} is incomplete: it has no batch {j} of view {view} "
+                             f"(run `kd-detr cache` again to finish it)")
+        handle = self._open(entry)
+        prefix = f"b{int(j)}."
+        names = [k for k in handle.keys() if k.startswith(prefix)]
+        if not names:
+            raise CacheError(f"teacher cache shard {self.root / entry['file']} has no tensors for batch {j} "
+                             f"of view {view} although {MANIFEST} lists it")
+        return {k[len(prefix):]: handle.get_tensor(k) for k in names}
+
+    def queries(self) -> Tensor:
+        """The teacher's ``query_embed [Nt, d]``."""
+        if self._queries is None:
+            path = self.root / QUERIES
+            if not path.is_file():
+                raise CacheError(f"teacher cache {self.root} lacks {QUERIES}: rebuild it with `kd-detr cache`")
+            with safe_open(str(path), framework="pt") as f:
+                self._queries = f.get_tensor("query_embed")
+        return self._queries
+
+    def teacher_outputs(self, view: int, j: int) -> TeacherOutputs:
+        """:class:`TeacherOutputs` (float32, CPU) of plan batch ``j`` of view ``view``."""
+        return decode_batch(self.batch(view, j), self.store, self.queries())
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+# ----------------------------------------------------------------------------------- verify and info
+
+
+def verify_cache(root: str | os.PathLike) -> list[str]:
+    """Check a cache folder without a teacher: a list of problems (empty = fine).
+
+    Checks: the manifest parses and has this format; ``queries.safetensors`` is present and readable;
+    every listed shard is present with the listed size and SHA-256, its header metadata names the same
+    view / plan fingerprint, and it holds every tensor of every listed batch; the teacher checkpoint and
+    the annotation file the cache was built from, where they are still at their recorded paths, still
+    have their recorded SHA-256 (a changed file makes the cache stale).
+    """
+    root = Path(root)
+    try:
+        manifest = _read_manifest(root)
+        _batch_index(manifest, root)
+    except CacheError as e:
+        return [str(e)]
+    problems: list[str] = []
+    try:
+        store = StoreConfig.from_dict(manifest["store"])
+    except ValueError as e:
+        return [f"{root / MANIFEST}: bad store section: {e}"]
+    qpath = root / QUERIES
+    if not qpath.is_file():
+        problems.append(f"{qpath}: missing")
+    else:
+        try:
+            with safe_open(str(qpath), framework="pt") as f:
+                if "query_embed" not in f.keys():
+                    problems.append(f"{qpath}: no query_embed tensor")
+        except Exception as e:
+            problems.append(f"{qpath}: unreadable ({e})")
+    for what, path_key, sha_key in (("teacher", "checkpoint", "checkpoint_sha256"),
+                                    ("dataset", "annotations", "annotations_sha256")):
+        section = manifest.get(what) or {}
+        src = section.get(path_key)
+        if src and Path(src).is_file() and section.get(sha_key) and sha256_file(src) != section[sha_key]:
+            problems.append(f"{src}: the {what} file changed since the cache was built (SHA-256 differs from "
+                            f"the manifest's {what}.{sha_key}): the cache is stale, rebuild it")
+    fingerprint = str(manifest["plan"].get("fingerprint", ""))
+    required = batch_keys(store)
+    for entry in manifest["shards"]:
+        path = root / entry["file"]
+        if not path.is_file():
+            problems.append(f"{entry['file']}: missing (listed in {MANIFEST})")
+            continue
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            problems.append(f"{entry['file']}: {size} bytes, the manifest says {entry['bytes']}")
+            continue
+        sha = sha256_file(path)
+        if sha != entry["sha256"]:
+            problems.append(f"{entry['file']}: SHA-256 {sha} differs from the manifest's {entry['sha256']}")
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                keys = set(f.keys())
+        except Exception as e:
+            problems.append(f"{entry['file']}: unreadable ({e})")
+            continue
+        if meta.get("format") != CACHE_FORMAT or meta.get("view") != str(entry["view"]) \
+                or meta.get("plan_fingerprint") != fingerprint:
+            problems.append(f"{entry['file']}: header metadata (format {meta.get('format')!r}, view "
+                            f"{meta.get('view')!r}, plan {meta.get('plan_fingerprint')!r}) does not match "
+                            f"the manifest (view {entry['view']}, plan {fingerprint!r})")
+        for j in entry["batches"]:
+            lacking = [k for k in required if f"b{j}.{k}" not in keys]
+            if lacking:
+                problems.append(f"{entry['file']}: batch {j} of view {entry['view']} lacks {lacking}")
+    return problems
+
+
+def cache_info(root: str | os.PathLike) -> str:
+    """A human summary of a cache folder (no hashing: use :func:`verify_cache` for integrity)."""
+    root = Path(root)
+    m = _read_manifest(root)
+    store = StoreConfig.from_dict(m["store"])
+    teacher, dataset, plan = m["teacher"], m["dataset"], m["plan"]
+    shards = m["shards"]
+    num_batches = sum(len(e["batches"]) for e in shards)
+    image_views = sum(len(e["image_ids"]) for e in shards)
+    shard_bytes = sum(int(e["bytes"]) for e in shards)
+    qpath = root / QUERIES
+    total = shard_bytes + (qpath.stat().st_size if qpath.is_file() else 0) \
+        + (root / MANIFEST).stat().st_size
+    per_view: dict[int, int] = {}
+    for e in shards:
+        per_view[int(e["view"])] = per_view.get(int(e["view"]), 0) + len(e["batches"])
+    sha = str(teacher.get("checkpoint_sha256") or "")
+    lines = [
+        f"teacher cache {root}",
+        f"  teacher:  {teacher.get('name', '?')} ({teacher.get('model', '?')}), checkpoint "
+        f"{teacher.get('checkpoint', '?')} sha256 {sha[:12] or '?'}",
+        f"  dataset:  {dataset.get('annotations', '?')}, {dataset.get('images', '?')} images",
+        f"  plan:     K={plan.get('num_views', '?')} views, B={plan.get('batch_size', '?')}, "
+        f"seed {plan.get('seed', '?')}, fingerprint {str(plan.get('fingerprint', '?'))[:12]}",
+        f"  store:    {store.describe()}",
+        f"  content:  {len(shards)} shards, {num_batches} batches, {image_views} image views"
+        + (f" (batches per view: {', '.join(f'{v}: {n}' for v, n in sorted(per_view.items()))})"
+           if per_view else ""),
+        f"  size:     {_human(total)} total ({total} bytes), "
+        + (f"{_human(shard_bytes / image_views)} per image view" if image_views else "no image views yet"),
+    ]
+    return "\n".join(lines)

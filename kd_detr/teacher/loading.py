@@ -1,0 +1,173 @@
+"""Resolving ``--teacher`` (a card name, or a model name plus ``--teacher-checkpoint``), loading the
+teacher's weights and refusing teachers that do not fit the student and the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from kd_detr.data import COCO_CATEGORIES, LabelMap
+from kd_detr.models import ModelConfig, get_config, load_model, model_from_official
+
+from .card import TeacherCard, find_card, load_card
+
+log = logging.getLogger("kd_detr.distill")
+
+__all__ = ["TeacherSpec", "resolve_teacher", "load_teacher", "check_teacher_fits", "teacher_config", "spec_to_dict",
+           "spec_from_dict", "describe_teacher"]
+
+
+@dataclass
+class TeacherSpec:
+    """Where a teacher comes from: architecture, checkpoint file and what is known about it."""
+
+    name: str  # card name or model name, for logs and metadata
+    model: str
+    checkpoint: Path
+    format: str = "auto"  # auto | safetensors | official | hf
+    num_classes: Optional[int] = None
+    label_map: Optional[str] = None  # coco91 | contiguous (official/HF files carry none)
+    image_size: Optional[int] = None  # training image-size preset (None: official sizes)
+    image_size_known: bool = False
+    known_ap: Optional[float] = None
+    card: Optional[str] = None  # card file
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "model": self.model, "checkpoint": str(self.checkpoint), "format": self.format,
+                "card": self.card, "known_ap": self.known_ap, "image_size": self.image_size}
+
+
+def spec_to_dict(spec: TeacherSpec) -> dict[str, Any]:
+    """Every field of a :class:`TeacherSpec` as plain data, for other processes (``TeacherSpec.to_dict`` is
+    a lossy summary for run records)."""
+    d = dataclasses.asdict(spec)
+    d["checkpoint"] = str(spec.checkpoint)
+    return d
+
+
+def spec_from_dict(d: dict[str, Any]) -> TeacherSpec:
+    """Inverse of :func:`spec_to_dict`."""
+    return TeacherSpec(**{**d, "checkpoint": Path(d["checkpoint"])})
+
+
+def _file_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    return "safetensors" if path.suffix == ".safetensors" else "official"
+
+
+def resolve_teacher(teacher: str, checkpoint: Optional[str] = None) -> TeacherSpec:
+    """``--teacher`` / ``--teacher-checkpoint`` -> :class:`TeacherSpec`.
+
+    A name with a card in ``teachers/`` (or a path to a card ``.toml``) uses the card; its checkpoint
+    may be replaced by ``--teacher-checkpoint``. Otherwise ``teacher`` must be a registered model
+    name and ``--teacher-checkpoint`` is required.
+    """
+    card_path = Path(teacher) if teacher.endswith(".toml") else find_card(teacher)
+    if card_path is not None:
+        card: TeacherCard = load_card(str(card_path))
+        ckpt = Path(checkpoint) if checkpoint else card.require_checkpoint()
+        if not ckpt.exists():
+            raise FileNotFoundError(f"--teacher-checkpoint {ckpt} does not exist")
+        return TeacherSpec(name=card.name, model=card.model, checkpoint=ckpt, format=card.format if not checkpoint
+                           else "auto", num_classes=card.num_classes, label_map=card.label_map,
+                           image_size=card.image_size_preset, image_size_known=True, known_ap=card.known_ap,
+                           card=str(card.source), model_overrides=dict(card.model_overrides))
+    try:
+        get_config(teacher)
+    except ValueError as e:
+        raise ValueError(f"--teacher {teacher!r} is neither a teacher card (teachers/*.toml) nor a registered "
+                         f"model ({e})") from e
+    if not checkpoint:
+        raise ValueError(f"--teacher {teacher} is a model name without a teacher card: give its weights with "
+                         "--teacher-checkpoint PATH (kd-detr .safetensors or official .pth)")
+    ckpt = Path(checkpoint)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"--teacher-checkpoint {ckpt} does not exist")
+    return TeacherSpec(name=teacher, model=teacher, checkpoint=ckpt)
+
+
+def teacher_config(spec: TeacherSpec) -> dict[str, Any]:
+    """The teacher's :class:`ModelConfig` as a dict, without loading its weights (a cache records it so
+    that distilling from the cache needs no teacher model)."""
+    if _file_format(spec.checkpoint, spec.format) == "safetensors":
+        from kd_detr.models.checkpoint import read_model_metadata
+
+        return read_model_metadata(spec.checkpoint)["config"]
+    overrides = dict(spec.model_overrides)
+    if spec.num_classes is not None:
+        overrides["num_classes"] = spec.num_classes
+    return get_config(spec.model).replace(**overrides).to_dict()
+
+
+def _official_label_map(spec: TeacherSpec, num_classes: int, data_label_map: Optional[LabelMap]) -> LabelMap:
+    """Official and Hugging Face files carry no label map: the card says which (``coco91``: slot = COCO id)."""
+    if spec.label_map in (None, "coco91"):
+        return LabelMap.raw_ids([c for c in COCO_CATEGORIES if c["id"] < num_classes], num_classes=num_classes)
+    if data_label_map is None:
+        raise ValueError(f"teacher {spec.name}: its card says label_map = \"contiguous\"; the data's label map "
+                         "is needed to load it")
+    return data_label_map  # contiguous: the card says the slots are the data's categories in order
+
+
+def describe_teacher(spec: TeacherSpec, data_label_map: Optional[LabelMap]) -> tuple[ModelConfig, LabelMap, Optional[int]]:
+    """``(its ModelConfig, its label map, its training image-size preset)`` without loading the weights
+    (what the checks and the methods need when the teacher runs elsewhere: Ray actors, a cache)."""
+    fmt = _file_format(spec.checkpoint, spec.format)
+    if fmt == "safetensors":
+        from kd_detr.models.checkpoint import read_model_metadata
+
+        meta = read_model_metadata(spec.checkpoint)
+        if meta["model_name"] != spec.model:
+            raise ValueError(f"teacher {spec.name}: {spec.checkpoint} holds a {meta['model_name']}, not a {spec.model}")
+        if meta.get("label_map") is None:
+            raise ValueError(f"teacher checkpoint {spec.checkpoint} records no label map; it cannot be checked "
+                             "against the data")
+        image_size = spec.image_size if spec.image_size_known else (meta.get("extra_metadata") or {}).get("image_size")
+        return ModelConfig.from_dict(meta["config"]), LabelMap.from_dict(meta["label_map"]), image_size
+    if fmt not in ("official", "hf"):
+        raise ValueError(f"teacher {spec.name}: unknown checkpoint format {fmt!r}")
+    config = ModelConfig.from_dict(teacher_config(spec))
+    return config, _official_label_map(spec, config.num_classes, data_label_map), spec.image_size
+
+
+def load_teacher(spec: TeacherSpec, data_label_map: Optional[LabelMap]
+                 ) -> tuple[torch.nn.Module, LabelMap, Optional[int]]:
+    """Load the teacher's weights. Returns ``(model, its label map, its training image-size preset)``.
+
+    kd-detr ``.safetensors`` files carry their architecture, label map and image size; official and
+    Hugging Face files carry none, so they come from the card (``coco91``: class slot = COCO id).
+    """
+    fmt = _file_format(spec.checkpoint, spec.format)
+    if fmt == "safetensors":
+        _, label_map, image_size = describe_teacher(spec, data_label_map)  # checks name and label map first
+        model, _ = load_model(spec.checkpoint)
+    elif fmt in ("official", "hf"):
+        model = model_from_official(spec.checkpoint, spec.model, spec.num_classes, fmt=fmt, **spec.model_overrides)
+        label_map, image_size = _official_label_map(spec, model.config.num_classes, data_label_map), spec.image_size
+    else:
+        raise ValueError(f"teacher {spec.name}: unknown checkpoint format {fmt!r}")
+    return model, label_map, image_size
+
+
+def check_teacher_fits(spec: TeacherSpec, teacher_label_map: LabelMap, teacher_image_size: Optional[int],
+                       data_label_map: LabelMap, student_num_classes: int, image_size: Optional[int],
+                       check_image_size: bool = True) -> None:
+    """Refuse a teacher whose classes or training image size do not match the student and the data."""
+    teacher_label_map.check_compatible(data_label_map, what=f"teacher {spec.name} ({spec.checkpoint}) and the data")
+    if teacher_label_map.num_classes != student_num_classes:
+        raise ValueError(f"teacher {spec.name} has {teacher_label_map.num_classes} class slots and the student "
+                         f"{student_num_classes}: they must share one label map (--label-map)")
+    if check_image_size and teacher_image_size != image_size:
+        def show(s):
+            return "the official sizes (800, max 1333)" if s is None else f"the {s}-px preset"
+        raise ValueError(f"teacher {spec.name} was trained at {show(teacher_image_size)} but this run uses "
+                         f"{show(image_size)} (--image-size): its predictions would not transfer; match the image "
+                         "size or set teacher_check.image_size = false")

@@ -1,0 +1,147 @@
+"""The one Ray actor that runs a frozen teacher: it serves padded batches to a running distillation
+(:mod:`kd_detr.teacher.ray_serving`) and computes cache shards on a view plan (:mod:`kd_detr.teacher.cache.build`).
+
+Both uses load the same weights (:func:`~kd_detr.teacher.loading.load_teacher`) and run
+:class:`~kd_detr.teacher.sources.InProcessTeacher` on float32 inputs, so they give the in-process
+teacher's numbers (on CPU with the same intra-op thread count: reductions split over another number of
+threads round differently, ~1e-6). Results cross the object store in the wire format of
+:meth:`~kd_detr.teacher.outputs.TeacherOutputs.to_wire`, as numpy.
+
+The actor is created with ``max_restarts=-1, max_task_retries=-1``: a process that dies (OOM killer,
+preempted node) is restarted (it reloads the teacher) and its pending calls are retried; a forward pass
+has no side effects, so a retry returns the same result.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import numpy as np
+import ray
+import torch
+
+from kd_detr.data import CocoDetection, LabelMap
+from kd_detr.data.transforms import AugmentationPolicy
+from kd_detr.data.view_plan import PlanBatches, ViewPlan
+from kd_detr.matcher import HungarianMatcher, indices_to_assignment
+
+from .loading import TeacherSpec, load_teacher, spec_from_dict, spec_to_dict
+from .ray_session import from_numpy, to_numpy, torch_threads, wire_to_numpy
+from .sources import InProcessTeacher
+
+__all__ = ["TeacherWorker", "TeacherActor", "teacher_job", "plan_job"]
+
+
+def teacher_job(spec: TeacherSpec, attn_mode: str, label_map: Optional[LabelMap], device: str,
+                actors: int = 1, num_threads: Optional[int] = None) -> dict[str, Any]:
+    """The plain-data arguments an actor loads its teacher from (a model would be pickled to every actor).
+
+    ``label_map``: the data's (only needed for an official checkpoint whose card says ``contiguous``).
+    ``num_threads=None``: each actor takes its node's CPUs // ``actors`` (decided on the node)."""
+    return {"spec": spec_to_dict(spec), "attn_mode": attn_mode,
+            "label_map": label_map.to_dict() if label_map is not None else None,
+            "device": device, "actors": int(actors), "num_threads": num_threads}
+
+
+def plan_job(dataset: CocoDetection, plan: ViewPlan) -> dict[str, Any]:
+    """The plain-data description of a training set and its view plan, for actors that build cache shards
+    (they rebuild both and check the plan's fingerprint)."""
+    rep = dataset.report
+    return {
+        "dataset": {"img_dir": str(dataset.img_dir), "ann_file": str(dataset.ann_file),
+                    "label_map": dataset.label_map.to_dict(), "strict": bool(dataset.strict),
+                    # a data set built with validate_files dropped unreadable images: do the same
+                    "validate_files": rep.num_kept_images != rep.num_images},
+        "plan": {"num_views": plan.num_views, "batch_size": plan.batch_size, "seed": plan.seed,
+                 "policy": plan.policy.to_dict(), "fingerprint": plan.fingerprint()},
+    }
+
+
+class TeacherWorker:
+    """Body of :data:`TeacherActor` (a plain class too, so it can run in-process for debugging).
+
+    Args:
+        job: :func:`teacher_job`.
+        data: :func:`plan_job`, for building cache shards (:meth:`run_shard`); ``None`` for serving.
+        store: the cache's :meth:`StoreConfig.to_dict`, with ``data``.
+    """
+
+    def __init__(self, job: dict[str, Any], data: Optional[dict[str, Any]] = None,
+                 store: Optional[dict[str, Any]] = None):
+        torch.set_num_threads(torch_threads(job["actors"], job["num_threads"]))
+        label_map = LabelMap.from_dict(job["label_map"]) if job["label_map"] is not None else None
+        self.batches = self.plan = self.store = None
+        if data is not None:
+            from .cache.attention_codec import StoreConfig
+            from .cache.store import CacheError
+
+            d, p = data["dataset"], data["plan"]
+            label_map = LabelMap.from_dict(d["label_map"])
+            # the views come from the plan's policy (PlanBatches replays them with get_view)
+            policy = AugmentationPolicy.from_dict(p["policy"])
+            dataset = CocoDetection(d["img_dir"], d["ann_file"], transforms=policy, label_map=label_map,
+                                    strict=d["strict"], validate_files=d["validate_files"], log_report=False)
+            self.plan = ViewPlan.for_dataset(dataset, p["num_views"], p["batch_size"], p["seed"])
+            if self.plan.fingerprint() != p["fingerprint"]:
+                # e.g. the annotation file changed between the driver and this worker, or another node
+                # sees other files: its batches would not be the driver's
+                raise CacheError(f"teacher actor rebuilt a different view plan from {d['ann_file']} "
+                                 f"(fingerprint {self.plan.fingerprint()[:12]} != {p['fingerprint'][:12]})")
+            self.batches = PlanBatches(dataset, self.plan)
+            self.store = StoreConfig.from_dict(store)
+        self.device = torch.device(job["device"])
+        model, _, _ = load_teacher(spec_from_dict(job["spec"]), label_map)
+        self.teacher = InProcessTeacher(model.to(self.device), attn=job["attn_mode"])
+        self.matcher = HungarianMatcher()  # the teacher's own GT matching: default 2/5/2 costs
+
+    def ping(self) -> int:
+        """The worker's process id (a restarted actor answers with a new one)."""
+        return os.getpid()
+
+    def config(self):
+        """The teacher's :class:`ModelConfig`."""
+        return self.teacher.config
+
+    def describe(self) -> dict[str, int]:
+        """``{"layers", "queries", "classes"}`` of the teacher (a cache manifest's ``store`` sizes)."""
+        c = self.teacher.config
+        return {"layers": int(c.dec_layers), "queries": int(c.num_queries), "classes": int(c.num_classes)}
+
+    def queries(self) -> np.ndarray:
+        """``[Nt, d]`` the teacher's query_embed."""
+        return to_numpy(self.teacher.model.query_embed.weight)
+
+    def forward(self, images: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        """Serving: ``images [B,3,H,W]`` float32, ``mask [B,H,W]`` bool -> the wire dict as numpy."""
+        out = self.teacher(from_numpy(images).to(self.device), from_numpy(mask).to(self.device))
+        return wire_to_numpy(out.to_wire())
+
+    @torch.no_grad()
+    def compute(self, view: int, batch_ids: list[int]) -> dict[int, dict[str, np.ndarray]]:
+        """Cache: teacher outputs of plan batches ``batch_ids`` of view ``view``: ``{j: encode_batch(...)}`` as
+        numpy. ``gt_assignment [B,Nt]`` is the teacher's last-layer Hungarian matching to the batch targets;
+        ``image_index [B]`` the plan batch's dataset indices."""
+        from .cache.attention_codec import encode_batch
+
+        if self.batches is None:
+            raise RuntimeError("this teacher actor serves batches; it was not given a view plan to cache")
+        out = {}
+        for j in batch_ids:
+            images, mask, targets = self.batches[(view, j)]
+            res = self.teacher(images.to(self.device), mask.to(self.device))
+            tgt = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
+            idx = self.matcher({"pred_logits": res.logits[-1], "pred_boxes": res.boxes[-1]}, tgt)
+            res.gt_assignment = indices_to_assignment(idx, res.num_queries)
+            index = torch.tensor(self.plan.batch(view, j), dtype=torch.int64)
+            out[int(j)] = wire_to_numpy(encode_batch(res, index, self.store))
+        return out
+
+    def run_shard(self, name: str, view: int, batch_ids: list[int]) -> tuple[str, dict[int, dict[str, np.ndarray]]]:
+        """:meth:`compute` tagged with the shard name (``ActorPool`` returns results unordered)."""
+        return name, self.compute(view, batch_ids)
+
+
+# A killed actor is restarted (-1: without limit) and the call it was running retried: its calls have
+# no side effects (the driver alone writes).
+TeacherActor = ray.remote(max_restarts=-1, max_task_retries=-1)(TeacherWorker)
