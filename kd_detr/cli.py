@@ -231,14 +231,20 @@ def recipes_cmd(name: str | None, overrides: tuple[str, ...]) -> None:
     """List the distillation recipes, or print NAME merged with its defaults (and --set overrides)."""
     from kd_detr.engine.recipe import list_recipes, load_recipe, recipe_to_toml
 
+    from kd_detr.methods import list_methods
+
     if name is None:
         if overrides:
             raise click.UsageError("--set needs a recipe NAME")
         for rname, desc in list_recipes().items():
             click.echo(f"{rname:24s} {desc}")
+        methods = ", ".join(f"[{section}] {cls.__name__}" for section, cls in list_methods().items())
+        click.echo(f"\nmethods (recipe sections): {methods}")
         return
     recipe = load_recipe(name, overrides)
+    on = [section for section, cls in list_methods().items() if cls.enabled(recipe.sections[section])]
     click.echo(f"# recipe {recipe.name} from {' <- '.join(recipe.chain)}")
+    click.echo(f"# methods: {', '.join(on) or 'none (ground-truth loss only)'}")
     click.echo(recipe_to_toml(recipe.to_dict()), nl=False)
 
 

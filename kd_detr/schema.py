@@ -21,7 +21,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["check_value", "opt", "show_value", "tomllib"]
+__all__ = ["check_config", "check_value", "opt", "show_value", "tomllib"]
 
 
 def opt(default: Any, **checks: Any) -> Any:
@@ -114,6 +114,10 @@ def check_value(value: Any, hint: Any, checks: Mapping[str, Any] | None = None) 
         close = difflib.get_close_matches(out, choices, n=1)
         hint_ = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"must be {_describe(hint, choices)}, got {out!r}{hint_}")
+    if isinstance(out, list) and choices:
+        bad = [x for x in out if isinstance(x, str) and x not in choices]
+        if bad:
+            raise ValueError(f"entries must be among {', '.join(map(repr, choices))}, got {out!r} (unknown: {bad})")
     numbers = out if isinstance(out, list) else [out]
     must = "entries must be" if isinstance(out, list) else "must be"
     for x in numbers:
@@ -133,3 +137,22 @@ def check_value(value: Any, hint: Any, checks: Mapping[str, Any] | None = None) 
         if checks.get("unique") and len(set(out)) != len(out):
             raise ValueError(f"must not repeat entries, got {out!r}")
     return out
+
+
+def check_config(cfg: Any, section: str) -> Any:
+    """Check every field of a config dataclass made of :func:`opt` fields (nested ones too) against its own
+    declared checks; ``ValueError`` naming ``section.field``. Recipes are checked as they load; this is the
+    same check for configs built in code."""
+    import dataclasses
+
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_config(value, f"{section}.{f.name}")
+            continue
+        try:
+            check_value(value, hints[f.name], f.metadata)
+        except ValueError as e:
+            raise ValueError(f"{section}.{f.name} {e}") from None
+    return cfg

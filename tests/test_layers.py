@@ -37,7 +37,7 @@ LAYERS: dict[str, int] = {
     "atomic": 0,
     "progress": 0,
     "zoo": 0,
-    "utils": 0,
+    "schema": 0,
     # 1: data sets, transforms, collation.
     "data": 1,
     # 2: detector building blocks and their evaluation.
@@ -50,9 +50,9 @@ LAYERS: dict[str, int] = {
     "teacher": 3,
     # 4: distillation methods.
     "methods": 4,
-    # 5: the training engine.
+    # 5: the training engine (and the recipe loader, which composes the registered methods' sections).
     "engine": 5,
-    # 6: runs (recipes, whole training/eval runs).
+    # 6: runs (assembling runs from recipes and specs; compare, quickstart, eval/predict, export).
     "runs": 6,
     # 7: entry points.
     "cli": 7,

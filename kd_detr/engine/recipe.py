@@ -235,12 +235,10 @@ def _validate(data: dict[str, Any], origins: dict[str, str], source: str, chain:
             raise _error(key, where(key), f"must be a string, got {show_value(data[key])}")
     built = {name: _build(cls, _table(data.get(name, {}), name, where(name)), name, where)
              for name, cls in sections().items()}
-    distill = built["distill"]
-    if distill.enabled and not (distill.adaptive or distill.fixed):
-        files = " and ".join(dict.fromkeys([where("distill.adaptive"), where("distill.fixed")]))
-        raise _error("distill.adaptive", files,
-                     "distill.adaptive and distill.fixed are both false, so nothing would be distilled; "
-                     "set distill.enabled = false to train the student alone")
+    for name, cfg in built.items():  # checks across a section's fields, declared by its config class
+        for keys, problem in getattr(cfg, "problems", lambda: [])():
+            dotted = [f"{name}.{k}" for k in keys]
+            raise _error(dotted[0], " and ".join(dict.fromkeys(where(k) for k in dotted)), problem)
     return Recipe(
         name=data.get("name", Path(source).stem),
         description=data.get("description", ""),

@@ -19,8 +19,8 @@ def to_float32(obj: Any) -> Any:
     """Cast every floating tensor in a nested dict/list of model outputs to float32."""
     if torch.is_tensor(obj):
         return obj.float() if obj.is_floating_point() else obj
-    if isinstance(obj, dict):
-        return {k: to_float32(v) for k, v in obj.items()}
+    if isinstance(obj, dict):  # keeps a DetectorOutput's typed views
+        return type(obj)({k: to_float32(v) for k, v in obj.items()})
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_float32(v) for v in obj)
     return obj
@@ -47,6 +47,12 @@ def batch_losses(model: torch.nn.Module, criterion, images: torch.Tensor, mask: 
     request = DetectorRequest()
     for m in methods:
         request = request.merge(m.request(teacher))
+    detector = raw_model if raw_model is not None else model
+    missing = request.asked() - set(getattr(detector.config, "supports", request.asked()))
+    if missing:
+        raise ValueError(f"the student ({type(detector).__name__}) cannot return {sorted(missing)}, which the recipe's "
+                         f"methods ({', '.join(m.section for m in methods)}) ask of it: switch those terms off in "
+                         "the recipe, or use a student family that has them")
     outputs = model(images, mask, request=request)
     with torch.autocast(images.device.type, enabled=False):  # losses in float32 under AMP
         out32 = to_float32(outputs)

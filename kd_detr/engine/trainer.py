@@ -619,7 +619,7 @@ class Trainer:
             rc["recipe"] = self.recipe.to_dict()
             rc["recipe_files"] = list(self.recipe.chain)
             rc["teacher"] = self.teacher.spec.to_dict() if self.teacher is not None and self.teacher.spec else None
-            rc["teacher_serving"] = {**(self.teacher.describe() if self.teacher is not None else {"kind": None}),
+            rc["teacher_serving"] = {**(self.teacher.describe() if self.teacher is not None else {"mode": None}),
                                      "views": self.views, "view_seed": self.view_seed}
             if self.plan is not None:
                 rc["view_plan"] = self.plan.to_dict()

@@ -1,4 +1,4 @@
-"""MS-DETR mixed supervision for a Conditional DETR student (training only; methods.md section 3).
+"""MS-DETR mixed supervision for a Conditional DETR student (training only; docs/methods.md section 3).
 
 MS-DETR (Zhao et al., CVPR 2024) adds a one-to-many (o2m) loss on the primary decoder's own queries,
 beside the usual one-to-one (o2o) Hungarian loss: no extra queries and no extra decoder branch, so the
@@ -7,7 +7,7 @@ model used at inference is unchanged. :class:`MixedSupervision` is that o2m loss
 layer, optionally a separate class head) live in the objective, never in the student, so checkpoints and
 exports stay plain Conditional DETR models.
 
-Porting (methods.md 3.7): MS-DETR reorders its (Deformable DETR) decoder layer to cross-attention ->
+Porting (docs/methods.md 3.7): MS-DETR reorders its (Deformable DETR) decoder layer to cross-attention ->
 self-attention -> FFN and taps the o2m features after cross-attention. Conditional DETR's layer order is
 kept here (its cross-attention depends on the previous layer's output through ``query_scale`` and the
 first layer's self-attention runs on zero content, so reordering would change the model); the o2m tap is
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert, box_iou
 
 from kd_detr.models import DetectorRequest
-from kd_detr.schema import opt
+from kd_detr.schema import check_config, opt
 
 from .base import Method
 from .registry import register_method
@@ -38,7 +38,7 @@ __all__ = ["AuxFFN", "MixedSupervision", "MsDetrConfig", "one_to_many_assignment
 
 @dataclass
 class MsDetrConfig:
-    """MS-DETR mixed supervision of the student's primary queries (``[ms_detr]``, methods.md 3).
+    """MS-DETR mixed supervision of the student's primary queries (``[ms_detr]``, docs/methods.md 3).
 
     A training-only one-to-many (o2m) loss beside the usual one-to-one Hungarian loss; the trained and
     exported student is a plain Conditional DETR (the auxiliary FFNs / class head live in the objective).
@@ -76,7 +76,7 @@ def one_to_many_assignment(prob: Tensor, boxes: Tensor, gt_labels: Tensor, gt_bo
                            alpha: float = 0.3, threshold: float = 0.4, topk: int = 6,
                            max_positive_fraction: float = 0.25,
                            generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
-    """MS-DETR's one-to-many assignment of one image and one decoder layer (methods.md 3.3).
+    """MS-DETR's one-to-many assignment of one image and one decoder layer (docs/methods.md 3.3).
 
     1. score ``m(g, q) = alpha * prob[q, label_g] + (1 - alpha) * IoU(boxes[q], gt_boxes[g])`` (plain IoU);
     2. each query takes its best GT ``g*(q) = argmax_g m(g, q)`` and is a candidate iff ``m(g*, q) >=
@@ -200,7 +200,7 @@ class MixedSupervision(Method):
     """
 
 
-    def __init__(self, cfg: Any, model_config: Any, criterion: nn.Module,
+    def __init__(self, cfg: MsDetrConfig, model_config: Any, criterion: nn.Module,
                  generator: Optional[torch.Generator] = None):
         super().__init__()
         self.cfg = cfg
@@ -209,10 +209,7 @@ class MixedSupervision(Method):
         self.generator = generator
         self.num_layers = int(model_config.dec_layers)
         d = int(model_config.d_model)
-        if cfg.tap not in ("cross_attn", "layer_output"):
-            raise ValueError(f"ms_detr.tap must be 'cross_attn' or 'layer_output', not {cfg.tap!r}")
-        if cfg.class_head not in ("shared", "separate"):
-            raise ValueError(f"ms_detr.class_head must be 'shared' or 'separate', not {cfg.class_head!r}")
+        check_config(cfg, "ms_detr")  # its fields' own checks (a recipe ran them already; code may not have)
         self.tap = cfg.tap
         # one auxiliary FFN per decoder layer (MS-DETR: inside each decoder layer)
         self.aux_ffn: Optional[nn.ModuleList] = None

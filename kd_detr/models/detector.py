@@ -68,8 +68,7 @@ class DetectorRequest:
 
     def asked(self) -> set[str]:
         """Names of the fields set (to check them against ``config.supports``)."""
-        return {f.name for f in dataclasses.fields(self)
-                if getattr(self, f.name) not in (False, None)}
+        return {f.name for f in dataclasses.fields(self) if getattr(self, f.name)}
 
 
 class DetectorOutput(dict):

@@ -8,11 +8,10 @@ from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Subset
 
 from kd_detr import data as kd_data
 from kd_detr.data.label_map import LabelMap
-from kd_detr.evaluation import EvalResult, evaluate_model, write_eval_outputs
+from kd_detr.evaluation import EvalResult, eval_loader, evaluate_model, write_eval_outputs
 from kd_detr.postprocess import PostProcess
 
 log = logging.getLogger("kd_detr.inference")
@@ -76,9 +75,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, model_name: str | None = None
     if label_map.num_classes != model.config.num_classes:
         raise ValueError(f"the label map has {label_map.num_classes} classes but the model has "
                          f"{model.config.num_classes}")
-    subset = dataset if max_images is None else Subset(dataset, range(min(max_images, len(dataset))))
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=kd_data.collate_fn)
+    loader = eval_loader(dataset, batch_size, max_images=max_images, num_workers=num_workers)
     result, results = evaluate_model(model, loader, dataset.coco, label_map, device)
     out_dir = Path(output_dir) if output_dir else Path(checkpoint).parent / f"eval_{Path(checkpoint).stem}_{split}"
     write_eval_outputs(out_dir, result, results)

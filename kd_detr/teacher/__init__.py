@@ -1,6 +1,6 @@
 """The teacher layer: what a teacher provides (:class:`TeacherOutputs`), where it is described (teacher
 cards), how it is loaded and checked, and the three sources a distillation gets its outputs from
-(in-process, cache, Ray actors). It imports only models and data: never the methods or the engine.
+(in-process, cache, Ray actors). It imports only what lies below it (models, matcher, evaluation, data): never the methods or the engine.
 
 * :mod:`.outputs`: ``TeacherOutputs`` and its one wire format.
 * :mod:`.card`, :mod:`.loading`: teacher cards, ``--teacher`` resolution, loading and fit checks.

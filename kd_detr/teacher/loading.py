@@ -17,7 +17,7 @@ from kd_detr.models import ModelConfig, get_config, load_model, model_from_offic
 
 from .card import TeacherCard, find_card, load_card
 
-log = logging.getLogger("kd_detr.distill")
+log = logging.getLogger("kd_detr.teacher")
 
 __all__ = ["TeacherSpec", "resolve_teacher", "load_teacher", "check_teacher_fits", "teacher_config", "spec_to_dict",
            "spec_from_dict", "describe_teacher"]

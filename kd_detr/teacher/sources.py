@@ -115,7 +115,7 @@ class TeacherSource(abc.ABC):
 
     def describe(self) -> dict[str, Any]:
         """What the run record says of this source."""
-        return {"kind": self.kind, "teacher": self.spec.to_dict() if self.spec is not None else None}
+        return {"mode": self.kind, "teacher": self.spec.to_dict() if self.spec is not None else None}
 
 
 class InProcessSource(TeacherSource):

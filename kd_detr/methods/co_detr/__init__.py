@@ -1,4 +1,4 @@
-"""Co-DETR collaborative hybrid assignments for the student, a training-only objective (methods.md 4).
+"""Co-DETR collaborative hybrid assignments for the student, a training-only objective (docs/methods.md 4).
 
 Modules: :mod:`.adapter` (single-scale memory -> 5-level pyramid), :mod:`.anchors` (anchors at the
 pyramid's strides), :mod:`.atss_head` and :mod:`.rcnn_head` (the one-to-many auxiliary heads),

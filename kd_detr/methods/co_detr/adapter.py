@@ -1,7 +1,7 @@
 """Multi-scale adapter: Conditional DETR's single-scale encoder memory -> a 5-level feature pyramid.
 
-Co-DETR's auxiliary heads work on a pyramid ``F_1..F_5`` at strides 8..128 (methods.md 4.1.1). Conditional
-DETR has one C5 map (stride 32; 16 with DC5), so we build the pyramid ViTDet-style (methods.md 4.2):
+Co-DETR's auxiliary heads work on a pyramid ``F_1..F_5`` at strides 8..128 (docs/methods.md 4.1.1). Conditional
+DETR has one C5 map (stride 32; 16 with DC5), so we build the pyramid ViTDet-style (docs/methods.md 4.2):
 finer levels by bilinear upsampling + 3x3 conv + GroupNorm, the input's own level as is, coarser levels
 by chained 3x3 stride-2 convs + GroupNorm. The channel and norm details are ours (Co-DETR has no
 single-scale config): GroupNorm with 32 groups like its multi-scale path, fewer when ``d`` is small.

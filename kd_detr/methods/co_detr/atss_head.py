@@ -1,4 +1,4 @@
-"""ATSS auxiliary head (Zhang et al., CVPR 2020) as configured in Co-DETR (methods.md 4.1.2).
+"""ATSS auxiliary head (Zhang et al., CVPR 2020) as configured in Co-DETR (docs/methods.md 4.1.2).
 
 One 3x3 conv (+ GroupNorm + ReLU) per branch, one square anchor per location of side ``8 x stride``,
 the ATSS assigner with top-9 candidates per level, and mmdet's ATSS losses: sigmoid focal loss

@@ -11,10 +11,10 @@ __all__ = ["CoDetrConfig"]
 
 @dataclass
 class CoDetrConfig:
-    """Co-DETR collaborative hybrid assignments for the student (``[co_detr]``, methods.md 4).
+    """Co-DETR collaborative hybrid assignments for the student (``[co_detr]``, docs/methods.md 4).
 
     Training-only: the adapter, the auxiliary heads and the query projections live in the objective
-    (:mod:`kd_detr.co_detr`), never in the exported student. ``heads`` entries are checked by the
+    (:mod:`kd_detr.methods.co_detr`), never in the exported student. ``heads`` entries are checked by the
     objective (``atss`` or ``faster_rcnn``).
     """
 

@@ -1,6 +1,6 @@
 """Co-DETR collaborative hybrid assignments (Zong et al., ICCV 2023) as a training-only objective.
 
-Per batch (methods.md 4.1.4, ``L`` decoder layers, ``K`` heads):
+Per batch (docs/methods.md 4.1.4, ``L`` decoder layers, ``K`` heads):
 
 * the encoder memory goes through the :class:`PyramidAdapter` to the ``K`` auxiliary heads (ATSS,
   Faster R-CNN), which train with their own one-to-many assignments: ``L^enc``, weighted ``L * lambda2``
@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 from kd_detr.models import DetectorRequest
+from kd_detr.schema import check_config
 
 from ..base import Method
 from ..registry import register_method
@@ -52,7 +53,7 @@ class CollaborativeHybrid(Method):
     """Co-DETR's auxiliary heads and customised positive queries for a Conditional DETR student.
 
     Args:
-        cfg: the recipe's ``[co_detr]`` section (:class:`~kd_detr.distill.recipe.CoDetrConfig`).
+        cfg: the recipe's ``[co_detr]`` section (:class:`~kd_detr.methods.co_detr.CoDetrConfig`).
         model_config: the student's :class:`~kd_detr.models.registry.ModelConfig`.
         criterion: the student's :class:`~kd_detr.criterion.SetCriterion` (its ``layer_losses`` and main
             loss weights supervise the positive queries).
@@ -66,12 +67,9 @@ class CollaborativeHybrid(Method):
     (the head's :class:`HeadAssignment` per image, without features).
     """
 
-    def __init__(self, cfg, model_config, criterion):
+    def __init__(self, cfg: CoDetrConfig, model_config: Any, criterion: nn.Module):
         super().__init__()
-        bad = [h for h in cfg.heads if h not in HEADS]
-        if bad or not cfg.heads or len(set(cfg.heads)) != len(cfg.heads):
-            raise ValueError(f"co_detr.heads = {list(cfg.heads)!r}: entries must be distinct and among "
-                             f"{', '.join(map(repr, HEADS))}" + (f" (unknown: {bad})" if bad else ""))
+        check_config(cfg, "co_detr")  # its fields' own checks (a recipe ran them already; code may not have)
         self.cfg = cfg
         self.criterion = criterion
         d, num_classes = model_config.d_model, model_config.num_classes

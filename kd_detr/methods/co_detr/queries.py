@@ -1,4 +1,4 @@
-"""Customised positive queries (methods.md 4.1.3, 4.2): an auxiliary head's assignment -> decoder queries.
+"""Customised positive queries (docs/methods.md 4.1.3, 4.2): an auxiliary head's assignment -> decoder queries.
 
 Per head and image: the head's positive boxes (ATSS anchors, sampled R-CNN proposals) with the GT it
 assigned them, at most ``max_positive`` (a random subset beyond), padded with the same head's negatives

@@ -1,4 +1,4 @@
-"""Faster R-CNN auxiliary head from torchvision's building blocks, as configured in Co-DETR (methods.md 4.1.2).
+"""Faster R-CNN auxiliary head from torchvision's building blocks, as configured in Co-DETR (docs/methods.md 4.1.2).
 
 RPN: 3 anchor scales ``4 * 2^(k/3) * stride`` x ratios 0.5 / 1 / 2 per location, MaxIoU 0.7 / 0.3
 (low-quality matches allowed), 256 sampled anchors 50 % positive, objectness BCE + box regression
@@ -32,7 +32,7 @@ from .assignment import HeadAssignment
 
 __all__ = ["FasterRCNNHead"]
 
-RPN_PRE_NMS_TOP_N = 2000  # proposals per level before NMS (torchvision's training default; not in methods.md)
+RPN_PRE_NMS_TOP_N = 2000  # proposals per level before NMS (torchvision's training default; not in docs/methods.md)
 ROI_LEVELS = 4            # RoIAlign on the 4 finest levels (strides 8..64), as Co-DETR's featmap_strides
 
 
@@ -44,7 +44,7 @@ class FasterRCNNHead(nn.Module):
         num_classes: ``C`` foreground classes (labels in ``[0, C)``; torchvision's are shifted by one).
         strides: the pyramid's strides.
         rpn_batch_size_per_image, rpn_positive_fraction, rpn_post_nms_top_n, roi_batch_size_per_image,
-        roi_positive_fraction: sampling (see :class:`~kd_detr.distill.recipe.CoDetrConfig`).
+        roi_positive_fraction: sampling (see :class:`~kd_detr.methods.co_detr.CoDetrConfig`).
         with_features: also return each sampled RoI's mean-pooled feature (for content queries).
     """
 

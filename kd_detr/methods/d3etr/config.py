@@ -67,3 +67,10 @@ class DistillConfig:
     self_attn: AttnDistill = field(default_factory=AttnDistill)
     cross_attn: AttnDistill = field(default_factory=AttnDistill)
     fixed_group: FixedGroup = field(default_factory=FixedGroup)
+
+    def problems(self) -> list[tuple[tuple[str, ...], str]]:
+        """Checks across fields: ``[(keys involved, what is wrong)]`` (the recipe loader reports the first)."""
+        if self.enabled and not (self.adaptive or self.fixed):
+            return [(("adaptive", "fixed"), "distill.adaptive and distill.fixed are both false, so nothing would be "
+                                           "distilled; set distill.enabled = false to train the student alone")]
+        return []

@@ -1,6 +1,6 @@
 """D3ETR distillation losses: predictions (class + boxes) and attention maps, through a matching.
 
-A matching is ``teacher_idx [B, K]``, ``student_idx [B, K]`` (see :mod:`kd_detr.distill.adaptive_match`):
+A matching is ``teacher_idx [B, K]``, ``student_idx [B, K]`` (see :mod:`kd_detr.methods.d3etr.adaptive_match`):
 pair ``k`` of image ``b`` compares teacher query ``teacher_idx[b, k]`` with student query
 ``student_idx[b, k]``. Every loss gathers the matched rows with ``torch.gather`` (no loop over images or
 pairs), works in float32 whatever the input dtype, and returns an unweighted scalar: the recipe

@@ -1,6 +1,6 @@
 """D3ETR loss: MixMatcher (Adaptive + Fixed Matching), label-assignment sharing, all KD terms.
 
-Per batch (methods.md 2.2): the teacher's outputs are given; the student ran with its own queries
+Per batch (docs/methods.md 2.2): the teacher's outputs are given; the student ran with its own queries
 (group P, "adaptive") plus the teacher's frozen queries as an auxiliary group (group A, "fixed").
 
 * adaptive: per distilled layer, Hungarian matching of teacher layer ``m(l)`` to student layer ``l``

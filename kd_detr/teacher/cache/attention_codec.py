@@ -1,6 +1,6 @@
 """How teacher outputs are stored in a cache: the store config and the tensor codec.
 
-Attention maps dominate the size of a cached teacher output (methods.md §6.4: per view, head-averaged
+Attention maps dominate the size of a cached teacher output (docs/methods.md §6.4: per view, head-averaged
 fp16 self-attention ≈ 1.1 MB and cross-attention ≈ 3–4 MB, 8x that per head), so they can be stored
 
 * ``none``: not at all (recipes without attention distillation),

@@ -3,7 +3,7 @@
 The driver splits the plan into shards (``batches_per_shard`` consecutive plan batches of one view,
 ``shard-00000.safetensors``, ... in a fixed order: view 0's batches first), hands the shards that the
 manifest does not list yet to a :class:`ray.util.ActorPool` of :data:`~kd_detr.teacher.ray_actor.TeacherActor` s and writes each
-result with the one :class:`~kd_detr.teacher_cache.store.CacheWriter` as it arrives (actors only
+result with the one :class:`~kd_detr.teacher.cache.store.CacheWriter` as it arrives (actors only
 compute; a single writer keeps the manifest consistent).
 
 * **Resumable**: a shard is listed in the manifest only once complete; a rerun skips listed shards and
@@ -41,7 +41,7 @@ from ..ray_session import actor_options, ensure_ray, from_numpy, shutdown_ray
 from .attention_codec import StoreConfig
 from .store import MANIFEST, QUERIES, CacheError, CacheWriter, sha256_file
 
-log = logging.getLogger("kd_detr.teacher_cache")
+log = logging.getLogger("kd_detr.teacher.cache")
 
 __all__ = ["cache_header", "plan_shards", "ShardTask", "build_cache"]
 
