@@ -56,6 +56,16 @@ class MsDetrConfig:
       head, implementation (a)); the box head is always the student's.
     * ``class_weight``, ``bbox_weight``, ``giou_weight``: weights of the o2m focal, L1 and GIoU terms of every
       decoder layer (MS-DETR 2, 5, 2).
+    * ``cap_rule``: which positives survive the ``max_positive_fraction`` cap. ``"best_first"`` (ours, default):
+      every GT's best query first, the other candidates at random, so no GT loses its only positive while
+      they fit; ``"official"``: uniformly at random among all positives (the official code).
+    * ``duplicate_pairs``: a query selected for two GTs. ``"best"`` (ours, default): it keeps only its
+      highest-scoring pair, for the class and the box terms; ``"official"``: the best pair sets the class
+      target and every pair enters the L1 and GIoU terms (the official code).
+
+    The o2o loss is the student's criterion: its class weight is ``[train] cls_loss_coef``, 2 as in the
+    baseline, so that ``ms_detr`` and ``baseline`` differ only in the o2m term; every official MS-DETR run
+    uses 1 (``recipes/ms_detr_official.toml`` sets it, with both switches at ``"official"``).
     """
 
     enabled: bool = False
@@ -69,26 +79,31 @@ class MsDetrConfig:
     class_weight: float = opt(2.0, min=0)
     bbox_weight: float = opt(5.0, min=0)
     giou_weight: float = opt(2.0, min=0)
+    cap_rule: str = opt("best_first", choices=("best_first", "official"))
+    duplicate_pairs: str = opt("best", choices=("best", "official"))
 
 
 @torch.no_grad()
 def one_to_many_assignment(prob: Tensor, boxes: Tensor, gt_labels: Tensor, gt_boxes: Tensor,
                            alpha: float = 0.3, threshold: float = 0.4, topk: int = 6,
                            max_positive_fraction: float = 0.25,
-                           generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+                           generator: Optional[torch.Generator] = None, cap_rule: str = "best_first",
+                           duplicate_pairs: str = "best"):
     """MS-DETR's one-to-many assignment of one image and one decoder layer (docs/methods.md 3.3).
 
     1. score ``m(g, q) = alpha * prob[q, label_g] + (1 - alpha) * IoU(boxes[q], gt_boxes[g])`` (plain IoU);
     2. each query takes its best GT ``g*(q) = argmax_g m(g, q)`` and is a candidate iff ``m(g*, q) >=
        threshold``;
     3. every GT's best query ``argmax_q m(g, q)`` is positive too (still assigned to its own ``g*``);
-    4. random cap: at most ``floor(max_positive_fraction * Q)`` positives. The forced queries of step 3 go
-       first (so they survive the cap; only if they alone exceed it is a random subset of them kept),
-       the other candidates fill the remaining places at random (``generator``);
+    4. random cap: at most ``floor(max_positive_fraction * Q)`` positives. ``cap_rule="best_first"``: the
+       forced queries of step 3 go first (so they survive the cap; only if they alone exceed it is a random
+       subset of them kept), the other candidates fill the remaining places at random (``generator``);
+       ``"official"``: a uniformly random subset of all positives;
     5. a GT ``g`` that received ``c`` positives keeps its top-``min(c, topk)`` queries by ``m(g, .)``
        over **all** queries; a query selected for several GTs keeps only its highest-scoring pair (what
-       MS-DETR's ascending sort achieves for the class target; here the duplicate is dropped for the box
-       terms too, so each query has exactly one target).
+       MS-DETR's ascending sort achieves for the class target). ``duplicate_pairs="best"`` drops the
+       other pairs for the box terms too, so each query has exactly one target; ``"official"`` also
+       returns every selected pair for the box terms.
 
     Args:
         prob: ``[Q,C]`` class probabilities (sigmoid of the logits).
@@ -97,15 +112,21 @@ def one_to_many_assignment(prob: Tensor, boxes: Tensor, gt_labels: Tensor, gt_bo
         gt_boxes: ``[N,4]`` GT boxes, normalised cxcywh.
         alpha, threshold, topk, max_positive_fraction: see above (MS-DETR: 0.3, 0.4, 6, 0.25).
         generator: RNG of the random cap (``None``: the global RNG of ``prob``'s device).
+        cap_rule, duplicate_pairs: see steps 4 and 5.
 
     Returns:
         ``(query_idx [P], gt_idx [P])`` int64 on ``prob``'s device, sorted by query, each query at most
-        once, ``P <= floor(max_positive_fraction * Q)``.
+        once, ``P <= floor(max_positive_fraction * Q)``. With ``duplicate_pairs="official"``:
+        ``((query_idx, gt_idx), (box_query_idx [P'], box_gt_idx [P']))``, the second every selected pair
+        (sorted by query, then GT).
     """
+    if cap_rule not in ("best_first", "official") or duplicate_pairs not in ("best", "official"):
+        raise ValueError(f"cap_rule must be best_first|official and duplicate_pairs best|official, got "
+                         f"{cap_rule!r}, {duplicate_pairs!r}")
     num_queries, device = prob.shape[0], prob.device
     empty = torch.empty(0, dtype=torch.long, device=device)
     if num_queries == 0 or gt_labels.numel() == 0:
-        return empty, empty
+        return ((empty, empty), (empty, empty)) if duplicate_pairs == "official" else (empty, empty)
     num_gt = gt_labels.numel()
     gt_labels = gt_labels.to(device=device, dtype=torch.long)
     gt_boxes = gt_boxes.to(device=device, dtype=boxes.dtype)
@@ -129,7 +150,8 @@ def one_to_many_assignment(prob: Tensor, boxes: Tensor, gt_labels: Tensor, gt_bo
         rand = torch.rand(num_queries, generator=generator, device=generator.device).to(device)
     else:
         rand = torch.rand(num_queries, device=device)
-    priority = torch.where(positive, rand + 2 * forced.to(rand.dtype), torch.full_like(rand, -1.0))
+    boost = 2 * forced.to(rand.dtype) if cap_rule == "best_first" else torch.zeros_like(rand)
+    priority = torch.where(positive, rand + boost, torch.full_like(rand, -1.0))
     keep_idx = priority.topk(cap).indices
     kept = torch.zeros_like(positive)
     kept[keep_idx] = positive[keep_idx]
@@ -143,7 +165,11 @@ def one_to_many_assignment(prob: Tensor, boxes: Tensor, gt_labels: Tensor, gt_bo
     # one pair per query: the selected GT with the highest score
     pair_score, gt_idx = score.masked_fill(~selected, -math.inf).max(dim=0)  # [Q]
     query_idx = torch.nonzero(pair_score > -math.inf).squeeze(1)
-    return query_idx, gt_idx[query_idx]
+    best = (query_idx, gt_idx[query_idx])
+    if duplicate_pairs == "best":
+        return best
+    box_q, box_g = selected.t().nonzero(as_tuple=True)  # every selected pair, by query then GT
+    return best, (box_q, box_g)
 
 
 class AuxFFN(nn.Module):
@@ -272,10 +298,15 @@ class MixedSupervision(Method):
                 indices = [one_to_many_assignment(prob[b], pred_boxes[b], t["labels"], t["boxes"],
                                                   alpha=cfg.alpha, threshold=cfg.threshold, topk=cfg.topk,
                                                   max_positive_fraction=cfg.max_positive_fraction,
-                                                  generator=self.generator)
+                                                  generator=self.generator, cap_rule=cfg.cap_rule,
+                                                  duplicate_pairs=cfg.duplicate_pairs)
                            for b, t in enumerate(targets)]
-            terms = self.criterion.layer_losses({"pred_logits": logits[i], "pred_boxes": boxes[i]}, targets,
-                                                indices, num_boxes)
+            layer = {"pred_logits": logits[i], "pred_boxes": boxes[i]}
+            if cfg.duplicate_pairs == "best":
+                terms = self.criterion.layer_losses(layer, targets, indices, num_boxes)
+            else:  # the class target from each query's best pair, the box terms over every pair
+                terms = {"loss_ce": self.criterion.loss_labels(logits[i], targets, [b for b, _ in indices], num_boxes),
+                         **self.criterion.loss_boxes(boxes[i], targets, [a for _, a in indices], num_boxes)}
             for k, v in terms.items():
                 losses[f"ms_detr.{k}.l{i}"] = v
         return losses

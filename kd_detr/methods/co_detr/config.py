@@ -32,9 +32,14 @@ class CoDetrConfig:
     min_queries: int = opt(9, min=1)
     """Every image's query group is padded with negatives to the batch maximum, at least this many."""
     use_head_embedding: bool = True
-    """Add a learnt per-head embedding to the positional queries."""
+    """Add a learnt per-head embedding to the positional queries (ours by default; official Co-Deformable-DETR
+    has one, Co-DINO none)."""
+    head_embedding_form: str = opt("vector", choices=("vector", "official"))
+    """``"vector"`` (ours): a ``[d]`` vector per head, N(0, 1) initialised; ``"official"``: one scalar per head
+    broadcast over the channels, Xavier-uniform initialised, as Co-Deformable-DETR's code builds it."""
     content_from_features: bool = False
-    """Add a projection of the head's feature (anchor location / pooled RoI) to the content queries."""
+    """Add a projection of the head's feature (anchor location / pooled RoI) to the content queries. Off by
+    default (ours, and Co-DINO's); official Co-Deformable-DETR has it on (``co_detr_official.toml``)."""
     atss_topk: int = opt(9, min=1)
     """ATSS assigner: candidate anchors per pyramid level and GT (closest centres)."""
     rpn_batch_size_per_image: int = opt(256, min=1)

@@ -91,7 +91,8 @@ class CollaborativeHybrid(Method):
                     roi_positive_fraction=cfg.roi_positive_fraction)
         self.queries = nn.ModuleDict({
             h: PositiveQueryEncoder(d, model_config.pe_temperature, head_embedding=cfg.use_head_embedding,
-                                    content_from_features=with_features) for h in cfg.heads})
+                                    content_from_features=with_features, head_embedding_form=cfg.head_embedding_form,
+                                    num_heads=len(cfg.heads)) for h in cfg.heads})
 
         self.weight_dict: dict[str, float] = {}
         for h in cfg.heads:

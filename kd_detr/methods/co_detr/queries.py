@@ -12,6 +12,7 @@ centre (replacing ``sigmoid(ref_point_head(q_pos))``); the box head then predict
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -110,12 +111,17 @@ class PositiveQueryEncoder(nn.Module):
     Args:
         d: decoder width.
         temperature: of the sine PE (the model's ``pe_temperature``).
-        head_embedding: add a learnt ``[d]`` vector (this head's identity) to ``query_pos``.
+        head_embedding: add a learnt embedding (this head's identity) to ``query_pos``.
+        head_embedding_form: ``"vector"``: a ``[d]`` vector initialised N(0, 1) (ours); ``"official"``: one
+            scalar broadcast over the channels, Xavier-uniform initialised as a row of a ``[num_heads, 1]``
+            table (Co-Deformable-DETR's code builds its head embedding that way; its comment calls it a bug
+            kept for reproducibility).
+        num_heads: the number of auxiliary heads (the table's size, for the ``"official"`` initialisation).
         content_from_features: add ``LN(Linear(feature))`` to ``query_content`` (needs features).
     """
 
     def __init__(self, d: int, temperature: int = 10000, head_embedding: bool = True,
-                 content_from_features: bool = False):
+                 content_from_features: bool = False, head_embedding_form: str = "vector", num_heads: int = 2):
         super().__init__()
         if d % 4:
             raise ValueError(f"positive queries need d divisible by 4 (d/2 sine features per coordinate), got {d}")
@@ -123,8 +129,15 @@ class PositiveQueryEncoder(nn.Module):
         self.temperature = temperature
         self.proj = nn.Linear(2 * d, 2 * d)
         self.norm = nn.LayerNorm(2 * d)
-        # nn.Embedding's N(0, 1) initialisation, as Co-DETR's embedding of the head index.
-        self.head_embed = nn.Parameter(torch.randn(d)) if head_embedding else None
+        if head_embedding_form not in ("vector", "official"):
+            raise ValueError(f"head_embedding_form must be 'vector' or 'official', got {head_embedding_form!r}")
+        self.head_embed: Optional[nn.Parameter] = None
+        if head_embedding and head_embedding_form == "vector":
+            self.head_embed = nn.Parameter(torch.randn(d))  # nn.Embedding's N(0, 1) initialisation (ours)
+        elif head_embedding:
+            # a [num_heads, 1] table under xavier_uniform_: U(-b, b), b = sqrt(6 / (fan_in + fan_out))
+            bound = math.sqrt(6.0 / (1 + num_heads))
+            self.head_embed = nn.Parameter(torch.empty(1).uniform_(-bound, bound))
         self.feat_proj = nn.Linear(d, d) if content_from_features else None
         self.feat_norm = nn.LayerNorm(d) if content_from_features else None
 
