@@ -15,20 +15,27 @@ __all__ = ["Progress", "RunLogger", "truncate_log"]
 
 
 class RunLogger:
-    """Appends one JSON object per logged step to ``log.jsonl`` (DETR's ``log.txt`` style).
+    """Appends one JSON object per logged step to ``log.jsonl`` (DETR's ``log.txt`` style), the source of truth,
+    and the same numbers to TensorBoard event files beside it (``tensorboard --logdir OUTPUT_DIR``).
 
     Only the main process writes; other ranks get a logger that does nothing. Lines are flushed
-    immediately so a killed run keeps everything it logged.
+    immediately so a killed run keeps everything it logged. TensorBoard is optional (the ``tensorboard``
+    package, ``pip install "kd-detr[tensorboard]"``): without it only the JSONL is written. A resumed run
+    purges the event steps after the log's last line, so the curves match the JSONL.
     """
 
     def __init__(self, output_dir: str | os.PathLike | None, enabled: bool = True,
-                 filename: str = "log.jsonl"):
+                 filename: str = "log.jsonl", tensorboard: bool = True):
         self.enabled = enabled and output_dir is not None
         self.path = Path(output_dir) / filename if output_dir is not None else None
         self._f = None
+        self._tb = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            last = _last_iteration(self.path)
             self._f = open(self.path, "a")
+            if tensorboard:
+                self._tb = _summary_writer(self.path.parent, purge_step=last + 1 if last is not None else None)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self._f:
@@ -36,11 +43,42 @@ class RunLogger:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._f.write(json.dumps(clean) + "\n")
         self._f.flush()
+        if self._tb is not None and "iteration" in record:
+            step = int(record["iteration"])
+            for k, v in clean.items():
+                if k not in ("iteration", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, global_step=step)
+            self._tb.flush()
 
     def close(self) -> None:
         if self._f:
             self._f.close()
             self._f = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _last_iteration(path: Path) -> int | None:
+    """The iteration of the last complete line of a JSONL log, or ``None``."""
+    if not path.exists():
+        return None
+    last = None
+    for line in path.read_text().splitlines():
+        try:
+            last = int(json.loads(line).get("iteration", last))
+        except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
+            continue
+    return last
+
+
+def _summary_writer(log_dir: Path, purge_step: int | None):
+    """A ``torch.utils.tensorboard.SummaryWriter``, or ``None`` when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # optional dependency
+        return None
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
 def truncate_log(path: str | os.PathLike, after_iteration: int) -> None:
