@@ -427,6 +427,10 @@ def compare_cmd(teacher, teacher_checkpoint, teacher_cache, student, student_opt
     rows, files = compare(cfg)
     click.echo(format_table(rows, len(seed_list)))
     click.echo(f"wrote {files['markdown']}, {files['csv']}, {files['ap_plot']}, {files['loss_plot']}")
+    failed = [f"{r['recipe']} {f}" for r in rows for f in r["failed"]]
+    if failed:  # the table is written, but the comparison is incomplete: say so in the exit status
+        raise click.ClickException(f"{len(failed)} of {len(rows) * len(seed_list)} runs failed ({'; '.join(failed)[:300]}); "
+                                   f"their errors are in {cfg.out}/runs/*/seed*/result.json; rerun to retry them")
 
 
 @main.command("export")

@@ -191,12 +191,15 @@ def summarise(cfg: CompareConfig, results: list[dict[str, Any]], teacher_ap: Opt
         ok = [r for r in runs if r["status"] == "ok"]
         row: dict[str, Any] = {"recipe": name, "runs": len(runs), "ok": len(ok),
                                "failed": [f"seed {r['seed']}: {r.get('error')}" for r in runs if r["status"] != "ok"]}
+        per_seed: dict[int, dict[str, Any]] = {}
+        for r in ok:
+            per_seed[r["seed"]] = json.loads((run_dir(cfg, recipe, r["seed"]) / "metrics.json").read_text())
         for m in METRICS:
-            vals = []
-            for r in ok:
-                metrics = json.loads((run_dir(cfg, recipe, r["seed"]) / "metrics.json").read_text())
-                vals.append(100 * metrics[m])
+            # COCOeval reports -1 when the validation set has no object of an area range (APl without large
+            # objects): no value, not -100
+            vals = [100 * mt[m] for mt in per_seed.values() if mt.get(m) is not None and mt[m] >= 0]
             row[m], row[m + "_std"] = _mean_std(vals)
+        row["AP_by_seed"] = {seed: 100 * mt["AP"] for seed, mt in per_seed.items() if mt.get("AP", -1) >= 0}
         step, mem = [], []
         for r in ok:
             logs = [x for x in _read_log(run_dir(cfg, recipe, r["seed"]) / "log.jsonl") if "iter_time" in x]
@@ -208,16 +211,20 @@ def summarise(cfg: CompareConfig, results: list[dict[str, Any]], teacher_ap: Opt
         rows.append(row)
     base = next((r for r in rows if r["recipe"] == "baseline" and r["AP"] is not None), None)
     for row in rows:
-        row["gain_AP"] = (row["AP"] - base["AP"]) if (base and row["AP"] is not None) else None
+        # paired gains: each seed against the baseline of the same seed (same initialisation, data order, views)
+        gains = {seed: ap - base["AP_by_seed"][seed] for seed, ap in row["AP_by_seed"].items()
+                 if base and seed in base["AP_by_seed"]}
+        row["gain_by_seed"] = gains
+        row["gain_AP"], row["gain_AP_std"] = _mean_std(list(gains.values()))
         row["teacher_AP"] = (100 * teacher_ap["AP"]) if teacher_ap else None
     return rows
 
 
-def _fmt(v: Any, std: Any = None, digits: int = 1) -> str:
+def _fmt(v: Any, std: Any = None, digits: int = 1, none: str = "-", sign: bool = False) -> str:
     if v is None:
-        return "-"
-    s = f"{v:.{digits}f}"
-    if std:
+        return none
+    s = f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
+    if std is not None:
         s += f" ± {std:.{digits}f}"
     return s
 
@@ -229,11 +236,28 @@ def format_table(rows: list[dict[str, Any]], seeds: int) -> str:
         if not r["ok"]:
             lines.append(f"| {r['recipe']} | failed: {'; '.join(r['failed'])[:200]} |" + " |" * (len(head) - 2))
             continue
-        gain = "-" if r["gain_AP"] is None else f"{r['gain_AP']:+.1f}"
-        cells = [r["recipe"], *(_fmt(r[m], r[m + "_std"] if seeds > 1 else None) for m in METRICS), gain,
+        multi = seeds > 1
+        gain = _fmt(r["gain_AP"], r["gain_AP_std"] if multi else None, sign=True)
+        cells = [r["recipe"], *(_fmt(r[m], r[m + "_std"] if multi else None, none="n/a") for m in METRICS), gain,
                  _fmt(r["step_s"], digits=3), _fmt(r["peak_mem_mb"], digits=0), _fmt(r["teacher_AP"])]
         if r["failed"]:
             cells[0] += f" ({len(r['failed'])} failed)"
+        lines.append("| " + " | ".join(cells) + " |")
+    if seeds > 1:
+        lines += ["", format_paired_gains(rows)]
+    return "\n".join(lines)
+
+
+def format_paired_gains(rows: list[dict[str, Any]]) -> str:
+    """AP gain over ``baseline`` per seed (each run against the baseline run of the same seed)."""
+    seeds = sorted({s for r in rows for s in r.get("gain_by_seed", {})})
+    head = ["paired AP gain vs baseline", *[f"seed {s}" for s in seeds], "mean ± std"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r["recipe"] == "baseline" or not r.get("gain_by_seed"):
+            continue
+        g = r["gain_by_seed"]
+        cells = [r["recipe"], *(_fmt(g.get(s), sign=True) for s in seeds), _fmt(r["gain_AP"], r["gain_AP_std"], sign=True)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -246,12 +270,21 @@ def _plot(cfg: CompareConfig, path: Path, keys: list[str], ylabel: str, title: s
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for recipe in cfg.recipes:
+            curves = []  # one {iteration: value} per seed
             for seed in cfg.seeds:
                 recs = [x for x in _read_log(run_dir(cfg, recipe, seed) / "log.jsonl") if x.get(key) is not None]
                 if recs:
-                    label = Path(recipe).stem + (f" s{seed}" if len(cfg.seeds) > 1 else "")
-                    ax.plot([x["iteration"] for x in recs], [scale * x[key] for x in recs], label=label,
+                    curves.append({x["iteration"]: scale * x[key] for x in recs})
+            if not curves:
+                continue
+            # mean over seeds, and the band from the lowest to the highest seed where all seeds logged
+            its = sorted(set.intersection(*(set(c) for c in curves)))
+            mean = [statistics.fmean(c[i] for c in curves) for i in its]
+            line, = ax.plot(its, mean, label=Path(recipe).stem + (f" ({len(curves)} seeds)" if len(curves) > 1 else ""),
                             marker="o" if key.startswith("eval/") else None, markersize=3)
+            if len(curves) > 1:
+                ax.fill_between(its, [min(c[i] for c in curves) for i in its], [max(c[i] for c in curves) for i in its],
+                                color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_xlabel("iteration")
         ax.set_ylabel(ylabel if len(keys) == 1 else key)
         ax.set_title(title if len(keys) == 1 else key)
@@ -266,16 +299,19 @@ def write_outputs(cfg: CompareConfig, rows: list[dict[str, Any]]) -> dict[str, P
     out = Path(cfg.out)
     table = format_table(rows, len(cfg.seeds))
     md = (f"# kd-detr compare: {cfg.student}, budget {cfg.budget} iterations, seeds {cfg.seeds}\n\n{table}\n\n"
-          "AP in %, COCOeval bbox on the validation set at the end of the budget (mean ± std over seeds). "
-          "s / step: mean iteration time from the run logs; peak mem: process peak.\n")
+          "AP in %, COCOeval bbox on the validation set at the end of the budget (mean ± std over seeds; n/a: "
+          "the validation set has no object of that size). Gains are paired: each seed against the baseline "
+          "of the same seed. s / step: mean iteration time from the run logs; peak mem: process peak. "
+          "Plots: mean over seeds, the band spans the lowest to the highest seed.\n")
     write_text_atomic(out / "comparison.md", md)
     buf = io.StringIO()
-    fields = ["recipe", "runs", "ok", *[x for m in METRICS for x in (m, m + "_std")], "gain_AP", "step_s",
-              "peak_mem_mb", "teacher_AP", "failed"]
+    fields = ["recipe", "runs", "ok", *[x for m in METRICS for x in (m, m + "_std")], "gain_AP", "gain_AP_std",
+              *[f"gain_AP_seed{s}" for s in cfg.seeds], "step_s", "peak_mem_mb", "teacher_AP", "failed"]
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
     for r in rows:
-        w.writerow({**r, "failed": "; ".join(r["failed"])})
+        w.writerow({**r, **{f"gain_AP_seed{s}": g for s, g in r.get("gain_by_seed", {}).items()},
+                    "failed": "; ".join(r["failed"])})
     write_text_atomic(out / "comparison.csv", buf.getvalue())
     _plot(cfg, out / "ap_curve.png", ["eval/AP"], "AP (%)", "AP during training", scale=100)
     _plot(cfg, out / "losses.png", ["loss", "student.total", "distill.total"], "loss", "loss terms")
