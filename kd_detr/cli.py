@@ -40,7 +40,8 @@ class KdDetrGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (FileNotFoundError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError) as e:
+            # OSError: FileNotFoundError, a full disk or a busy --output-dir (their messages name the file)
             if ctx.obj and ctx.obj.get("verbose"):
                 raise
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
@@ -189,6 +190,8 @@ def _data_options(f):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--log-every", type=int, default=10, show_default=True)
 @click.option("--checkpoint-every", type=int, default=500, show_default=True, help="Iterations.")
+@click.option("--keep-checkpoints", type=int, default=2, show_default=True,
+              help="Checkpoints kept in OUTPUT_DIR/checkpoints (0 keeps every one).")
 @click.option("--eval-every-epochs", type=int, default=1, show_default=True)
 @click.option("--eval-every-iters", type=int, default=None)
 @click.option("--eval-batch-size", type=int, default=2, show_default=True)
@@ -200,8 +203,8 @@ def _data_options(f):
 def train_cmd(model_name, model_opt, backbone_weights, init_checkpoint, data, train_ann, train_images, val_ann,
               val_images, image_size, label_map, num_workers, no_augment, batch_size, lr, lr_backbone, weight_decay,
               clip_max_norm, epochs, max_iters, lr_drop, lr_drop_iter, warmup_iters, amp, output_dir, seed,
-              device, log_every, checkpoint_every, eval_every_epochs, eval_every_iters, eval_batch_size,
-              eval_max_images, resume, no_aux_loss, deterministic, no_progress) -> None:
+              device, log_every, checkpoint_every, keep_checkpoints, eval_every_epochs, eval_every_iters,
+              eval_batch_size, eval_max_images, resume, no_aux_loss, deterministic, no_progress) -> None:
     """Train a Conditional DETR (official recipe by default). Multi-GPU: torchrun --nproc_per_node N -m kd_detr train ..."""
     from kd_detr.engine.trainer import TrainConfig, train
 
@@ -213,6 +216,7 @@ def train_cmd(model_name, model_opt, backbone_weights, init_checkpoint, data, tr
         weight_decay=weight_decay, clip_max_norm=clip_max_norm, epochs=epochs, max_iters=max_iters,
         lr_drop=lr_drop, lr_drop_iter=lr_drop_iter, warmup_iters=warmup_iters, amp=amp, output_dir=output_dir,
         seed=seed, device=device, log_every=log_every, checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints,
         eval_every_epochs=eval_every_epochs, eval_every_iters=eval_every_iters, eval_batch_size=eval_batch_size,
         eval_max_images=eval_max_images, resume=resume, aux_loss=not no_aux_loss, deterministic=deterministic,
         progress=not no_progress)
@@ -400,11 +404,14 @@ def cache_info_cmd(cache: str) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-ray", is_flag=True, help="Run the recipes in this process, one after another.")
+@click.option("--parallel", type=click.IntRange(min=1), default=None,
+              help="CPU machines: runs at a time, each with cores / N threads [default: 1, all cores each]. "
+                   "On GPUs every run takes one GPU.")
 @click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
 @click.option("--no-progress", is_flag=True)
 def compare_cmd(teacher, teacher_checkpoint, teacher_cache, student, student_opt, recipes, budget, seeds, overrides,
                 data, train_ann, train_images, val_ann, val_images, image_size, num_workers, label_map, eval_points,
-                views, out, device, no_ray, address, no_progress) -> None:
+                views, out, device, no_ray, parallel, address, no_progress) -> None:
     """Run several recipes (and seeds) on one budget and write a comparison table and plots.
 
     Writes OUT/comparison.md and .csv (AP, AP50, AP75, APs, APm, APl, gain over baseline, time per step, peak
@@ -423,7 +430,7 @@ def compare_cmd(teacher, teacher_checkpoint, teacher_cache, student, student_opt
                         seeds=seed_list, overrides=list(overrides), data=data, train_ann=train_ann,
                         train_images=train_images, val_ann=val_ann, val_images=val_images, image_size=image_size,
                         label_map=label_map, eval_points=eval_points, num_workers=num_workers, device=device,
-                        views=views, use_ray=not no_ray, address=address, progress=not no_progress)
+                        views=views, use_ray=not no_ray, parallel=parallel, address=address, progress=not no_progress)
     rows, files = compare(cfg)
     click.echo(format_table(rows, len(seed_list)))
     click.echo(f"wrote {files['markdown']}, {files['csv']}, {files['ap_plot']}, {files['loss_plot']}")
@@ -494,6 +501,8 @@ def eval_cmd(model_name, checkpoint, num_classes, data, train_ann, train_images,
 @click.option("--device", default="auto", show_default=True)
 def predict_cmd(model_name, checkpoint, num_classes, images, output, no_resize, image_size, top_k, device) -> None:
     """Detect objects in images; writes one JSON entry per image with absolute xyxy boxes."""
+    if top_k < 1:
+        raise click.UsageError(f"--top-k must be >= 1, got {top_k}")
     from kd_detr.runs.inference import predict_images
 
     entries = predict_images(checkpoint, list(images), model_name=model_name, num_classes=num_classes,

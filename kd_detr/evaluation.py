@@ -336,13 +336,12 @@ def evaluate_model(
     per_image: dict[int, list[dict]] = {}
     iterator = data_loader
     bar = None
-    if progress and is_main:
-        try:
-            from tqdm.auto import tqdm
+    from .progress import in_ray_worker
 
-            iterator = bar = tqdm(data_loader, desc="eval", dynamic_ncols=True)
-        except ImportError:  # tqdm is a dependency, but a bar is not worth failing over
-            pass
+    if progress and is_main and not in_ray_worker():  # inside a compare run only its training bar shows
+        from tqdm.auto import tqdm
+
+        iterator = bar = tqdm(data_loader, desc="eval", dynamic_ncols=True)
     try:
         for images, mask, targets in iterator:
             images = images.to(device, non_blocking=True)

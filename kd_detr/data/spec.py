@@ -3,6 +3,9 @@
 A COCO tree (``--data``: ``annotations/instances_{train,val}2017.json``, ``train2017/``, ``val2017/``) or
 explicit annotation/image paths per split (``--train-ann/--train-images``, ``--val-ann/--val-images``: they
 win over the tree), the image-size preset and the label-map mode.
+
+The data sets it builds check that every image file exists when they are created (``check_files=True``),
+so a run fails before training or evaluation starts, not at iteration N.
 """
 
 from __future__ import annotations
@@ -62,18 +65,20 @@ class DataSpec:
         return label_map_mode(self.label_map or "contiguous")
 
     def train_set(self, augment: bool = True, seed: int = 0, log_report: bool = True) -> CocoDetection:
-        """The training split with DETR augmentation (or the eval resize) at this spec's preset."""
+        """The training split with DETR augmentation (or the eval resize) at this spec's preset; every
+        image file is checked to exist (one :class:`~kd_detr.data.DatasetError` listing the missing ones)."""
         ann, img = self.files("train")
         return CocoDetection(img, ann, transforms=make_policy(augment, self.image_size),
-                             label_map=self.label_map_mode(), seed=seed, log_report=log_report)
+                             label_map=self.label_map_mode(), seed=seed, check_files=True, log_report=log_report)
 
     def train_label_map(self) -> LabelMap:
         """The label map of the training split (what a model trained on it predicts), without transforms."""
         ann, img = self.files("train")
-        return CocoDetection(img, ann, label_map=self.label_map_mode(), log_report=False).label_map
+        return CocoDetection(img, ann, label_map=self.label_map_mode(), check_files=False, log_report=False).label_map
 
     def val_set(self, label_map: LabelMap, log_report: bool = True) -> CocoDetection:
-        """The validation split with the eval resize, indexed by ``label_map`` (the training split's)."""
+        """The validation split with the eval resize, indexed by ``label_map`` (the training split's); every
+        image file is checked to exist."""
         ann, img = self.files("val")
         return CocoDetection(img, ann, transforms=make_policy(False, self.image_size), label_map=label_map,
-                             log_report=log_report)
+                             check_files=True, log_report=log_report)

@@ -25,6 +25,7 @@ from typing import Any, Union
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.ops import box_convert
 from torchvision.transforms.v2 import functional as F
@@ -32,11 +33,13 @@ from torchvision.transforms.v2 import functional as F
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "HIGH_BIT_DEPTH_MODES",
     "AugmentationPolicy",
     "View",
     "apply_view",
     "make_policy",
     "resize_size",
+    "to_rgb",
     "view_generator",
 ]
 
@@ -44,6 +47,47 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Generator = Union[torch.Generator, np.random.Generator]
+
+# PIL modes whose values exceed 8 bits: ``Image.convert("RGB")`` clips them to 255 (an all-white image).
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB copy of a PIL image, converting high-bit-depth grayscale correctly.
+
+    PIL's own ``convert("RGB")`` clips the values of 16-bit (``I;16*``), 32-bit integer (``I``) and float
+    (``F``) images to 255, so a 16-bit PNG comes out all white. Here they are scaled instead:
+
+    * ``I;16*`` (16-bit PNG / TIFF): ``round(v / 257)``, i.e. the full 16-bit range onto 0..255 (the file's
+      declared bit depth, not the image's maximum, so every image of a data set gets the same scale;
+      data that fills only part of the range, e.g. 12-bit values, comes out dark);
+    * ``I``: as 16-bit when every value lies in 0..65535 (how older Pillow decodes 16-bit PNGs), otherwise
+      the image's min..max onto 0..255;
+    * ``F``: ``v * 255`` when every value lies in 0..1, otherwise min..max onto 0..255.
+
+    Every other mode goes through ``convert("RGB")`` (palette, grayscale, alpha dropped, CMYK).
+    """
+    if image.mode == "RGB":
+        return image.copy()
+    if image.mode not in HIGH_BIT_DEPTH_MODES:
+        return image.convert("RGB")
+    a = np.asarray(image)
+    if a.ndim != 2:  # not expected for these modes; let PIL decide
+        return image.convert("RGB")
+    if image.mode.startswith("I;16"):
+        out = (a.astype(np.uint32) + 128) // 257
+    else:
+        a = a.astype(np.float64)
+        finite = a[np.isfinite(a)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
+        if image.mode == "I" and lo >= 0 and hi <= 65535:
+            out = np.floor(a / 257 + 0.5)
+        elif image.mode == "F" and lo >= 0 and hi <= 1:
+            out = np.floor(a * 255 + 0.5)
+        else:
+            out = np.floor((a - lo) * (255 / (hi - lo)) + 0.5) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), mode="L").convert("RGB")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -314,7 +358,8 @@ def apply_view(
     """Apply exactly the parameters of ``view`` to an image and its target.
 
     Args:
-        image: PIL image, or uint8/float tensor ``[3,H,W]`` (float in [0, 1]).
+        image: PIL image (any mode other than RGB goes through :func:`to_rgb`), or uint8/float tensor
+            ``[3,H,W]`` (float in [0, 1]).
         target: dict with ``boxes [N,4]`` absolute ``xyxy`` pixels of ``image``, ``labels [N]`` and
             optionally ``area [N]``, ``iscrowd [N]`` (any other per-box tensor of length N is filtered
             alongside) and scalar entries (``image_id``, ``orig_size``) that are copied.
@@ -330,6 +375,8 @@ def apply_view(
     if isinstance(view, dict):
         view = View.from_dict(view)
     if not isinstance(image, torch.Tensor):
+        if isinstance(image, Image.Image) and image.mode != "RGB":
+            image = to_rgb(image)
         image = F.pil_to_tensor(image)
     img = tv_tensors.Image(image)
     h, w = int(img.shape[-2]), int(img.shape[-1])

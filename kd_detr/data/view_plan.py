@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .batch import Batch
+from .coco import DatasetError, _one_line
 from .collate import collate_fn
 from .transforms import AugmentationPolicy, View, view_generator
 
@@ -169,8 +170,22 @@ class PlanBatches(Dataset):
         return [self.dataset.get_view(i, self.plan.view(i, k)) for i in self.plan.batch(k, j)]
 
     def __getitem__(self, key: BatchKey):
+        # every failure is a one-line DatasetError naming the image file or the cache batch, also when it
+        # happens in a DataLoader worker (see DatasetError)
         k, j = int(key[0]), int(key[1])
-        images, mask, targets = collate_fn(self.items(k, j))
+        try:
+            images, mask, targets = collate_fn(self.items(k, j))
+        except DatasetError:
+            raise
+        except Exception as e:
+            raise DatasetError(f"cannot build plan batch {j} of view {k}: {_one_line(e)}") from e
         if self.teacher_source is None:
             return images, mask, targets
-        return Batch(images, mask, targets, self.teacher_source.teacher_outputs(k, j))
+        try:
+            outputs = self.teacher_source.teacher_outputs(k, j)
+        except Exception as e:
+            root = getattr(self.teacher_source, "root", None)
+            src = f" of {root}" if root is not None else f" ({type(self.teacher_source).__name__})"
+            raise DatasetError(f"cannot read teacher outputs of plan batch {j} of view {k}{src}: "
+                               f"{_one_line(e)}") from e
+        return Batch(images, mask, targets, outputs)

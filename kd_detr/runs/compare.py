@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import math
+import os
 import statistics
 import time
 import traceback
@@ -58,6 +59,8 @@ class CompareConfig:
     device: str = "auto"
     views: Optional[int] = None
     use_ray: bool = True
+    parallel: Optional[int] = None  # CPU machines: runs side by side, the cores shared (default 1: one at a time)
+    threads: Optional[int] = None  # torch threads per run (set by run_all from the cores each run gets)
     address: Optional[str] = None
     progress: bool = True
 
@@ -72,6 +75,8 @@ class CompareConfig:
             raise ValueError("--seeds: give at least one seed")
         if self.eval_points < 1:
             raise ValueError("eval_points must be >= 1")
+        if self.parallel is not None and self.parallel < 1:
+            raise ValueError(f"--parallel must be >= 1, got {self.parallel}")
 
 
 @dataclass
@@ -92,9 +97,16 @@ def run_one(cfg_dict: dict[str, Any], recipe: str, seed: int) -> dict[str, Any]:
     """
     from .assemble import TeacherSourceSpec, assemble_run
 
+    from kd_detr.progress import RUN_NAME_ENV
+
     cfg = CompareConfig(**cfg_dict)
     out = run_dir(cfg, recipe, seed)
     out.mkdir(parents=True, exist_ok=True)
+    os.environ[RUN_NAME_ENV] = f"{Path(recipe).stem} seed {seed}"  # the run's progress bar label
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     try:
         every = max(1, math.ceil(cfg.budget / cfg.eval_points))
@@ -159,8 +171,14 @@ def run_all(cfg: CompareConfig) -> list[dict[str, Any]]:
     try:
         resources = ray.cluster_resources()
         gpu = _gpus_available() and resources.get("GPU", 0) >= 1
-        # On a CPU machine one run takes every core: runs go one after another.
-        cpus = 1 if gpu else max(1, int(resources.get("CPU", 1)))
+        if gpu:  # one GPU per run: as many at once as the cluster has GPUs
+            cpus = 1
+        else:  # a CPU machine: `parallel` runs at once, sharing the cores (default: one at a time, all cores)
+            total = max(1, int(resources.get("CPU", 1)))
+            parallel = max(1, min(cfg.parallel or 1, len(todo), total))
+            cpus = max(1, total // parallel)
+            cfg_dict = {**cfg_dict, "threads": cpus}
+            log.info("%d run(s) at a time, %d CPU thread(s) each", parallel, cpus)
         task = ray.remote(num_gpus=1 if gpu else 0, num_cpus=cpus, max_retries=0)(run_one)
         refs = [task.remote(cfg_dict, r, s) for r, s in todo]
         return done + ray.get(refs)

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from kd_detr import data as kd_data
+from kd_detr.data.coco import read_image
 from kd_detr.data.label_map import LabelMap
 from kd_detr.evaluation import EvalResult, eval_loader, evaluate_model, write_eval_outputs
 from kd_detr.postprocess import PostProcess
@@ -71,7 +71,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, model_name: str | None = None
         from kd_detr.data.coco import load_coco_json
         label_map = LabelMap.raw_ids(load_coco_json(ann)["categories"], num_classes=model.config.num_classes)
     dataset = kd_data.CocoDetection(images, ann, transforms=kd_data.make_policy(False, image_size),
-                                    label_map=label_map)
+                                    label_map=label_map, check_files=True)
     if label_map.num_classes != model.config.num_classes:
         raise ValueError(f"the label map has {label_map.num_classes} classes but the model has "
                          f"{model.config.num_classes}")
@@ -102,11 +102,7 @@ def predict_images(checkpoint: str | Path, image_paths: list[str], *, model_name
     post = PostProcess(num_select=top_k)
     entries = []
     for path in image_paths:
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
-            raise ValueError(f"cannot read image {path}: {e}") from e
+        image = read_image(path)  # 8-bit RGB (16-bit files scaled), one-line errors naming the file
         w, h = image.size
         view = policy.sample(None, (h, w)) if resize else kd_data.View(source_size=(h, w))
         x, _ = kd_data.apply_view(image, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
