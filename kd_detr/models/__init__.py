@@ -14,7 +14,8 @@ from .checkpoint import (
 from .conditional_detr import ConditionalDETR, inverse_sigmoid
 from .detector import Detector, DetectorOutput, DetectorRequest
 from .position_encoding import PositionEmbeddingSine, sine_embed_points
-from .registry import ModelConfig, build_model, get_config, list_models, register_model
+from .config import ModelConfig
+from .registry import build_model, get_config, list_models, register_model
 
 __all__ = [
     "Backbone",

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops import FrozenBatchNorm2d
 
-from .registry import BACKBONES
+from .config import BACKBONES
 
 __all__ = ["ResNetBody", "Backbone", "build_resnet_body", "load_backbone_weights", "read_state_dict_file"]
 

@@ -29,7 +29,8 @@ from torch import Tensor
 from ..atomic import atomic_write
 from .backbone import read_state_dict_file
 from .conditional_detr import ConditionalDETR
-from .registry import ModelConfig, build_model
+from .config import ModelConfig
+from .registry import build_model
 
 __all__ = [
     "FORMAT_NAME",

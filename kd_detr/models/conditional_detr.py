@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .backbone import Backbone
 from .detector import DetectorOutput, DetectorRequest
 from .position_encoding import PositionEmbeddingSine
-from .registry import ModelConfig
+from .config import ModelConfig
 from .transformer import MLP, Transformer
 
 __all__ = ["ConditionalDETR", "inverse_sigmoid"]
