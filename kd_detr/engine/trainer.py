@@ -99,6 +99,33 @@ class TrainConfig:
     deterministic: bool = False
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        """Refuse counts that cannot work (a zero ``log_every`` divides by zero after the first step, a zero
+        ``max_iters`` "succeeds" without training), naming the option as typed on the command line; a recipe's
+        ``[train]`` values go through here too."""
+        def check(name: str, value: Any, minimum: int, optional: bool = False, note: str = "") -> None:
+            if value is None and optional:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                option = "--" + name.replace("_", "-")
+                raise ValueError(f"{option} must be {'an integer ' if not isinstance(value, int) else ''}"
+                                 f">= {minimum}{note}, got {value!r} (in a recipe: train.{name})")
+
+        check("batch_size", self.batch_size, 1)
+        check("epochs", self.epochs, 1)
+        check("max_iters", self.max_iters, 1, optional=True)
+        check("warmup_iters", self.warmup_iters, 0)
+        check("log_every", self.log_every, 1)
+        check("checkpoint_every", self.checkpoint_every, 1)
+        check("keep_checkpoints", self.keep_checkpoints, 0, note=" (0 keeps every checkpoint)")
+        check("eval_every_epochs", self.eval_every_epochs, 0, note=" (0: evaluate at the end only)")
+        check("eval_every_iters", self.eval_every_iters, 1, optional=True)
+        check("eval_batch_size", self.eval_batch_size, 1)
+        check("eval_max_images", self.eval_max_images, 1, optional=True)
+        check("num_workers", self.num_workers, 0)
+        check("lr_drop", self.lr_drop, 0, optional=True)
+        check("lr_drop_iter", self.lr_drop_iter, 0, optional=True)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -422,13 +449,14 @@ class Trainer:
             write_text_atomic(saved, recipe_to_toml(current))
 
     def _resume(self, resume: str) -> None:
-        point = checkpointing.find_resume_point(resume, self.out)
-        if point is None:
+        loaded = checkpointing.load_resume_checkpoint(resume, self.out)
+        if loaded is None:
             log.info("--resume auto: no checkpoint in %s, starting from scratch", self.out)
             return
-        model, _meta = load_model(point.weights)
-        self.raw_model.load_state_dict(model.state_dict(), strict=True)
-        state = checkpointing.load_training_state(point)
+        point = loaded.point
+        checkpointing.check_same_model(loaded, self.raw_model.config)
+        self.raw_model.load_state_dict(loaded.model.state_dict(), strict=True)
+        state = loaded.state
         self.load_extra_state(state.get("extra") or {})
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -510,6 +538,38 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
+        """Train (set up, resume, loop, final weights) holding the output dir's lock the whole time."""
+        lock = checkpointing.OutputDirLock(self.out)
+        busy = None
+        if self.main:  # the ranks of one DDP run share the dir: the main rank locks it for them
+            try:
+                lock.acquire()
+            except checkpointing.OutputDirInUse as e:
+                busy = e
+        if self.dist.enabled:  # every rank stops when the dir is busy (not only the main one)
+            message = [str(busy) if busy is not None else None]
+            torch.distributed.broadcast_object_list(message, src=0)
+            if message[0] is not None and busy is None:
+                busy = checkpointing.OutputDirInUse(message[0])
+        if busy is not None:
+            raise busy
+        try:
+            if self.main:
+                self._remove_stale_temp_files()
+            return self._fit()
+        finally:
+            lock.release()
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temporary files of atomic writes killed mid-way (by a crash) in the output dir and checkpoints."""
+        from kd_detr.atomic import remove_stale_temp_files
+
+        removed = remove_stale_temp_files(self.out, self.out / "checkpoints")
+        if removed:
+            log.info("removed %d stale temporary file(s) left by an interrupted write in %s: %s", len(removed),
+                     self.out, ", ".join(p.name for p in removed[:5]) + (", ..." if len(removed) > 5 else ""))
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
         self.setup()
         if self.main:
@@ -667,12 +727,42 @@ def load_init_checkpoint(path: str, model_name: str, num_classes: int, overrides
 
     p = Path(path)
     if p.suffix == ".safetensors":
-        model, _ = load_model(p)
+        model, meta = load_model(p)
+        _check_init_model(p, model.config, meta.get("model_name", model.config.name), model_name, overrides)
         if model.config.num_classes != num_classes:
             raise ValueError(f"{p}: the checkpoint has {model.config.num_classes} classes but the data's label "
                              f"map has {num_classes}")
         return model
     return model_from_official(p, model_name, num_classes, **overrides)
+
+
+def _check_init_model(path: Path, config: Any, ckpt_name: str, model_name: str, overrides: dict[str, Any]) -> None:
+    """Refuse an ``--init-checkpoint`` of another architecture than ``--model`` / ``--model-opt`` ask for (the
+    checkpoint's model would silently replace them and ``config.json`` would contradict itself)."""
+    opts = "".join(f" --model-opt {k}={v}" for k, v in overrides.items())
+    if ckpt_name != model_name:
+        have = config.to_dict()
+        try:
+            want = get_config(model_name).replace(**overrides).to_dict()
+        except ValueError:
+            want = {}
+        diff = [k for k in have if k not in ("name", "description", "num_classes", "freeze_stem")
+                and k in want and have[k] != want[k]]
+
+        def shown(cfg: dict[str, Any]) -> str:
+            return ", ".join(f"{k}={cfg[k]}" for k in diff[:4]) + (", ..." if len(diff) > 4 else "")
+
+        raise ValueError(f"--init-checkpoint {path} holds a {ckpt_name}{f' ({shown(have)})' if diff else ''}, but "
+                         f"--model {model_name}{opts} builds a {model_name}{f' ({shown(want)})' if diff else ''}: "
+                         f"pass --model {ckpt_name} or another checkpoint")
+    for key, value in overrides.items():
+        if key == "num_classes":  # checked against the data's label map by the caller
+            continue
+        have = getattr(config, key, None)
+        if have != value:
+            raise ValueError(f"--init-checkpoint {path} holds a {ckpt_name} with {key}={have}, but --model-opt "
+                             f"{key}={value} was given: pass --model-opt {key}={have} (or leave it out) or another "
+                             "checkpoint")
 
 
 def _identity(batch):
