@@ -152,7 +152,7 @@ def _schema_keys(cls: type, prefix: str) -> list[str]:
 @functools.lru_cache(maxsize=None)
 def _train_hints() -> dict[str, Any]:
     """Type hints of the TrainConfig fields a recipe may set (imported lazily: it pulls in torch)."""
-    from .trainer import TrainConfig
+    from .train_config import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig) if f.name not in CLI_FIELDS}
