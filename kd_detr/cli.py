@@ -46,6 +46,11 @@ class KdDetrGroup(click.Group):
                 raise
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
             raise click.ClickException(str(msg)) from e
+        except RuntimeError as e:  # a teacher actor that keeps dying (Ray is not imported just for this)
+            mod = sys.modules.get("kd_detr.teacher.ray_actor")
+            if mod is None or not isinstance(e, mod.TeacherActorError) or (ctx.obj and ctx.obj.get("verbose")):
+                raise
+            raise click.ClickException(str(e)) from e
 
 
 @click.group(cls=KdDetrGroup)

@@ -57,6 +57,28 @@ def spec_from_dict(d: dict[str, Any]) -> TeacherSpec:
     return TeacherSpec(**{**d, "checkpoint": Path(d["checkpoint"])})
 
 
+def _is_kd_detr_file(path: Path) -> bool:
+    """A kd-detr ``.safetensors`` model file (its metadata says so)."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    from kd_detr.models.checkpoint import read_model_metadata
+
+    try:
+        read_model_metadata(path)
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def _check_card_classes(spec: TeacherSpec, checkpoint_classes: int) -> None:
+    """Refuse a card whose ``num_classes`` is not its checkpoint's (its label map would be read wrong)."""
+    if spec.num_classes is None or int(spec.num_classes) == int(checkpoint_classes):
+        return
+    where = f"teacher card {spec.card}" if spec.card else f"teacher {spec.name}"
+    raise ValueError(f"{where} says num_classes = {spec.num_classes} but its checkpoint {spec.checkpoint} has "
+                     f"{checkpoint_classes} classes: fix num_classes in the card, or point it at the right checkpoint")
+
+
 def _file_format(path: Path, fmt: str) -> str:
     if fmt != "auto":
         return fmt
@@ -69,6 +91,11 @@ def resolve_teacher(teacher: str, checkpoint: Optional[str] = None) -> TeacherSp
     A name with a card in ``teachers/`` (or a path to a card ``.toml``) uses the card; its checkpoint
     may be replaced by ``--teacher-checkpoint``. Otherwise ``teacher`` must be a registered model
     name and ``--teacher-checkpoint`` is required.
+
+    A card's checkpoint replaced by a kd-detr ``.safetensors`` file: that file is another teacher of the
+    card's architecture, so its own metadata (image size, label map, number of classes) wins over the
+    card, and the card's known AP no longer applies. A replacement official/HF file carries no metadata:
+    the card's class space and image size still describe it.
     """
     card_path = Path(teacher) if teacher.endswith(".toml") else find_card(teacher)
     if card_path is not None:
@@ -76,10 +103,20 @@ def resolve_teacher(teacher: str, checkpoint: Optional[str] = None) -> TeacherSp
         ckpt = Path(checkpoint) if checkpoint else card.require_checkpoint()
         if not ckpt.exists():
             raise FileNotFoundError(f"--teacher-checkpoint {ckpt} does not exist")
-        return TeacherSpec(name=card.name, model=card.model, checkpoint=ckpt, format=card.format if not checkpoint
-                           else "auto", num_classes=card.num_classes, label_map=card.label_map,
-                           image_size=card.image_size_preset, image_size_known=True, known_ap=card.known_ap,
-                           card=str(card.source), model_overrides=dict(card.model_overrides))
+        spec = TeacherSpec(name=card.name, model=card.model, checkpoint=ckpt, format=card.format if not checkpoint
+                           else ("hf" if card.format == "hf" else "auto"), num_classes=card.num_classes,
+                           label_map=card.label_map, image_size=card.image_size_preset, image_size_known=True,
+                           known_ap=card.known_ap, card=str(card.source), model_overrides=dict(card.model_overrides))
+        if checkpoint and _is_kd_detr_file(ckpt):
+            log.info("teacher card %s: its checkpoint %s is replaced by --teacher-checkpoint %s, a kd-detr file: "
+                     "its own image size, label map and classes are used, not the card's (nor its known AP)",
+                     card.source, card.checkpoint_path(), ckpt)
+            spec = dataclasses.replace(spec, format="safetensors", num_classes=None, label_map=None, image_size=None,
+                                       image_size_known=False, known_ap=None)
+        elif checkpoint:
+            log.info("teacher card %s: its checkpoint %s is replaced by --teacher-checkpoint %s (the card's class "
+                     "space and image size still apply)", card.source, card.checkpoint_path(), ckpt)
+        return spec
     try:
         get_config(teacher)
     except ValueError as e:
@@ -127,6 +164,7 @@ def describe_teacher(spec: TeacherSpec, data_label_map: Optional[LabelMap]) -> t
         meta = read_model_metadata(spec.checkpoint)
         if meta["model_name"] != spec.model:
             raise ValueError(f"teacher {spec.name}: {spec.checkpoint} holds a {meta['model_name']}, not a {spec.model}")
+        _check_card_classes(spec, ModelConfig.from_dict(meta["config"]).num_classes)
         if meta.get("label_map") is None:
             raise ValueError(f"teacher checkpoint {spec.checkpoint} records no label map; it cannot be checked "
                              "against the data")
@@ -144,13 +182,17 @@ def load_teacher(spec: TeacherSpec, data_label_map: Optional[LabelMap]
 
     kd-detr ``.safetensors`` files carry their architecture, label map and image size; official and
     Hugging Face files carry none, so they come from the card (``coco91``: class slot = COCO id).
+    A card whose ``num_classes`` differs from its checkpoint's is refused (naming both).
     """
     fmt = _file_format(spec.checkpoint, spec.format)
     if fmt == "safetensors":
-        _, label_map, image_size = describe_teacher(spec, data_label_map)  # checks name and label map first
+        _, label_map, image_size = describe_teacher(spec, data_label_map)  # checks name, classes, label map first
         model, _ = load_model(spec.checkpoint)
     elif fmt in ("official", "hf"):
-        model = model_from_official(spec.checkpoint, spec.model, spec.num_classes, fmt=fmt, **spec.model_overrides)
+        # built with the file's own number of classes (read from class_embed), then compared with the card's
+        overrides = {k: v for k, v in spec.model_overrides.items() if k != "num_classes"}
+        model = model_from_official(spec.checkpoint, spec.model, None, fmt=fmt, **overrides)
+        _check_card_classes(spec, model.config.num_classes)
         label_map, image_size = _official_label_map(spec, model.config.num_classes, data_label_map), spec.image_size
     else:
         raise ValueError(f"teacher {spec.name}: unknown checkpoint format {fmt!r}")

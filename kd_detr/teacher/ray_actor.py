@@ -7,14 +7,17 @@ teacher's numbers (on CPU with the same intra-op thread count: reductions split 
 threads round differently, ~1e-6). Results cross the object store in the wire format of
 :meth:`~kd_detr.teacher.outputs.TeacherOutputs.to_wire`, as numpy.
 
-The actor is created with ``max_restarts=-1, max_task_retries=-1``: a process that dies (OOM killer,
-preempted node) is restarted (it reloads the teacher) and its pending calls are retried; a forward pass
-has no side effects, so a retry returns the same result.
+The actor is created with ``max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES`` (3 each): a
+process that dies (OOM killer, preempted node) is restarted (it reloads the teacher) and its pending calls
+are retried; a forward pass has no side effects, so a retry returns the same result. An actor that keeps
+dying is not restarted forever: once its restarts are used up, the call fails and the callers raise
+:class:`TeacherActorError` (:func:`teacher_actor_error`), one line saying what to check.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Optional
 
 import numpy as np
@@ -30,7 +33,42 @@ from .loading import TeacherSpec, load_teacher, spec_from_dict, spec_to_dict
 from .ray_session import from_numpy, to_numpy, torch_threads, wire_to_numpy
 from .sources import InProcessTeacher
 
-__all__ = ["TeacherWorker", "TeacherActor", "teacher_job", "plan_job"]
+__all__ = ["TeacherWorker", "TeacherActor", "TeacherActorError", "teacher_actor_error", "teacher_job", "plan_job",
+           "MAX_RESTARTS", "MAX_TASK_RETRIES", "ACTOR_OPTIONS"]
+
+# A dead teacher process is restarted this many times (and a call it was running retried as often) before
+# the run gives up: enough for a preempted node or a one-off OOM kill, few enough that a teacher which
+# dies on every batch ends the run in seconds instead of hanging it.
+MAX_RESTARTS = 3
+MAX_TASK_RETRIES = 3
+ACTOR_OPTIONS = {"max_restarts": MAX_RESTARTS, "max_task_retries": MAX_TASK_RETRIES}
+
+
+class TeacherActorError(RuntimeError):
+    """A teacher actor is gone for good (restarts used up) or could not load its teacher."""
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def teacher_actor_error(e: BaseException) -> TeacherActorError:
+    """The one-line error of a failed actor call (``ray.exceptions.RayActorError`` / ``ActorDiedError``)."""
+    msg = str(e)
+    if getattr(e, "actor_init_failed", False):
+        # an exception in __init__ (e.g. a bad checkpoint): Ray does not restart those; the original
+        # error is the last "SomeError: ..." line of the remote traceback
+        lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+        errors = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception)\b", ln)]
+        cause = _one_line(errors[-1] if errors else (lines[-1] if lines else type(e).__name__))
+        return TeacherActorError(f"the teacher actor could not load the teacher (last error: {cause}): check the "
+                                 "teacher checkpoint and card")
+    detail = re.search(r"Worker exit detail: (.*?)(?: There are some potential root causes| Some common causes|$)",
+                       " ".join(msg.split()))
+    last = detail.group(1) if detail else (msg.strip().splitlines()[-1] if msg.strip() else type(e).__name__)
+    return TeacherActorError(f"teacher actor died {MAX_RESTARTS + 1} times (last error: {_one_line(last)}): "
+                             "check memory (OOM killer) and the teacher checkpoint")
 
 
 def teacher_job(spec: TeacherSpec, attn_mode: str, label_map: Optional[LabelMap], device: str,
@@ -142,6 +180,6 @@ class TeacherWorker:
         return name, self.compute(view, batch_ids)
 
 
-# A killed actor is restarted (-1: without limit) and the call it was running retried: its calls have
-# no side effects (the driver alone writes).
-TeacherActor = ray.remote(max_restarts=-1, max_task_retries=-1)(TeacherWorker)
+# A killed actor is restarted (up to MAX_RESTARTS times) and the call it was running retried: its calls
+# have no side effects (the driver alone writes).
+TeacherActor = ray.remote(**ACTOR_OPTIONS)(TeacherWorker)

@@ -5,6 +5,9 @@ teacher each, on a GPU when the Ray cluster has them) and hands them the student
 the object store. ``prefetching(batches)`` keeps the next ``prefetch`` batches in flight (round-robin
 over the actors) while the student trains on the current one, and yields :class:`~kd_detr.data.Batch` es
 with their teacher outputs, in the original order.
+
+An actor that dies is restarted a few times (:data:`~kd_detr.teacher.ray_actor.MAX_RESTARTS`) and its call
+retried; one that keeps dying ends the run with :class:`~kd_detr.teacher.ray_actor.TeacherActorError`.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from typing import Any, Iterable, Iterator, Optional
 
 import ray
 import torch
+from ray.exceptions import RayActorError
 
 from kd_detr.data import Batch, LabelMap
 
 from .loading import TeacherSpec
 from .outputs import ATTN_MODES, TeacherOutputs
-from .ray_actor import TeacherActor, teacher_job
+from .ray_actor import TeacherActor, teacher_actor_error, teacher_job
 from .ray_session import actor_options, ensure_ray, from_numpy, shutdown_ray, to_numpy, wire_from_numpy
 
 log = logging.getLogger("kd_detr.teacher")
@@ -70,6 +74,9 @@ class RayTeacherServer:
             ray.get([a.ping.remote() for a in self.actors])
             self.query_embed = from_numpy(ray.get(self.actors[0].queries.remote()))
             self.config = ray.get(self.actors[0].config.remote())
+        except RayActorError as e:
+            self.close()
+            raise teacher_actor_error(e) from None
         except BaseException:
             self.close()
             raise
@@ -86,8 +93,14 @@ class RayTeacherServer:
         return actor.forward.remote(img, msk)
 
     def get(self, ref: ray.ObjectRef, device: Any = None) -> TeacherOutputs:
-        """Wait for a :meth:`submit` -> :class:`TeacherOutputs` (torch, float32; on ``device`` if given)."""
-        out = TeacherOutputs.from_wire(wire_from_numpy(ray.get(ref)), self.query_embed)
+        """Wait for a :meth:`submit` -> :class:`TeacherOutputs` (torch, float32; on ``device`` if given).
+
+        Raises :class:`~kd_detr.teacher.ray_actor.TeacherActorError` when the actor died for good."""
+        try:
+            wire = ray.get(ref)
+        except RayActorError as e:
+            raise teacher_actor_error(e) from None
+        out = TeacherOutputs.from_wire(wire_from_numpy(wire), self.query_embed)
         return out if device is None else out.to(device)
 
     def __call__(self, images: torch.Tensor, mask: torch.Tensor) -> TeacherOutputs:

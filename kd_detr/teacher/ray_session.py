@@ -9,14 +9,79 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any, Optional
 
 import numpy as np
 import ray
 import torch
 
-__all__ = ["ensure_ray", "shutdown_ray", "use_gpus", "actor_options", "torch_threads", "to_numpy", "from_numpy",
-           "wire_to_numpy", "wire_from_numpy"]
+__all__ = ["ensure_ray", "check_ray_reachable", "REACH_TIMEOUT_S", "shutdown_ray", "use_gpus", "actor_options",
+           "torch_threads", "to_numpy", "from_numpy", "wire_to_numpy", "wire_from_numpy"]
+
+
+# How long the cluster's GCS port gets to accept a TCP connection before kd-detr gives up on an address
+# (ray.init itself would retry a dead address for minutes).
+REACH_TIMEOUT_S = 5.0
+
+
+def _host_port(address: str) -> Optional[tuple[str, int]]:
+    """``(host, port)`` of ``host:port``, ``[v6]:port`` or ``ray://host:port``; ``None`` if it has no port."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    rest = rest.split("/", 1)[0]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _resolve(address: str, source: str) -> str:
+    """The ``host:port`` Ray will connect to for ``address``: ``auto`` is resolved the way ``ray.init``
+    does (``$RAY_ADDRESS``, then the cluster of the last ``ray start``, recorded in
+    ``/tmp/ray/ray_current_cluster``, then a running GCS process found with ``ps``)."""
+    if address != "auto":
+        return address
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:  # pragma: no cover - a Ray without this helper: let ray.init resolve it
+        return address
+    try:
+        resolved = canonicalize_bootstrap_address("auto")
+    except (ConnectionError, ValueError) as e:
+        raise ValueError(f"cannot resolve the Ray address 'auto' (from {source}): no running Ray cluster found on this "
+                         f"machine ({' '.join(str(e).split())}): start one with `ray start --head`, give its "
+                         f"host:port, or unset RAY_ADDRESS to run a local Ray") from None
+    return resolved or address
+
+
+def check_ray_reachable(address: str, source: str = "--address", timeout: float = REACH_TIMEOUT_S) -> None:
+    """Refuse a Ray address nothing answers at, in at most ``timeout`` seconds (``ray.init`` would wait for
+    minutes): its GCS port (``ray://``: the client server's port) must accept a TCP connection.
+
+    Args:
+        address: ``host:port``, ``ray://host:port`` or ``auto``.
+        source: where the address came from, for the message (``--address``, ``$RAY_ADDRESS``).
+
+    Raises:
+        ValueError: one line naming the address, where it came from and what to do.
+    """
+    target = _resolve(address, source)
+    if target == "auto":  # pragma: no cover - unresolvable with this Ray: nothing to probe
+        return
+    fix = ("start it with `ray start --head`, fix the address, or unset RAY_ADDRESS to run a local Ray"
+           if source == "$RAY_ADDRESS" else
+           "start it with `ray start --head`, fix the address, or leave out --address (and unset RAY_ADDRESS) "
+           "to run a local Ray")
+    hp = _host_port(target)
+    if hp is None:
+        raise ValueError(f"the Ray address {target!r} (from {source}) is not host:port: {fix}")
+    try:
+        with socket.create_connection(hp, timeout=timeout):
+            pass
+    except OSError as e:
+        why = "no answer within {:g} s".format(timeout) if isinstance(e, socket.timeout) else \
+            (e.strerror or str(e) or type(e).__name__)
+        raise ValueError(f"cannot reach the Ray cluster at {target} (from {source}: {why}): {fix}") from None
 
 
 def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> bool:
@@ -24,17 +89,23 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
     teacher serving, compare). Returns ``True`` if this call started it (the caller then shuts it down
     with :func:`shutdown_ray` when done; a session someone else opened is left alone).
 
-    ``address`` (or ``$RAY_ADDRESS``) joins an existing cluster; otherwise a local one with ``num_cpus``
-    CPUs (default: this machine's) and no dashboard is started (it costs seconds and memory for nothing
-    here). Ray's own logging is kept at warnings.
+    ``address`` (or ``$RAY_ADDRESS``) joins an existing cluster, after :func:`check_ray_reachable` made
+    sure something answers there (a stale address fails in seconds, not minutes); otherwise (or with
+    ``address="local"``) a local one with ``num_cpus`` CPUs (default: this machine's) and no dashboard is
+    started (it costs seconds and memory for nothing here), even when a ``ray start`` cluster is recorded
+    on this machine. Ray's own logging is kept at warnings.
     """
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
+    env = os.environ.get("RAY_ADDRESS") or None
+    source = "--address" if address else "$RAY_ADDRESS"
+    address = address or env
+    if address and address != "local":
+        check_ray_reachable(address, source)
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=int(num_cpus or os.cpu_count() or 1), include_dashboard=False,
+        # address="local": a new local Ray, never the cluster of an old `ray start` (whose record may be stale)
+        ray.init(address="local", num_cpus=int(num_cpus or os.cpu_count() or 1), include_dashboard=False,
                  logging_level=logging.WARNING)
     return True
 

@@ -207,6 +207,7 @@ class CacheSource(TeacherSource):
         """Open the cache for a run on ``dataset``, refusing one built for other data, labels, sizes, batch
         size or teacher. Returns the :class:`~kd_detr.teacher.cache.CacheReader` (it also fixes the view plan)."""
         from .cache import CacheReader, sha256_file
+        from .cache.store import images_problem
 
         reader = CacheReader(self.cache)
         m = reader.manifest
@@ -216,6 +217,9 @@ class CacheSource(TeacherSource):
             problems.append(f"images: cache has {ds.get('images')}, this data set has {len(dataset)}")
         if ds.get("annotations_sha256") != sha256_file(dataset.ann_file):
             problems.append(f"annotations: the cache was built from another annotation file ({ds.get('annotations')})")
+        problem = images_problem(m, dataset)  # the images themselves (names, sizes, modification times)
+        if problem:
+            problems.append(problem)
         if ds.get("label_map") != label_map.to_dict():
             problems.append("label_map: the cache's label map differs from this run's (--label-map)")
         if ds.get("image_size") != image_size:

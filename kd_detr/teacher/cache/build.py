@@ -6,11 +6,15 @@ manifest does not list yet to a :class:`ray.util.ActorPool` of :data:`~kd_detr.t
 result with the one :class:`~kd_detr.teacher.cache.store.CacheWriter` as it arrives (actors only
 compute; a single writer keeps the manifest consistent).
 
-* **Resumable**: a shard is listed in the manifest only once complete; a rerun skips listed shards and
-  computes the rest (an interrupted build loses at most the shards in flight).
-* **Fault tolerant**: actors are created with ``max_restarts=-1, max_task_retries=-1``, so an actor
-  process that dies is restarted (reloading data and teacher) and its pending shard is computed again;
-  results are pure functions of (plan, teacher, view, batches), so nothing is lost or duplicated.
+* **Resumable**: a shard is listed in the manifest only once complete; a rerun verifies the listed
+  shards (SHA-256), skips the good ones and computes the rest (an interrupted build loses at most the
+  shards in flight; a corrupt shard is rebuilt).
+* **One build per folder**: the build holds the folder's lock (:class:`~kd_detr.teacher.cache.store.CacheLock`)
+  from its start; a second build into the same folder fails at once, before starting Ray.
+* **Fault tolerant**: actors are created with a few restarts (:data:`~kd_detr.teacher.ray_actor.MAX_RESTARTS`),
+  so an actor process that dies is restarted (reloading data and teacher) and its pending shard is computed
+  again; results are pure functions of (plan, teacher, view, batches), so nothing is lost or duplicated.
+  An actor that keeps dying ends the build with :class:`~kd_detr.teacher.ray_actor.TeacherActorError`.
 * **Identical to the in-process teacher**: an actor builds batch ``(k, j)`` with :class:`PlanBatches`
   and runs :class:`~kd_detr.teacher.sources.InProcessTeacher`; a ``full`` float32 cache holds exactly those numbers (on CPU, with
   the same intra-op thread count: see ``num_threads``).
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import ray
+from ray.exceptions import RayActorError
 from ray.util import ActorPool
 
 from kd_detr.data import CocoDetection, LabelMap
@@ -35,11 +40,12 @@ from kd_detr.data.view_plan import ViewPlan
 from kd_detr.progress import Progress
 
 from ..loading import TeacherSpec, teacher_config
-from ..ray_actor import TeacherActor, plan_job, teacher_job
+from ..ray_actor import TeacherActor, plan_job, teacher_actor_error, teacher_job
 from ..ray_session import actor_options, ensure_ray, from_numpy, shutdown_ray
 
 from .attention_codec import StoreConfig
-from .store import MANIFEST, QUERIES, CacheError, CacheWriter, sha256_file
+from .store import (IMAGES_FINGERPRINT, MANIFEST, QUERIES, CacheError, CacheLock, CacheWriter, dataset_fingerprint,
+                    images_problem, sha256_file)
 
 log = logging.getLogger("kd_detr.teacher.cache")
 
@@ -60,13 +66,15 @@ def cache_header(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, stor
 
     A resumed build must produce the same header (the writer compares them field by field), so it
     holds only what decides the stored numbers: teacher file (by SHA-256), annotations (by SHA-256),
-    plan and store config.
+    images (by :func:`~kd_detr.teacher.cache.store.dataset_fingerprint`: names, sizes, modification
+    times), plan and store config.
     """
     return {
         "teacher": {"name": spec.name, "model": spec.model, "checkpoint": str(spec.checkpoint),
                     "checkpoint_sha256": sha256_file(spec.checkpoint), "card": spec.card,
                     "config": teacher_config(spec)},
         "dataset": {"annotations": str(dataset.ann_file), "annotations_sha256": sha256_file(dataset.ann_file),
+                    "image_dir": str(dataset.img_dir), IMAGES_FINGERPRINT: dataset_fingerprint(dataset),
                     "images": len(dataset), "image_size": image_size, "label_map": label_map.to_dict()},
         "plan": plan.to_dict(),
         "store": {**store.to_dict(), **(model_sizes or {})},
@@ -147,61 +155,83 @@ def build_cache(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, out: 
     def shard_images(t: ShardTask) -> list[int]:
         return [i for j in t.batches for i in plan.batch(t.view, j)]
 
-    header = cache_header(spec, dataset, plan, store, dataset.label_map, image_size)
+    # the folder's lock first: a second build into the same folder fails here, before any work
+    lock = CacheLock(out)
     writer: Optional[CacheWriter] = None
-    todo, skipped = list(tasks), 0
-    known = _stored_sizes(Path(out))
-    if known is not None:
-        # Resuming: the model sizes are those the cache recorded (its header pins the checkpoint by
-        # SHA-256), so the header is checked, and a finished cache recognised, before any actor starts.
-        writer = CacheWriter(out, {**header, "store": {**header["store"], **known}})
-        todo, skipped = _pending(tasks, writer)
-    computed, seconds, device = 0, 0.0, None
-    startup = time.perf_counter() - t_start
-    if todo or not (Path(out) / QUERIES).is_file():
-        started_ray = ensure_ray(address, num_cpus=max(2, actors))
-        handles: list = []
-        try:
-            opts, device = actor_options(num_gpus)
-            job = teacher_job(spec, store.attn_mode, dataset.label_map, device, actors, num_threads)
-            data = plan_job(dataset, plan)
-            handles = [TeacherActor.options(**opts).remote(job, data, store.to_dict()) for _ in range(actors)]
-            ray.get([h.ping.remote() for h in handles])  # every actor loaded: fail early on a bad teacher
-            sizes = ray.get(handles[0].describe.remote())
-            if writer is None:
-                writer = CacheWriter(out, {**header, "store": {**header["store"], **sizes}})
-                todo, skipped = _pending(tasks, writer)
-            elif sizes != known:
-                raise CacheError(f"{out}: the cache records a teacher with {known}, this checkpoint has {sizes}")
-            writer.write_queries(from_numpy(ray.get(handles[0].queries.remote())))
-            if on_actors is not None:
-                on_actors(handles)
-            total_images = plan.num_views * plan.num_images
-            bar = Progress(total=total_images, initial=total_images - sum(len(shard_images(t)) for t in todo),
-                           enabled=progress, desc="teacher cache")
-            t0 = time.perf_counter()
-            startup = t0 - t_start
+    try:
+        header = cache_header(spec, dataset, plan, store, dataset.label_map, image_size)
+        todo, skipped = list(tasks), 0
+        existing = _existing_manifest(Path(out))
+        known = _stored_sizes(existing)
+        if existing is not None:
+            problem = images_problem(existing, dataset, fingerprint=header["dataset"][IMAGES_FINGERPRINT],
+                                     fix="delete the folder to rebuild the cache, or use another --out")
+            if problem:
+                raise CacheError(f"cannot resume the teacher cache {out}: {problem}")
+        if known is not None:
+            # Resuming: the model sizes are those the cache recorded (its header pins the checkpoint by
+            # SHA-256), so the header is checked, and a finished cache recognised, before any actor starts.
+            writer = CacheWriter(out, {**header, "store": {**header["store"], **known}})
+            todo, skipped = _pending(tasks, writer)
+        computed, seconds, device = 0, 0.0, None
+        startup = time.perf_counter() - t_start
+        if todo or not (Path(out) / QUERIES).is_file():
+            started_ray = ensure_ray(address, num_cpus=max(2, actors))
+            handles: list = []
             try:
-                pool = ActorPool(handles)
-                by_name = {t.name: t for t in todo}
-                for t in todo:  # the pool queues them and hands one to each idle actor
-                    pool.submit(lambda a, t: a.run_shard.remote(t.name, t.view, list(t.batches)), t)
-                while pool.has_next():
-                    name, batches = pool.get_next_unordered()
-                    t = by_name[name]
-                    ids = shard_images(t)
-                    writer.write_shard(name, t.view, {j: {k: from_numpy(a) for k, a in b.items()}
-                                                      for j, b in batches.items()},
-                                       [coco_ids[i] for i in ids])
-                    computed += len(ids)
-                    bar.update(len(ids), **{"img/s": computed / max(time.perf_counter() - t0, 1e-9)})
+                opts, device = actor_options(num_gpus)
+                job = teacher_job(spec, store.attn_mode, dataset.label_map, device, actors, num_threads)
+                data = plan_job(dataset, plan)
+                handles = [TeacherActor.options(**opts).remote(job, data, store.to_dict()) for _ in range(actors)]
+                try:
+                    ray.get([h.ping.remote() for h in handles])  # every actor loaded: fail early on a bad teacher
+                    sizes = ray.get(handles[0].describe.remote())
+                except RayActorError as e:
+                    raise teacher_actor_error(e) from None
+                if writer is None:
+                    writer = CacheWriter(out, {**header, "store": {**header["store"], **sizes}})
+                    todo, skipped = _pending(tasks, writer)
+                elif sizes != known:
+                    raise CacheError(f"{out}: the cache records a teacher with {known}, this checkpoint has {sizes}")
+                try:
+                    writer.write_queries(from_numpy(ray.get(handles[0].queries.remote())))
+                except RayActorError as e:
+                    raise teacher_actor_error(e) from None
+                if on_actors is not None:
+                    on_actors(handles)
+                total_images = plan.num_views * plan.num_images
+                bar = Progress(total=total_images, initial=total_images - sum(len(shard_images(t)) for t in todo),
+                               enabled=progress, desc="teacher cache")
+                t0 = time.perf_counter()
+                startup = t0 - t_start
+                try:
+                    pool = ActorPool(handles)
+                    by_name = {t.name: t for t in todo}
+                    for t in todo:  # the pool queues them and hands one to each idle actor
+                        pool.submit(lambda a, t: a.run_shard.remote(t.name, t.view, list(t.batches)), t)
+                    while pool.has_next():
+                        try:
+                            name, batches = pool.get_next_unordered()
+                        except RayActorError as e:  # restarts used up: the actor is gone for good
+                            raise teacher_actor_error(e) from None
+                        t = by_name[name]
+                        ids = shard_images(t)
+                        writer.write_shard(name, t.view, {j: {k: from_numpy(a) for k, a in b.items()}
+                                                          for j, b in batches.items()},
+                                           [coco_ids[i] for i in ids])
+                        computed += len(ids)
+                        bar.update(len(ids), **{"img/s": computed / max(time.perf_counter() - t0, 1e-9)})
+                finally:
+                    bar.close()
+                seconds = time.perf_counter() - t0
             finally:
-                bar.close()
-            seconds = time.perf_counter() - t0
-        finally:
-            for h in handles:
-                ray.kill(h, no_restart=True)
-            shutdown_ray(started_ray)
+                for h in handles:
+                    ray.kill(h, no_restart=True)
+                shutdown_ray(started_ray)
+    finally:
+        if writer is not None:
+            writer.close()
+        lock.release()
     done_images = plan.num_views * plan.num_images - computed
     summary = {"out": str(out), "shards_total": len(tasks), "shards_written": len(todo), "shards_skipped": skipped,
                "images": computed, "images_skipped": done_images, "seconds": seconds,
@@ -212,13 +242,22 @@ def build_cache(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, out: 
     return summary
 
 
-def _stored_sizes(root: Path) -> Optional[dict[str, int]]:
-    """``{"layers", "queries", "classes"}`` recorded in an existing cache's manifest, else ``None``
-    (no cache yet, or an unreadable manifest: the writer reports that once it is opened)."""
+def _existing_manifest(root: Path) -> Optional[dict[str, Any]]:
+    """The parsed ``manifest.json`` of an existing cache, else ``None`` (no cache yet, or an unreadable
+    manifest: the writer reports that once it is opened)."""
     try:
-        stored = json.loads((root / MANIFEST).read_text())["store"]
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _stored_sizes(manifest: Optional[dict[str, Any]]) -> Optional[dict[str, int]]:
+    """``{"layers", "queries", "classes"}`` recorded in an existing cache's manifest, else ``None``."""
+    try:
+        stored = manifest["store"]
         return {k: int(stored[k]) for k in ("layers", "queries", "classes")}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return None
 
 

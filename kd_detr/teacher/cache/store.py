@@ -10,27 +10,35 @@ Consistency rules:
 
 * **Single writer.** Only the process that owns the :class:`CacheWriter` writes ``manifest.json``
   (teacher actors return tensors; the builder's driver writes the shards and the manifest). Two
-  writers on one folder would lose each other's manifest entries.
+  writers on one folder would lose each other's manifest entries, so a writer holds an exclusive
+  ``flock`` on ``<cache>/.lock`` for its life (:class:`CacheLock`); a second build fails at once.
 * **Write-once shards, manifest last.** A shard is written to a temporary file, renamed into place,
   hashed, and only then listed in the manifest (rewritten atomically). A reader only sees listed
   shards, so a crash at any point leaves a valid (if incomplete) cache; a shard file on disk but not in
-  the manifest was never visible and is simply written again when the build resumes.
+  the manifest was never visible and is simply written again when the build resumes. A resumed build
+  checks the SHA-256 of every listed shard and rebuilds the ones that do not match.
+* **Inside the folder.** Every file a manifest names must lie inside the cache folder (no absolute
+  paths, no ``..``, no symlink leading out): a reader never follows a manifest elsewhere.
+* **Same images.** The manifest fingerprints the training images (:func:`dataset_fingerprint`) as well
+  as the annotation file; a run or a resumed build on changed images is refused (:func:`images_problem`).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
-import warnings
 from collections.abc import Iterable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -39,13 +47,18 @@ from kd_detr.teacher.outputs import TeacherOutputs
 
 from .attention_codec import StoreConfig, batch_keys, decode_batch
 
-__all__ = ["CACHE_FORMAT", "FORMAT_VERSION", "MANIFEST", "QUERIES", "CacheError", "CacheWriter", "CacheReader",
-           "verify_cache", "cache_info", "sha256_file"]
+log = logging.getLogger("kd_detr.teacher.cache")
+
+__all__ = ["CACHE_FORMAT", "FORMAT_VERSION", "MANIFEST", "QUERIES", "LOCK", "IMAGES_FINGERPRINT", "CacheError",
+           "CacheLock", "CacheWriter", "CacheReader", "verify_cache", "cache_info", "sha256_file",
+           "dataset_fingerprint", "images_problem"]
 
 CACHE_FORMAT = "kd-detr-teacher-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 QUERIES = "queries.safetensors"
+LOCK = ".lock"
+IMAGES_FINGERPRINT = "images_fingerprint"  # key of the manifest's dataset section
 HEADER_SECTIONS = ("teacher", "dataset", "plan", "store")
 
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors$")
@@ -64,6 +77,100 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _inside(root: Path, name: Any, what: str, manifest_path: Path) -> Path:
+    """``root / name`` when ``name`` (a path written in the manifest) is a relative path that stays inside
+    the cache folder; else :class:`CacheError` naming the manifest and the entry. A manifest is data: an
+    absolute path, a ``..`` or a symlink out of the folder would make the reader (and ``cache verify``)
+    serve or bless a file that no build wrote."""
+    if not isinstance(name, str) or not name:
+        raise CacheError(f"{manifest_path}: {what} has no file name ({name!r}): rebuild the cache with `kd-detr cache`")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or os.path.isabs(name):
+        why = "an absolute path"
+    elif ".." in pure.parts or ".." in Path(name).parts:
+        why = "a path with '..'"
+    else:
+        path = root / name
+        real, base = path.resolve(), root.resolve()
+        if real != base and base in real.parents:
+            return path
+        why = f"a path that resolves to {real}"
+    raise CacheError(f"{manifest_path}: {what} names {name!r}, {why} outside the cache folder {root}: a cache only "
+                     f"reads files inside its folder; rebuild the cache with `kd-detr cache`")
+
+
+_WRITE_HINTS = {
+    errno.ENOSPC: "no space left on device? free space on that disk or build into another --out",
+    errno.EDQUOT: "disk quota exceeded? free space or build into another --out",
+    errno.EROFS: "the file system is read-only: build into another --out",
+    errno.EACCES: "check the permissions of the cache folder",
+    errno.EPERM: "check the permissions of the cache folder",
+}
+
+
+def _write_error(path: Path, what: str, e: BaseException) -> "CacheError":
+    """A one-line :class:`CacheError` for a failed write of ``path`` (an ``OSError``, or the
+    ``SafetensorError`` that wraps one as ``... (os error 28) ...``)."""
+    code = getattr(e, "errno", None)
+    if code is None:
+        m = re.search(r"os error (\d+)", str(e))
+        code = int(m.group(1)) if m else None
+    if code:
+        detail = f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+        hint = _WRITE_HINTS.get(code, "check the disk and the cache folder")
+    else:
+        detail, hint = " ".join(str(e).split()) or type(e).__name__, "check the disk and the cache folder"
+    return CacheError(f"cannot write teacher cache {what} {path}: {detail}: {hint}; nothing half-written was kept "
+                      f"({MANIFEST} lists only complete shards: rerun `kd-detr cache` to resume)")
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """SHA-256 over each image's file name, size in bytes and modification time (``st_mtime_ns``), in data
+    set order: what a cache records of the training images (``dataset.images_fingerprint``).
+
+    Cheap by design: one ``stat`` per image, no image is read (COCO train2017, 118k images, takes about a
+    second on a local disk). It changes when an image is replaced, edited, added, removed or renamed
+    under an unchanged annotation file. It also changes when the images are copied without their times
+    (``cp`` without ``-p``; ``rsync -a`` and ``cp -p`` keep them): then the cache must be rebuilt although
+    the pixels are the same. A missing image counts with size and time ``-1``.
+
+    Args:
+        dataset: a :class:`~kd_detr.data.CocoDetection` (its ``img_dir``, ``image_ids`` and JSON images).
+    """
+    names = {int(img["id"]): str(img["file_name"]) for img in dataset.coco.dataset["images"]}
+    img_dir = Path(dataset.img_dir)
+    h = hashlib.sha256()
+    for image_id in dataset.image_ids:
+        name = names[int(image_id)]
+        try:
+            st = os.stat(img_dir / name)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size, mtime = -1, -1
+        h.update(f"{name}\0{size}\0{mtime}\n".encode())
+    return h.hexdigest()
+
+
+def images_problem(manifest: Mapping[str, Any], dataset: Any, *, fingerprint: Optional[str] = None,
+                   fix: str = "rebuild the cache with `kd-detr cache`") -> Optional[str]:
+    """``None`` when the cache of ``manifest`` was built from the images ``dataset`` holds now, else one
+    line saying what differs and ``fix``. A cache written before image fingerprints existed is refused
+    too (nothing tells whether its images changed).
+
+    Args:
+        fingerprint: ``dataset_fingerprint(dataset)`` when the caller has it already.
+    """
+    have = (manifest.get("dataset") or {}).get(IMAGES_FINGERPRINT)
+    where = getattr(dataset, "img_dir", "the data set")
+    if not have:
+        return (f"images: the cache records no image fingerprint (dataset.{IMAGES_FINGERPRINT}: it was built by an "
+                f"older kd-detr), so nothing tells whether the images in {where} changed since: {fix}")
+    if have != (fingerprint or dataset_fingerprint(dataset)):
+        return (f"images: the images in {where} changed since the cache was built (file names, sizes or modification "
+                f"times differ from the manifest's dataset.{IMAGES_FINGERPRINT}): {fix}")
+    return None
 
 
 def _json_normal(obj: Any) -> Any:
@@ -131,6 +238,8 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         if not isinstance(entry, Mapping) or any(k not in entry for k in ("file", "sha256", "bytes", "view",
                                                                            "batches", "image_ids")):
             raise CacheError(f"{path}: shard entry {i} lacks file/sha256/bytes/view/batches/image_ids: {entry!r}")
+        _inside(root, entry["file"], f"shard entry {i}", path)
+    _inside(root, QUERIES, "the queries file", path)
     return manifest
 
 
@@ -155,6 +264,131 @@ def _human(n: float) -> str:
     return f"{n:.2f} TB"  # pragma: no cover
 
 
+# --------------------------------------------------------------------------------------------- lock
+
+
+def _check_adoptable(root: Path) -> None:
+    """Refuse to adopt a folder with foreign files (a mistyped path must not fill someone's folder);
+    shard/queries/temp/lock files of a build that crashed before its first manifest write are fine."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise CacheError(f"{root} exists and is not a folder: give --out a new or empty folder")
+    if (root / MANIFEST).exists():
+        return
+    foreign = [p.name for p in root.iterdir()
+               if not (p.name in (QUERIES, LOCK) or _SHARD_NAME.match(p.name) or p.name.endswith(".tmp")
+                       or _STALE_TEMP.match(p.name))]
+    if foreign:
+        raise CacheError(f"{root} is not empty and holds no teacher cache ({MANIFEST} missing; "
+                         f"found {sorted(foreign)[:5]}): choose an empty or new folder")
+
+
+def _acquire(root: Path):
+    """Open ``root/.lock`` and take an exclusive non-blocking ``flock``; write this pid into it."""
+    path = root / LOCK
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise CacheError(f"cannot create the cache lock file {path}: {e.strerror}: check the permissions of "
+                         f"{root}") from None
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        try:
+            f.seek(0)
+            pid = f.read().strip() or "unknown"
+        except OSError:
+            pid = "unknown"
+        f.close()
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise CacheError(f"another kd-detr cache build is writing {root} (pid {pid}): wait for it, "
+                             f"or use another --out") from None
+        raise CacheError(f"cannot lock {path}: {e.strerror} (the file system may not support locks): "
+                         f"build into a folder on a local disk") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _remove_stale_temps(root)
+    return f
+
+
+# temporary files of a write killed mid-way: atomic_write's ``.<name>.<8 chars>.tmp`` and safetensors'
+# own ``.tmpXXXXXX``
+_STALE_TEMP = re.compile(r"^\..+\.tmp$|^\.tmp[A-Za-z0-9]{6}$")
+
+
+def _remove_stale_temps(root: Path) -> None:
+    """Remove the temporary files a killed build left in ``root``. Only right after the lock was taken by
+    a process that held none: then no write of any process is in flight there."""
+    for p in root.iterdir():
+        if _STALE_TEMP.match(p.name) and p.is_file() and not p.is_symlink():
+            try:
+                p.unlink()
+            except OSError:
+                continue
+            log.info("teacher cache %s: removed %s, left by an interrupted write", root, p.name)
+
+
+_held: dict[str, list] = {}  # real path of a cache folder -> [its open, locked .lock file, holders in this process]
+_held_guard = threading.Lock()
+
+
+class CacheLock:
+    """The exclusive ``fcntl.flock`` on ``<cache>/.lock`` that makes a cache folder single-writer.
+
+    Taken without waiting: while another process holds it, :class:`CacheError` says at once
+    ``another kd-detr cache build is writing X (pid N)``. The kernel drops it when the holder exits
+    (a crashed build leaves no stale lock; the ``.lock`` file itself stays, harmlessly). Within one
+    process the lock is shared: a second :class:`CacheWriter` (or :func:`~kd_detr.teacher.cache.build.build_cache`
+    and its writer) on the folder counts as the same holder, and the lock goes when the last one releases.
+
+    Creates the folder if needed (after refusing one with foreign files).
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        _check_adoptable(self.root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CacheError(f"cannot create the cache folder {self.root}: {e.strerror}") from None
+        key = os.path.realpath(self.root)
+        with _held_guard:
+            held = _held.get(key)
+            if held is None:
+                held = _held[key] = [_acquire(self.root), 0]
+            held[1] += 1
+        self._key: Optional[str] = key
+
+    def release(self) -> None:
+        """Give up this holder's share (idempotent)."""
+        key, self._key = getattr(self, "_key", None), None
+        if key is None:
+            return
+        with _held_guard:
+            held = _held.get(key)
+            if held is None:
+                return
+            held[1] -= 1
+            if held[1] <= 0:
+                del _held[key]
+                held[0].close()  # closing the file drops the flock
+
+    def __enter__(self) -> "CacheLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # pragma: no cover - interpreter shutdown: the kernel drops the lock anyway
+            pass
+
+
 # ------------------------------------------------------------------------------------------- writer
 
 
@@ -167,8 +401,15 @@ class CacheWriter:
             (``format``/``format_version`` are added). On an existing cache it must equal the stored
             header field by field, else :class:`CacheError` lists each differing dotted key.
 
-    Only one writer per folder (it alone rewrites ``manifest.json``); ``write_shard`` may be called
-    from several threads of that process (the manifest update is locked).
+    Only one writer per folder (it alone rewrites ``manifest.json``): the writer holds the folder's
+    :class:`CacheLock` from its creation to :meth:`close` (or garbage collection), and a writer in another
+    process fails at once. ``write_shard`` may be called from several threads of that process (the
+    manifest update is locked).
+
+    Resuming verifies the SHA-256 of every shard the manifest lists (one read of the cache): a shard
+    missing, of another size or corrupt is dropped from the manifest with a warning and rebuilt.
+    A failed write (disk full, ...) raises :class:`CacheError` naming the file; the temporary file is
+    removed and the manifest keeps listing only complete shards.
     """
 
     def __init__(self, root: str | os.PathLike, header: Mapping[str, Any]):
@@ -184,54 +425,73 @@ class CacheWriter:
                 raise ValueError(f"CacheWriter header {key} is {header[key]!r}, this kd-detr writes {want!r}")
         self.store = StoreConfig.from_dict(header["store"])  # validates the store section
         self._lock = threading.Lock()
-
-        if (self.root / MANIFEST).exists():
-            manifest = _read_manifest(self.root)
-            existing = {k: v for k, v in manifest.items() if k != "shards"}
-            problems = _diff(existing, header, both_ways=True)
-            if problems:
-                raise CacheError(f"the folder {self.root} holds a cache of another teacher/data/plan: "
-                                 + "; ".join(problems)
-                                 + " (use another folder, or delete this one to rebuild)")
-            self.manifest = {**header, "shards": self._still_present(manifest["shards"])}
-            if len(self.manifest["shards"]) != len(manifest["shards"]):
-                self._write_manifest()
-        else:
-            self._check_empty_or_ours()
-            self.root.mkdir(parents=True, exist_ok=True)
-            self.manifest = {**header, "shards": []}
-            self._write_manifest()  # fixes the header from the start: a resumed build is compared with it
+        # before the manifest is read: the one holder of the folder decides what is complete
+        self._folder_lock: Optional[CacheLock] = CacheLock(self.root)
+        try:
+            if (self.root / MANIFEST).exists():
+                manifest = _read_manifest(self.root)  # also refuses paths leading out of the folder
+                existing = {k: v for k, v in manifest.items() if k != "shards"}
+                problems = _diff(existing, header, both_ways=True)
+                if problems:
+                    raise CacheError(f"the folder {self.root} holds a cache of another teacher/data/plan: "
+                                     + "; ".join(problems)
+                                     + " (use another folder, or delete this one to rebuild)")
+                self.manifest = {**header, "shards": self._verified(manifest["shards"])}
+                if len(self.manifest["shards"]) != len(manifest["shards"]):
+                    self._write_manifest()
+            else:
+                self.manifest = {**header, "shards": []}
+                self._write_manifest()  # fixes the header from the start: a resumed build is compared with it
+        except BaseException:
+            self.close()
+            raise
 
     # -- internals
 
-    def _check_empty_or_ours(self) -> None:
-        """Refuse to adopt a folder with foreign files (a mistyped path must not fill someone's folder);
-        shard/queries/temp files of a build that crashed before its first manifest write are fine."""
-        if not self.root.exists():
-            return
-        if not self.root.is_dir():
-            raise CacheError(f"{self.root} exists and is not a folder")
-        foreign = [p.name for p in self.root.iterdir()
-                   if not (p.name == QUERIES or _SHARD_NAME.match(p.name) or p.name.endswith(".tmp"))]
-        if foreign:
-            raise CacheError(f"{self.root} is not empty and holds no teacher cache ({MANIFEST} missing; "
-                             f"found {sorted(foreign)[:5]}): choose an empty or new folder")
-
-    def _still_present(self, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Drop manifest entries whose file vanished or changed size, so a resume rebuilds them
-        (the size check is cheap; ``verify_cache`` does the full SHA-256 check)."""
+    def _verified(self, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The manifest entries whose file is present with the listed size and SHA-256; the others are
+        dropped (with a warning naming each) so that a resume rebuilds them. Reads every listed shard."""
         kept = []
         for entry in shards:
             path = self.root / entry["file"]
-            if path.is_file() and path.stat().st_size == entry["bytes"]:
-                kept.append(entry)
+            if not path.is_file():
+                why = "missing"
+            elif path.stat().st_size != entry["bytes"]:
+                why = f"{path.stat().st_size} bytes on disk, the manifest says {entry['bytes']}"
+            elif sha256_file(path) != entry["sha256"]:
+                why = "corrupt (its SHA-256 differs from the manifest's)"
             else:
-                warnings.warn(f"teacher cache {self.root}: shard {entry['file']} is listed in {MANIFEST} but "
-                              f"missing or of the wrong size on disk; it will be rebuilt", stacklevel=3)
+                kept.append(entry)
+                continue
+            log.warning("teacher cache %s: shard %s is listed in %s but %s; it will be rebuilt",
+                        self.root, entry["file"], MANIFEST, why)
         return kept
 
     def _write_manifest(self) -> None:
-        write_json_atomic(self.root / MANIFEST, self.manifest)
+        try:
+            write_json_atomic(self.root / MANIFEST, self.manifest)
+        except OSError as e:
+            raise _write_error(self.root / MANIFEST, "manifest", e) from None
+
+    # -- lifetime
+
+    def close(self) -> None:
+        """Release the folder's lock (idempotent); the writer must not write after this."""
+        lock, self._folder_lock = getattr(self, "_folder_lock", None), None
+        if lock is not None:
+            lock.release()
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown: the kernel drops the lock anyway
+            pass
 
     # -- public
 
@@ -261,7 +521,10 @@ class CacheWriter:
                                  f"{tuple(q.shape)} {q.dtype}: delete the cache folder to rebuild it")
             return
         meta = self._metadata()
-        atomic_write(path, lambda tmp: save_file({"query_embed": q}, tmp, metadata=meta))
+        try:
+            atomic_write(path, lambda tmp: save_file({"query_embed": q}, tmp, metadata=meta))
+        except (OSError, SafetensorError) as e:
+            raise _write_error(path, "queries file", e) from None
 
     def _metadata(self, **extra: Any) -> dict[str, str]:
         meta = {"format": CACHE_FORMAT, "format_version": str(FORMAT_VERSION),
@@ -321,13 +584,23 @@ class CacheWriter:
             digest["bytes"] = os.path.getsize(tmp)
 
         # A file of this name on disk but not in the manifest is a leftover of a crash between the
-        # rename and the manifest write: it was never visible, overwriting it is fine.
-        atomic_write(self.root / name, write)
+        # rename and the manifest write (or of a failed manifest write): it was never visible,
+        # overwriting it is fine. atomic_write removes its temporary file on any error.
+        if self._folder_lock is None:
+            raise CacheError(f"the cache writer of {self.root} was closed: open a new CacheWriter to write")
+        try:
+            atomic_write(self.root / name, write)
+        except (OSError, SafetensorError) as e:
+            raise _write_error(self.root / name, "shard", e) from None
         entry = {"file": name, "sha256": digest["sha256"], "bytes": digest["bytes"], "view": view,
                  "batches": js, "image_ids": [int(i) for i in image_ids]}
         with self._lock:
             self.manifest["shards"].append(entry)
-            self._write_manifest()
+            try:
+                self._write_manifest()
+            except BaseException:
+                self.manifest["shards"].remove(entry)  # the manifest on disk does not list it either
+                raise
         return entry
 
 
@@ -545,7 +818,10 @@ def cache_info(root: str | os.PathLike) -> str:
         f"teacher cache {root}",
         f"  teacher:  {teacher.get('name', '?')} ({teacher.get('model', '?')}), checkpoint "
         f"{teacher.get('checkpoint', '?')} sha256 {sha[:12] or '?'}",
-        f"  dataset:  {dataset.get('annotations', '?')}, {dataset.get('images', '?')} images",
+        f"  dataset:  {dataset.get('annotations', '?')}, {dataset.get('images', '?')} images"
+        + (f" in {dataset['image_dir']}" if dataset.get("image_dir") else "")
+        + (f", image fingerprint {str(dataset[IMAGES_FINGERPRINT])[:12]}" if dataset.get(IMAGES_FINGERPRINT)
+           else ", no image fingerprint (older cache: rebuild it to distil from it)"),
         f"  plan:     K={plan.get('num_views', '?')} views, B={plan.get('batch_size', '?')}, "
         f"seed {plan.get('seed', '?')}, fingerprint {str(plan.get('fingerprint', '?'))[:12]}",
         f"  store:    {store.describe()}",
