@@ -11,7 +11,8 @@ cards), how it is loaded and checked, and the three sources a distillation gets 
 
 from .loading import TeacherSpec, check_teacher_fits, describe_teacher, load_teacher, resolve_teacher
 from .outputs import ATTN_MODES, TeacherOutputs, stack_layers
-from .sources import CacheSource, InProcessSource, InProcessTeacher, RaySource, TeacherSource
+from .inprocess import InProcessTeacher
+from .sources import CacheSource, InProcessSource, RaySource, TeacherSource
 
 __all__ = ["ATTN_MODES", "CacheSource", "InProcessSource", "InProcessTeacher", "RaySource", "TeacherOutputs",
            "TeacherSource", "TeacherSpec", "check_teacher_fits", "describe_teacher", "load_teacher",

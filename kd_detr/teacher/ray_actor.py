@@ -2,7 +2,7 @@
 (:mod:`kd_detr.teacher.ray_serving`) and computes cache shards on a view plan (:mod:`kd_detr.teacher.cache.build`).
 
 Both uses load the same weights (:func:`~kd_detr.teacher.loading.load_teacher`) and run
-:class:`~kd_detr.teacher.sources.InProcessTeacher` on float32 inputs, so they give the in-process
+:class:`~kd_detr.teacher.inprocess.InProcessTeacher` on float32 inputs, so they give the in-process
 teacher's numbers (on CPU with the same intra-op thread count: reductions split over another number of
 threads round differently, ~1e-6). Results cross the object store in the wire format of
 :meth:`~kd_detr.teacher.outputs.TeacherOutputs.to_wire`, as numpy.
@@ -31,7 +31,7 @@ from kd_detr.matcher import HungarianMatcher, indices_to_assignment
 
 from .loading import TeacherSpec, load_teacher, spec_from_dict, spec_to_dict
 from .ray_session import from_numpy, to_numpy, torch_threads, wire_to_numpy
-from .sources import InProcessTeacher
+from .inprocess import InProcessTeacher
 
 __all__ = ["TeacherWorker", "TeacherActor", "TeacherActorError", "teacher_actor_error", "teacher_job", "plan_job",
            "MAX_RESTARTS", "MAX_TASK_RETRIES", "ACTOR_OPTIONS"]

@@ -22,54 +22,19 @@ import abc
 import logging
 from typing import Any, Iterable, Optional
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from kd_detr.data import Batch, LabelMap
 from kd_detr.models import ModelConfig
 
 from .loading import TeacherSpec, check_teacher_fits, describe_teacher, load_teacher
-from .outputs import ATTN_MODES, TeacherOutputs
+from .inprocess import InProcessTeacher
+from .outputs import TeacherOutputs
 
 log = logging.getLogger("kd_detr.teacher")
 
 __all__ = ["InProcessTeacher", "TeacherSource", "InProcessSource", "CacheSource", "RaySource",
            "check_cache_serves"]
-
-
-class InProcessTeacher:
-    """Runs a frozen teacher model on a padded batch: ``(images, mask) -> TeacherOutputs``.
-
-    Args:
-        model: the teacher detector; put in eval mode, parameters frozen.
-        attn: ``per_head`` | ``mean`` | ``none``: how attention maps are returned (``mean`` saves
-            memory when the recipe compares head-averaged maps).
-    """
-
-    def __init__(self, model: nn.Module, attn: str = "per_head"):
-        if attn not in ATTN_MODES:
-            raise ValueError(f"attn must be one of {ATTN_MODES}, got {attn!r}")
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.attn = attn
-
-    @property
-    def config(self):
-        return self.model.config
-
-    def to(self, device: Any) -> "InProcessTeacher":
-        self.model.to(device)
-        return self
-
-    @torch.no_grad()
-    def __call__(self, images: Tensor, mask: Tensor) -> TeacherOutputs:
-        """``images [B,3,H,W]``, ``mask [B,H,W]`` (True = pad) -> :class:`TeacherOutputs`."""
-        from kd_detr.models import DetectorRequest
-
-        self.model.eval()  # the trainer's model.train() never reaches the teacher, but be sure
-        out = self.model(images, mask, request=DetectorRequest(attention=self.attn != "none"))
-        return TeacherOutputs.from_model_output(out, self.attn)
 
 
 class TeacherSource(abc.ABC):

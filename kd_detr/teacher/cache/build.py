@@ -16,7 +16,7 @@ compute; a single writer keeps the manifest consistent).
   again; results are pure functions of (plan, teacher, view, batches), so nothing is lost or duplicated.
   An actor that keeps dying ends the build with :class:`~kd_detr.teacher.ray_actor.TeacherActorError`.
 * **Identical to the in-process teacher**: an actor builds batch ``(k, j)`` with :class:`PlanBatches`
-  and runs :class:`~kd_detr.teacher.sources.InProcessTeacher`; a ``full`` float32 cache holds exactly those numbers (on CPU, with
+  and runs :class:`~kd_detr.teacher.inprocess.InProcessTeacher`; a ``full`` float32 cache holds exactly those numbers (on CPU, with
   the same intra-op thread count: see ``num_threads``).
 """
 
