@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -68,3 +69,7 @@ def test_no_ray_process_outlives_cache_compare_and_ray_served_distillation(synth
         res = _run(args, tmp_path)
         assert res.returncode == 0, f"{what}: {res.stdout[-2000:]}\n{res.stderr[-3000:]}"
         _assert_no_new_ray(before, what)
+        assert "Token authentication is enabled" not in res.stderr  # Ray's notice asks nothing of the user
+    # the compare run ran in a Ray worker, yet its record holds the user's command, not Ray's worker's
+    record = json.loads((tmp_path / "cmp" / "runs" / "baseline" / "seed0" / "config.json").read_text())
+    assert record["command"][1:3] == ["compare", "--teacher"], record["command"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import subprocess
 import sys
@@ -34,10 +36,16 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+# A run started for someone else's command (a `kd-detr compare` run in a Ray worker, whose own argv is Ray's
+# worker command line) records that command, given as a JSON list in this variable.
+COMMAND_ENV = "KD_DETR_COMMAND"
+
+
 def run_record(config: dict[str, Any]) -> dict[str, Any]:
+    command = os.environ.get(COMMAND_ENV)
     return {
         "config": config,
-        "command": sys.argv,
+        "command": json.loads(command) if command else sys.argv,
         "git_sha": git_sha(),
         "versions": library_versions(),
     }

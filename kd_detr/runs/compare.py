@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import statistics
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -59,6 +60,7 @@ class CompareConfig:
     device: str = "auto"
     views: Optional[int] = None
     use_ray: bool = True
+    command: list[str] = field(default_factory=lambda: list(sys.argv))  # the user's, for the runs' config.json
     parallel: Optional[int] = None  # CPU machines: runs side by side, the cores shared (default 1: one at a time)
     threads: Optional[int] = None  # torch threads per run (set by run_all from the cores each run gets)
     address: Optional[str] = None
@@ -97,12 +99,16 @@ def run_one(cfg_dict: dict[str, Any], recipe: str, seed: int) -> dict[str, Any]:
     """
     from .assemble import TeacherSourceSpec, assemble_run
 
+    from kd_detr.engine.run_record import COMMAND_ENV
     from kd_detr.progress import RUN_NAME_ENV
 
     cfg = CompareConfig(**cfg_dict)
     out = run_dir(cfg, recipe, seed)
     out.mkdir(parents=True, exist_ok=True)
-    os.environ[RUN_NAME_ENV] = f"{Path(recipe).stem} seed {seed}"  # the run's progress bar label
+    run_env = {RUN_NAME_ENV: f"{Path(recipe).stem} seed {seed}",  # the run's progress bar label
+               COMMAND_ENV: json.dumps(cfg.command)}  # config.json: the user's command, not Ray's worker's
+    saved_env = {k: os.environ.get(k) for k in run_env}
+    os.environ.update(run_env)
     if cfg.threads:
         import torch
 
@@ -126,6 +132,12 @@ def run_one(cfg_dict: dict[str, Any], recipe: str, seed: int) -> dict[str, Any]:
         log.error("run %s seed %d failed: %s", recipe, seed, e)
         result = {"recipe": Path(recipe).stem, "seed": seed, "status": "failed", "error": f"{type(e).__name__}: {e}",
                   "traceback": traceback.format_exc()[-3000:], "seconds": time.perf_counter() - t0}
+    finally:  # a run in this process (--no-ray) must not label what comes after it
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     write_json_atomic(out / "result.json", result)
     return result
 

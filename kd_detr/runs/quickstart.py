@@ -53,7 +53,8 @@ def teacher_train_config(data_dir: Path, out: Path, iters: int, seed: int = 0, p
 
 def run_quickstart(out: Path, iters: int = 2000, seed: int = 0, echo: Callable[[str], None] = print,
                    train_teacher: bool = False, teacher_iters: int = TEACHER_ITERS, views: int = 2, actors: int = 2,
-                   num_train: Optional[int] = None, num_val: Optional[int] = None, progress: bool = True) -> dict:
+                   num_train: Optional[int] = None, num_val: Optional[int] = None, progress: bool = True,
+                   parallel: Optional[int] = None) -> dict:
     """Run the flow; returns ``{recipe: comparison row}``. ``seed`` seeds the runs (the data is always the
     teacher's, generated with ``QUICKSTART_DATA["seed"]``)."""
     from .compare import CompareConfig, compare, format_table
@@ -84,7 +85,7 @@ def run_quickstart(out: Path, iters: int = 2000, seed: int = 0, echo: Callable[[
                         out=str(out / "compare"), budget=iters, teacher=TEACHER, teacher_checkpoint=str(teacher_ckpt),
                         teacher_cache=str(cache_dir), seeds=[seed], data=str(data_dir),
                         image_size=data_params["image_size"], num_workers=1, eval_points=3,
-                        overrides=student_overrides(iters), progress=progress)
+                        overrides=student_overrides(iters), progress=progress, parallel=parallel)
     rows, files = compare(cfg)
     echo("[5/5] comparison (COCOeval on the validation images):")
     echo(format_table(rows, 1))

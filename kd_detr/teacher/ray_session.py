@@ -105,9 +105,23 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         # address="local": a new local Ray, never the cluster of an old `ray start` (whose record may be stale)
-        ray.init(address="local", num_cpus=int(num_cpus or os.cpu_count() or 1), include_dashboard=False,
-                 logging_level=logging.WARNING)
+        quiet = _QuietTokenNotice()
+        auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        auth_log.addFilter(quiet)
+        try:
+            ray.init(address="local", num_cpus=int(num_cpus or os.cpu_count() or 1), include_dashboard=False,
+                     logging_level=logging.WARNING)
+        finally:
+            auth_log.removeFilter(quiet)
     return True
+
+
+class _QuietTokenNotice(logging.Filter):
+    """Drops Ray's notice that a cluster it starts uses token authentication: for the private local Ray of one
+    kd-detr command it asks nothing of the user (a cluster the user starts with `ray start` still says it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 def shutdown_ray(started: bool) -> None:
