@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--work", default="runs/bench_parallel")
     args = ap.parse_args()
 
-    from kd_detr.data import generate_synthetic
+    from kd_detr.data import DataSpec, generate_synthetic
     from kd_detr.runs import quickstart as qs
     from kd_detr.runs.compare import CompareConfig, compare
     from kd_detr.teacher.card import load_card
@@ -40,8 +40,9 @@ def main() -> None:
         out = work / f"parallel{parallel}_{args.iters}"
         cfg = CompareConfig(student=qs.STUDENT, student_overrides=dict(qs.STUDENT_OPTS), recipes=["baseline", "d3etr"],
                             out=str(out), budget=args.iters, teacher=qs.TEACHER, teacher_checkpoint=str(teacher),
-                            teacher_cache=str(cache), seeds=[0], data=str(data),
-                            image_size=qs.QUICKSTART_DATA["image_size"], num_workers=1, eval_points=1,
+                            teacher_cache=str(cache), seeds=[0],
+                            data=DataSpec(str(data), image_size=qs.QUICKSTART_DATA["image_size"]), num_workers=1,
+                            eval_points=1,
                             overrides=qs.student_overrides(args.iters), progress=False, parallel=parallel)
         t0 = time.perf_counter()
         rows, _ = compare(cfg)

@@ -98,20 +98,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, make_
     return path
 
 
-def remove_stale_temp_files(*folders: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files :func:`atomic_write` left in ``folders`` when a write was killed mid-way
-    (only names of its pattern, only plain files, not recursive). Call it only while no writer uses the
-    folders (e.g. under the run's output-dir lock). Returns the removed paths."""
+def remove_stale_temp_files(*folders: str | os.PathLike, pattern: re.Pattern = TEMP_NAME) -> list[Path]:
+    """Remove the temporary files :func:`atomic_write` (or another writer whose temp names match ``pattern``)
+    left in ``folders`` when a write was killed mid-way (only plain files, not recursive). Call it only while
+    no writer uses the folders (e.g. under the run's output-dir lock). Returns the removed paths."""
     removed = []
     for folder in folders:
         folder = Path(folder)
         if not folder.is_dir():
             continue
         for p in folder.iterdir():
-            if TEMP_NAME.match(p.name) and p.is_file() and not p.is_symlink():
+            if pattern.match(p.name) and p.is_file() and not p.is_symlink():
                 try:
                     p.unlink()
-                except FileNotFoundError:
+                except OSError:
                     continue
                 removed.append(p)
     return removed

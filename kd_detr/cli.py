@@ -423,6 +423,7 @@ def compare_cmd(teacher, teacher_checkpoint, teacher_cache, student, student_opt
     memory, the teacher's AP), OUT/ap_curve.png and OUT/losses.png, and every run under OUT/runs/. Finished
     runs are not redone on a rerun; failed runs are reported in the table.
     """
+    from kd_detr.data import DataSpec
     from kd_detr.runs.compare import CompareConfig, compare, format_table
 
     try:
@@ -432,9 +433,9 @@ def compare_cmd(teacher, teacher_checkpoint, teacher_cache, student, student_opt
     cfg = CompareConfig(student=student, recipes=[r.strip() for r in recipes.split(",") if r.strip()], out=out,
                         budget=budget, teacher=teacher, teacher_checkpoint=teacher_checkpoint,
                         teacher_cache=teacher_cache, student_overrides=parse_overrides(student_opt, "--student-opt"),
-                        seeds=seed_list, overrides=list(overrides), data=data, train_ann=train_ann,
-                        train_images=train_images, val_ann=val_ann, val_images=val_images, image_size=image_size,
-                        label_map=label_map, eval_points=eval_points, num_workers=num_workers, device=device,
+                        seeds=seed_list, overrides=list(overrides),
+                        data=DataSpec(data, train_ann, train_images, val_ann, val_images, image_size, label_map),
+                        eval_points=eval_points, num_workers=num_workers, device=device,
                         views=views, use_ray=not no_ray, parallel=parallel, address=address, progress=not no_progress)
     rows, files = compare(cfg)
     click.echo(format_table(rows, len(seed_list)))

@@ -48,13 +48,7 @@ class CompareConfig:
     student_overrides: dict[str, Any] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0])
     overrides: list[str] = field(default_factory=list)  # --set, applied to every recipe
-    data: Optional[str] = None
-    train_ann: Optional[str] = None
-    train_images: Optional[str] = None
-    val_ann: Optional[str] = None
-    val_images: Optional[str] = None
-    image_size: Optional[int] = None
-    label_map: Optional[str] = None
+    data: DataSpec = field(default_factory=DataSpec)  # paths, image-size preset, label map
     eval_points: int = 4  # evaluations per run (at budget / eval_points intervals)
     num_workers: int = 2
     device: str = "auto"
@@ -67,6 +61,8 @@ class CompareConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.data, dict):  # from asdict() across a process boundary
+            self.data = DataSpec(**self.data)
         if not self.recipes:
             raise ValueError("--recipes: give at least one recipe")
         if len(set(self.recipes)) != len(self.recipes):
@@ -117,7 +113,7 @@ def run_one(cfg_dict: dict[str, Any], recipe: str, seed: int) -> dict[str, Any]:
     try:
         every = max(1, math.ceil(cfg.budget / cfg.eval_points))
         run = assemble_run(
-            cfg.student, recipe, DataSpec.of(cfg),
+            cfg.student, recipe, cfg.data,
             TeacherSourceSpec(teacher=cfg.teacher, checkpoint=cfg.teacher_checkpoint, cache=cfg.teacher_cache),
             str(out), student_overrides=cfg.student_overrides,
             overrides=[*cfg.overrides, f"train.max_iters={cfg.budget}", f"train.eval_every_iters={every}",
@@ -357,7 +353,7 @@ def evaluate_teacher(cfg: CompareConfig) -> Optional[dict[str, float]]:
     from kd_detr.evaluation import eval_loader, evaluate_model
     from kd_detr.teacher import load_teacher, resolve_teacher
 
-    data = DataSpec.of(cfg)
+    data = cfg.data
     lm = data.train_label_map()
     val = data.val_set(lm, log_report=False)
     model, _, _ = load_teacher(resolve_teacher(cfg.teacher, cfg.teacher_checkpoint), lm)

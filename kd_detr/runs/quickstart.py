@@ -57,8 +57,9 @@ def run_quickstart(out: Path, iters: int = 2000, seed: int = 0, echo: Callable[[
                    parallel: Optional[int] = None) -> dict:
     """Run the flow; returns ``{recipe: comparison row}``. ``seed`` seeds the runs (the data is always the
     teacher's, generated with ``QUICKSTART_DATA["seed"]``)."""
+    from kd_detr.data import DataSpec, generate_synthetic
+
     from .compare import CompareConfig, compare, format_table
-    from kd_detr.data import generate_synthetic
 
     out = Path(out)
     data_params = dict(QUICKSTART_DATA)
@@ -83,8 +84,9 @@ def run_quickstart(out: Path, iters: int = 2000, seed: int = 0, echo: Callable[[
     echo(f"[4/5] distilling {STUDENT} {STUDENT_OPTS}: baseline and d3etr, {iters} iterations each, from the cache")
     cfg = CompareConfig(student=STUDENT, student_overrides=dict(STUDENT_OPTS), recipes=["baseline", "d3etr"],
                         out=str(out / "compare"), budget=iters, teacher=TEACHER, teacher_checkpoint=str(teacher_ckpt),
-                        teacher_cache=str(cache_dir), seeds=[seed], data=str(data_dir),
-                        image_size=data_params["image_size"], num_workers=1, eval_points=3,
+                        teacher_cache=str(cache_dir), seeds=[seed],
+                        data=DataSpec(str(data_dir), image_size=data_params["image_size"]), num_workers=1,
+                        eval_points=3,
                         overrides=student_overrides(iters), progress=progress, parallel=parallel)
     rows, files = compare(cfg)
     echo("[5/5] comparison (COCOeval on the validation images):")

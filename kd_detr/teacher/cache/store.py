@@ -42,7 +42,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from kd_detr.atomic import atomic_write, write_json_atomic
+from kd_detr.atomic import atomic_write, remove_stale_temp_files, write_json_atomic
 from kd_detr.teacher.outputs import TeacherOutputs
 
 from .attention_codec import StoreConfig, batch_keys, decode_batch
@@ -322,13 +322,8 @@ _STALE_TEMP = re.compile(r"^\..+\.tmp$|^\.tmp[A-Za-z0-9]{6}$")
 def _remove_stale_temps(root: Path) -> None:
     """Remove the temporary files a killed build left in ``root``. Only right after the lock was taken by
     a process that held none: then no write of any process is in flight there."""
-    for p in root.iterdir():
-        if _STALE_TEMP.match(p.name) and p.is_file() and not p.is_symlink():
-            try:
-                p.unlink()
-            except OSError:
-                continue
-            log.info("teacher cache %s: removed %s, left by an interrupted write", root, p.name)
+    for p in remove_stale_temp_files(root, pattern=_STALE_TEMP):
+        log.info("teacher cache %s: removed %s, left by an interrupted write", root, p.name)
 
 
 _held: dict[str, list] = {}  # real path of a cache folder -> [its open, locked .lock file, holders in this process]
