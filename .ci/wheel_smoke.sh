@@ -54,8 +54,8 @@ smoke_site=$("$vpy" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"]
     | awk '!seen[$0]++' > "$smoke_site/_kd_detr_ci_venv_deps.pth"
 cat "$smoke_site/_kd_detr_ci_venv_deps.pth"
 
-mkdir "$tmp/work"
-cd "$tmp/work"  # nothing below may see the checkout
+mkdir "$tmp/job"
+cd "$tmp/job"  # nothing below may see the checkout
 export SMOKE_PREFIX="$tmp/venv"
 "$vpy" - <<'PY'
 import os, sys
@@ -105,7 +105,7 @@ PY
 }
 
 smoke_distill() {
-    local kd="$tmp/venv/bin/kd-detr" d="$tmp/work/data" out="$tmp/work/distill"
+    local kd="$tmp/venv/bin/kd-detr" d="$tmp/job/data" out="$tmp/job/distill"
     "$kd" data synth --out "$d" --train 8 --val 4 --image-size 64 --class-colours
     "$kd" distill --teacher quickstart_teacher --student cond_detr_r10_tiny --student-opt num_queries=10 --student-opt dec_layers=3 \
         --recipe d3etr --data "$d" --image-size 64 --num-workers 0 --output-dir "$out" --no-progress \

@@ -5,7 +5,7 @@ Builds the quickstart's data and teacher cache (or reuses them in --work), then 
 (today's default) and ``--parallel 2``, and prints the wall times, their ratio, the mean step time of each
 mode and whether the two modes logged the same losses (torch's reductions depend on the thread count).
 
-    python benchmarks/compare_parallel.py --iters 200 --work /tmp/kd_parallel
+    python benchmarks/compare_parallel.py --iters 150 --work runs/bench_parallel
 """
 
 from __future__ import annotations

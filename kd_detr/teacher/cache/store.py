@@ -315,7 +315,7 @@ def _acquire(root: Path):
 
 
 # temporary files of a write killed mid-way: atomic_write's ``.<name>.<8 chars>.tmp`` and safetensors'
-# own ``.tmpXXXXXX``
+# own ``.tmp`` plus six random characters
 _STALE_TEMP = re.compile(r"^\..+\.tmp$|^\.tmp[A-Za-z0-9]{6}$")
 
 
