@@ -16,8 +16,12 @@ The cost and the solver are exposed separately (:func:`pairwise_match_cost`,
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
@@ -30,6 +34,7 @@ __all__ = [
     "indices_to_assignment",
     "pairwise_match_cost",
     "solve_assignments",
+    "solve_matchings",
 ]
 
 Assignment = tuple[Tensor, Tensor]
@@ -227,3 +232,85 @@ def indices_to_assignment(indices: Sequence[tuple[Tensor, Tensor]], num_queries:
     for b, (q, g) in enumerate(indices):
         out[b, q.cpu()] = g.cpu().long()
     return out
+
+
+# ----------------------------------------------------------------------------- thread pool
+_EXECUTOR: ThreadPoolExecutor | None = None
+_EXECUTOR_LOCK = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    """The module's solver pool, created on first use (importing the module starts no threads)."""
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        with _EXECUTOR_LOCK:
+            if _EXECUTOR is None:
+                _EXECUTOR = ThreadPoolExecutor(
+                    max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="kd_detr_match"
+                )
+    return _EXECUTOR
+
+
+def _forget_executor_after_fork() -> None:
+    # A forked child (e.g. a DataLoader worker) inherits the pool object but not its threads:
+    # submitting to it would hang, so the child starts a fresh pool if it ever needs one.
+    global _EXECUTOR, _EXECUTOR_LOCK
+    _EXECUTOR = None
+    _EXECUTOR_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_executor_after_fork)
+
+
+# ----------------------------------------------------------------------------- batched solves (D3ETR's
+# Adaptive Matching: M equal-sized problems per batch, solved in one thread pool)
+def _solve_into(c: np.ndarray, t_out: np.ndarray, s_out: np.ndarray) -> None:
+    rows, cols = linear_sum_assignment(c)
+    # scipy returns rows sorted (also for rectangular problems); sorting again costs nothing and
+    # makes "sorted by teacher index" independent of that implementation detail.
+    order = np.argsort(rows, kind="stable")
+    t_out[:] = rows[order]
+    s_out[:] = cols[order]
+
+
+def solve_matchings(costs: Tensor) -> tuple[Tensor, Tensor]:
+    """Solve ``M`` linear assignment problems (minimum total cost) in the shared thread pool.
+
+    Args:
+        costs: ``[M, Nt, Ns]`` cost matrices (any device and float dtype; moved to the CPU as
+            float64 once). Rectangular matrices and ``M == 0`` / ``Nt == 0`` / ``Ns == 0`` are allowed.
+
+    Returns:
+        ``(teacher_idx [M, K], student_idx [M, K])`` int64 CPU tensors, ``K = min(Nt, Ns)``, each row
+        sorted by ``teacher_idx`` (``teacher_idx[m] == arange(Nt)`` when ``Nt <= Ns``).
+
+    Raises:
+        ValueError: if ``costs`` is not 3-D, or some matrix contains NaN/Inf (named by index).
+    """
+    if costs.dim() != 3:
+        raise ValueError(f"costs must be [M, Nt, Ns], got shape {tuple(costs.shape)}")
+    # One transfer in the input dtype, then one conversion on the CPU (float64 is what scipy solves in).
+    c = costs.detach().to("cpu").to(torch.float64)
+    m, nt, ns = c.shape
+    k = min(nt, ns)
+    if m and k:
+        # A matrix is finite iff its float64 sum is (costs are far from overflowing float64, and
+        # NaN/Inf propagate); one reduction instead of a full boolean mask (15x faster).
+        bad = (~torch.isfinite(c.flatten(1).sum(1))).nonzero().flatten().tolist()
+        if bad:
+            shown = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
+            raise ValueError(
+                f"teacher-student matching cost matrix {shown} (of {m}) contains NaN/Inf: the teacher or "
+                "student predictions are not finite, so training has probably diverged"
+            )
+    t_idx = np.empty((m, k), dtype=np.int64)
+    s_idx = np.empty((m, k), dtype=np.int64)
+    if m and k:
+        arr = c.numpy()
+        if m == 1:
+            _solve_into(arr[0], t_idx[0], s_idx[0])
+        else:
+            # list() re-raises any worker exception here.
+            list(_executor().map(_solve_into, arr, t_idx, s_idx))
+    return torch.from_numpy(t_idx), torch.from_numpy(s_idx)

@@ -12,7 +12,8 @@ depend on it and the assignments differ (600 teacher vs 300 student queries: 118
 
 Boxes are normalised ``cxcywh``; GIoU is taken on ``xyxy``. The cost is computed for all ``M`` matrices
 (``M`` = layers x images) at once on the inputs' device; the Hungarian solves run on the CPU with scipy
-in a shared thread pool (``linear_sum_assignment`` releases the GIL, so the solves of one batch overlap).
+in the shared thread pool of :func:`kd_detr.matcher.solve_matchings` (``linear_sum_assignment`` releases the
+GIL, so the solves of one batch overlap).
 
 A matching is a pair of int64 tensors ``teacher_idx [..., K]``, ``student_idx [..., K]`` with
 ``K = min(Nt, Ns)``, sorted by ``teacher_idx``: teacher query ``teacher_idx[..., k]`` pairs with student
@@ -21,17 +22,14 @@ query ``student_idx[..., k]``.
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torchvision.ops import box_convert
+
+from kd_detr.matcher import solve_matchings  # noqa: F401  (the batched Hungarian solver; re-exported)
 
 __all__ = [
     "adaptive_match",
@@ -44,35 +42,6 @@ __all__ = [
 # Guards against degenerate boxes (zero width and height: union and enclosing area are 0), which
 # torchvision's GIoU turns into NaN. Far below any real box area, so other values are unchanged.
 _AREA_EPS = 1e-12
-
-# ----------------------------------------------------------------------------- thread pool
-_EXECUTOR: ThreadPoolExecutor | None = None
-_EXECUTOR_LOCK = threading.Lock()
-
-
-def _executor() -> ThreadPoolExecutor:
-    """The module's solver pool, created on first use (importing the module starts no threads)."""
-    global _EXECUTOR
-    if _EXECUTOR is None:
-        with _EXECUTOR_LOCK:
-            if _EXECUTOR is None:
-                _EXECUTOR = ThreadPoolExecutor(
-                    max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="kd_detr_match"
-                )
-    return _EXECUTOR
-
-
-def _forget_executor_after_fork() -> None:
-    # A forked child (e.g. a DataLoader worker) inherits the pool object but not its threads:
-    # submitting to it would hang, so the child starts a fresh pool if it ever needs one.
-    global _EXECUTOR, _EXECUTOR_LOCK
-    _EXECUTOR = None
-    _EXECUTOR_LOCK = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_executor_after_fork)
-
 
 # ----------------------------------------------------------------------------- costs
 def elementwise_giou(a: Tensor, b: Tensor) -> Tensor:
@@ -199,58 +168,6 @@ def match_cost(
     cost = c_cls.mul_(class_weight)
     cost.add_(c_l1, alpha=bbox_weight)
     return cost.add_(giou, alpha=-giou_weight)
-
-
-# ----------------------------------------------------------------------------- solves
-def _solve_into(c: np.ndarray, t_out: np.ndarray, s_out: np.ndarray) -> None:
-    rows, cols = linear_sum_assignment(c)
-    # scipy returns rows sorted (also for rectangular problems); sorting again costs nothing and
-    # makes "sorted by teacher index" independent of that implementation detail.
-    order = np.argsort(rows, kind="stable")
-    t_out[:] = rows[order]
-    s_out[:] = cols[order]
-
-
-def solve_matchings(costs: Tensor) -> tuple[Tensor, Tensor]:
-    """Solve ``M`` linear assignment problems (minimum total cost) in the shared thread pool.
-
-    Args:
-        costs: ``[M, Nt, Ns]`` cost matrices (any device and float dtype; moved to the CPU as
-            float64 once). Rectangular matrices and ``M == 0`` / ``Nt == 0`` / ``Ns == 0`` are allowed.
-
-    Returns:
-        ``(teacher_idx [M, K], student_idx [M, K])`` int64 CPU tensors, ``K = min(Nt, Ns)``, each row
-        sorted by ``teacher_idx`` (``teacher_idx[m] == arange(Nt)`` when ``Nt <= Ns``).
-
-    Raises:
-        ValueError: if ``costs`` is not 3-D, or some matrix contains NaN/Inf (named by index).
-    """
-    if costs.dim() != 3:
-        raise ValueError(f"costs must be [M, Nt, Ns], got shape {tuple(costs.shape)}")
-    # One transfer in the input dtype, then one conversion on the CPU (float64 is what scipy solves in).
-    c = costs.detach().to("cpu").to(torch.float64)
-    m, nt, ns = c.shape
-    k = min(nt, ns)
-    if m and k:
-        # A matrix is finite iff its float64 sum is (costs are far from overflowing float64, and
-        # NaN/Inf propagate); one reduction instead of a full boolean mask (15x faster).
-        bad = (~torch.isfinite(c.flatten(1).sum(1))).nonzero().flatten().tolist()
-        if bad:
-            shown = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
-            raise ValueError(
-                f"teacher-student matching cost matrix {shown} (of {m}) contains NaN/Inf: the teacher or "
-                "student predictions are not finite, so training has probably diverged"
-            )
-    t_idx = np.empty((m, k), dtype=np.int64)
-    s_idx = np.empty((m, k), dtype=np.int64)
-    if m and k:
-        arr = c.numpy()
-        if m == 1:
-            _solve_into(arr[0], t_idx[0], s_idx[0])
-        else:
-            # list() re-raises any worker exception here.
-            list(_executor().map(_solve_into, arr, t_idx, s_idx))
-    return torch.from_numpy(t_idx), torch.from_numpy(s_idx)
 
 
 def identity_matching(batch: int, n: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
