@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 # The quickstart's task: each category has its own colour (generate_synthetic(class_colours=True)), 1-4
 # objects of at least 20 px on a lightly cluttered grey background. The default data (category = shape,
@@ -54,14 +54,18 @@ def teacher_train_config(data_dir: Path, out: Path, iters: int, seed: int = 0, p
 def run_quickstart(out: Path, iters: int = 2000, seed: int = 0, echo: Callable[[str], None] = print,
                    train_teacher: bool = False, teacher_iters: int = TEACHER_ITERS, views: int = 2, actors: int = 2,
                    num_train: Optional[int] = None, num_val: Optional[int] = None, progress: bool = True,
-                   parallel: Optional[int] = None) -> dict:
-    """Run the flow; returns ``{recipe: comparison row}``. ``seed`` seeds the runs (the data is always the
-    teacher's, generated with ``QUICKSTART_DATA["seed"]``)."""
+                   parallel: Optional[int] = None, seeds: Optional[Sequence[int]] = None) -> dict:
+    """Run the flow; returns ``{recipe: comparison row}``. ``seed`` seeds the runs and the cache's views (the
+    data is always the teacher's, generated with ``QUICKSTART_DATA["seed"]``). ``seeds`` (e.g. ``[0, 1, 2]``)
+    runs every recipe once per seed from the one cache whose views ``seeds[0]`` seeds, and the table gives
+    mean ± std and the paired gain per seed; the run of ``seeds[0]`` is the single-seed quickstart's."""
     from kd_detr.data import DataSpec, generate_synthetic
 
     from .compare import CompareConfig, compare, format_table
 
     out = Path(out)
+    seeds = list(seeds) if seeds else [seed]
+    seed = seeds[0]
     data_params = dict(QUICKSTART_DATA)
     if num_train is not None:
         data_params["num_train"] = num_train
@@ -81,16 +85,18 @@ def run_quickstart(out: Path, iters: int = 2000, seed: int = 0, echo: Callable[[
     _build_cache(teacher_ckpt, data_dir, cache_dir, views, actors, seed, progress)
     echo(f"      {time.perf_counter() - t:.0f} s")
 
-    echo(f"[4/5] distilling {STUDENT} {STUDENT_OPTS}: baseline and d3etr, {iters} iterations each, from the cache")
+    per_seed = f", seeds {','.join(map(str, seeds))}" if len(seeds) > 1 else ""
+    echo(f"[4/5] distilling {STUDENT} {STUDENT_OPTS}: baseline and d3etr, {iters} iterations each{per_seed}, "
+         "from the cache")
     cfg = CompareConfig(student=STUDENT, student_overrides=dict(STUDENT_OPTS), recipes=["baseline", "d3etr"],
                         out=str(out / "compare"), budget=iters, teacher=TEACHER, teacher_checkpoint=str(teacher_ckpt),
-                        teacher_cache=str(cache_dir), seeds=[seed],
+                        teacher_cache=str(cache_dir), seeds=seeds,
                         data=DataSpec(str(data_dir), image_size=data_params["image_size"]), num_workers=1,
                         eval_points=3,
                         overrides=student_overrides(iters), progress=progress, parallel=parallel)
     rows, files = compare(cfg)
     echo("[5/5] comparison (COCOeval on the validation images):")
-    echo(format_table(rows, 1))
+    echo(format_table(rows, len(seeds)))
     echo(f"plots: {files['ap_plot']} and {files['loss_plot']}; table: {files['markdown']} and {files['csv']}; "
          f"total {time.perf_counter() - t0:.0f} s")
     return {r["recipe"]: r for r in rows}
