@@ -18,7 +18,7 @@ applies the weights.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -352,3 +352,32 @@ class SetCriterion(nn.Module):
     def total(self, loss_dict: Mapping[str, Tensor]) -> Tensor:
         """:func:`weighted_total` with this criterion's weight dict."""
         return weighted_total(loss_dict, self.weight_dict)
+
+
+class FamilyLossCriterion(SetCriterion):
+    """The ground-truth loss of a detector that computes its own in its forward (the transformers families:
+    their matcher, focal/varifocal terms and denoising groups need the labels inside the forward).
+
+    The forward runs with ``targets=`` (``in_forward``) and returns its unweighted terms in
+    ``outputs["family_losses"]``; this criterion hands them on and keeps :attr:`weight_dict` up to date
+    from ``weights_for(term names)`` (the family's weights; 0 for terms it only logs), so that
+    ``weighted_total(terms, weight_dict)`` equals the family's own ``loss``. The inherited matcher and
+    :meth:`layer_losses` stay available to methods that match teacher predictions to the ground truth.
+    """
+
+    in_forward = True
+
+    def __init__(self, num_classes: int, weights_for: Callable[[Iterable[str]], dict[str, float]],
+                 matcher: nn.Module | None = None, focal_alpha: float = 0.25) -> None:
+        super().__init__(num_classes, matcher, weight_dict={}, focal_alpha=focal_alpha)
+        self.weights_for = weights_for
+
+    def forward(self, outputs: Mapping, targets: Sequence[Mapping[str, Tensor]], return_indices: bool = False):
+        if "family_losses" not in outputs:
+            raise ValueError("the detector returned no family_losses: it must run in training mode with targets= "
+                             "(its ground-truth loss is computed inside its forward)")
+        if return_indices:
+            raise ValueError("a family's own loss does not expose its assignments")
+        losses = dict(outputs["family_losses"])
+        self.weight_dict.update(self.weights_for(losses))
+        return losses

@@ -53,7 +53,9 @@ def batch_losses(model: torch.nn.Module, criterion, images: torch.Tensor, mask: 
         raise ValueError(f"the student ({type(detector).__name__}) cannot return {sorted(missing)}, which the recipe's "
                          f"methods ({', '.join(m.section for m in methods)}) ask of it: switch those terms off in "
                          "the recipe, or use a student family that has them")
-    outputs = model(images, mask, request=request)
+    # a detector with its own ground-truth loss (transformers families) computes it in this forward
+    own = {"targets": targets} if getattr(criterion, "in_forward", False) else {}
+    outputs = model(images, mask, request=request, **own)
     with torch.autocast(images.device.type, enabled=False):  # losses in float32 under AMP
         out32 = to_float32(outputs)
         gt_outputs = out32 if aux_loss else {k: v for k, v in out32.items() if k != "aux_outputs"}

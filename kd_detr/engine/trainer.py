@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from kd_detr import data as kd_data
 from kd_detr.atomic import write_json_atomic, write_text_atomic
-from kd_detr.criterion import SetCriterion
+from kd_detr.criterion import FamilyLossCriterion, SetCriterion
 from kd_detr.data import Batch
 from kd_detr.matcher import HungarianMatcher
 from kd_detr.methods import Method, build_methods
@@ -215,6 +215,10 @@ class Trainer:
         cfg = self.cfg
         matcher = HungarianMatcher(cost_class=cfg.cost_class, cost_bbox=cfg.cost_bbox, cost_giou=cfg.cost_giou,
                                    focal_alpha=cfg.focal_alpha)
+        if getattr(self.raw_model, "own_loss", False):
+            # transformers families: their own loss (matcher, focal/VFL, denoising), weighted their way
+            return FamilyLossCriterion(self.label_map.num_classes, self.raw_model.family_loss_weights,
+                                       matcher=matcher, focal_alpha=cfg.focal_alpha)
         num_layers = self.model_config().dec_layers
         base = {"loss_ce": cfg.cls_loss_coef, "loss_bbox": cfg.bbox_loss_coef, "loss_giou": cfg.giou_loss_coef}
         weight_dict = dict(base)

@@ -15,7 +15,8 @@ from .conditional_detr import ConditionalDETR, inverse_sigmoid
 from .detector import Detector, DetectorOutput, DetectorRequest
 from .position_encoding import PositionEmbeddingSine, sine_embed_points
 from .config import ModelConfig
-from .registry import build_model, get_config, list_models, register_model
+from .hf.config import HFModelConfig
+from .registry import build_model, config_from_dict, get_config, list_models, register_model
 
 __all__ = [
     "Backbone",
@@ -24,7 +25,9 @@ __all__ = [
     "Detector",
     "DetectorOutput",
     "DetectorRequest",
+    "HFModelConfig",
     "ModelConfig",
+    "config_from_dict",
     "PositionEmbeddingSine",
     "build_model",
     "convert_official",

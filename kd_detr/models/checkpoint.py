@@ -15,6 +15,8 @@ Our model files (``.safetensors``)
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import os
@@ -30,7 +32,8 @@ from ..atomic import atomic_write
 from .backbone import read_state_dict_file
 from .conditional_detr import ConditionalDETR
 from .config import ModelConfig
-from .registry import build_model
+from .hf.config import HFModelConfig
+from .registry import build_model, config_from_dict
 
 __all__ = [
     "FORMAT_NAME",
@@ -216,7 +219,10 @@ def save_model(model: ConditionalDETR, path: str | os.PathLike, label_map: Any =
     from kd_detr import __version__
 
     path = os.fspath(path)
-    config: ModelConfig = model.config
+    config = model.config
+    if isinstance(config, HFModelConfig):
+        # the file holds every weight: rebuilding it needs the transformers config, not the folder
+        config = dataclasses.replace(config, source=None)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -274,10 +280,15 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     path = os.fspath(path)
     meta = read_model_metadata(path)
     try:
-        config = ModelConfig.from_dict(meta["config"])
+        config = config_from_dict(meta["config"])
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: invalid model config in metadata: {exc}") from exc
-    model = ConditionalDETR(config)
+    if isinstance(config, HFModelConfig):
+        from .hf.adapter import HFDetector
+
+        model = HFDetector(config)
+    else:
+        model = ConditionalDETR(config)
     tensors = st.load_file(path, device="cpu")
     own = model.state_dict()
     missing = [k for k in own if k not in tensors]

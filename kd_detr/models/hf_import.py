@@ -1,7 +1,8 @@
 """Import Hugging Face ``ConditionalDetrForObjectDetection`` weights (e.g. ``microsoft/conditional-detr-resnet-50``).
 
 HF's port renames the official modules (``model.`` prefix, ``encoder_attn`` for ``cross_attn``,
-``fc1``/``fc2``, split encoder q/k/v projections, timm backbone names, which equal torchvision's).
+``fc1``/``fc2``, split encoder q/k/v projections, timm backbone names, which equal torchvision's, or
+transformers' own ``ResNetBackbone`` names, which :mod:`kd_detr.models.hf_export` writes).
 :func:`hf_to_official` maps them back to the official names, so the strict official loader checks
 them like any official checkpoint.
 """
@@ -15,13 +16,32 @@ import torch
 
 from .backbone import read_state_dict_file
 
-__all__ = ["hf_to_official", "read_hf_checkpoint"]
+__all__ = ["hf_key_to_official", "hf_to_official", "read_hf_checkpoint"]
 
 ENC = r"^model\.encoder\.layers\.(\d+)\."
 DEC = r"^model\.decoder\.layers\.(\d+)\."
+HF_RESNET = r"^model\.backbone\.(?:conv_encoder\.)?model\."
+
+
+def _resnet_block(m: re.Match) -> str:
+    """transformers ``ResNetBackbone`` block names -> torchvision's (stage s -> ``layer{s+1}``, conv k -> ``conv{k+1}``)."""
+    stage, block, rest = int(m.group(1)), m.group(2), m.group(3)
+    sub = re.match(r"layer\.(\d+)\.(convolution|normalization)\.$", rest)
+    if sub:
+        kind = "conv" if sub.group(2) == "convolution" else "bn"
+        rest = f"{kind}{int(sub.group(1)) + 1}."
+    else:
+        rest = "downsample.0." if rest == "shortcut.convolution." else "downsample.1."
+    return f"backbone.0.body.layer{stage + 1}.{block}.{rest}"
 
 # (regex on the HF key, official replacement); first match wins. Covers transformers v4 and v5 names.
 _RULES = [
+    # transformers' ResNetBackbone (use_timm_backbone=False)
+    (HF_RESNET + r"embedder\.embedder\.convolution\.", "backbone.0.body.conv1."),
+    (HF_RESNET + r"embedder\.embedder\.normalization\.", "backbone.0.body.bn1."),
+    (HF_RESNET + r"encoder\.stages\.(\d+)\.layers\.(\d+)\."
+     r"(layer\.\d+\.(?:convolution|normalization)\.|shortcut\.(?:convolution|normalization)\.)", _resnet_block),
+    # timm ResNet: torchvision's names
     (r"^model\.backbone\.(conv_encoder\.)?model\.", "backbone.0.body."),
     (r"^model\.input_projection\.", "input_proj."),
     (r"^model\.query_position_embeddings\.", "query_embed."),
@@ -58,6 +78,16 @@ _RULES = [
 ]
 
 
+def hf_key_to_official(key: str) -> str | None:
+    """The official name of one HF key, or None when no rule maps it. The encoder's split
+    ``self_attn.{q,k,v}_proj`` keys are parts of one official ``in_proj`` and are handled by :func:`hf_to_official`."""
+    for pattern, repl in _RULES:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return None
+
+
 def hf_to_official(hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map an HF ``ConditionalDetrForObjectDetection`` state dict (transformers v4 or v5 names, timm
     ResNet backbone) to the official Conditional DETR names. Keys it cannot map are an error that lists
@@ -70,13 +100,11 @@ def hf_to_official(hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if m:  # HF splits the encoder in_proj into q/k/v (rows 0..d-1 / d..2d-1 / 2d..3d-1)
             qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
             continue
-        for pattern, repl in _RULES:
-            new, n = re.subn(pattern, repl, key)
-            if n:
-                out[new] = value
-                break
-        else:
+        new = hf_key_to_official(key)
+        if new is None:
             unmapped.append(key)
+        else:
+            out[new] = value
     if unmapped:
         shown = ", ".join(unmapped[:10]) + (f" ... ({len(unmapped)} in all)" if len(unmapped) > 10 else "")
         raise ValueError(f"not a Hugging Face Conditional DETR state dict: unmapped keys {shown}")

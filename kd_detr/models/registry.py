@@ -17,6 +17,7 @@ from typing import Any, Optional
 from .backbone import load_backbone_weights
 from .conditional_detr import ConditionalDETR
 from .config import BACKBONE_NORMS, BACKBONES, ModelConfig  # noqa: F401  (re-exported)
+from .hf.config import HFModelConfig
 
 __all__ = [
     "ModelConfig",
@@ -26,6 +27,7 @@ __all__ = [
     "list_models",
     "get_config",
     "build_model",
+    "config_from_dict",
 ]
 
 _REGISTRY: dict[str, ModelConfig] = {}
@@ -40,14 +42,23 @@ def register_model(config: ModelConfig) -> ModelConfig:
 
 
 def list_models() -> dict[str, str]:
-    """Registered model names mapped to a one-line description (registration order)."""
-    return {name: cfg.description for name, cfg in _REGISTRY.items()}
+    """Registered model names mapped to a one-line description (registration order): kd-detr's own, then the
+    tiny transformers models (``hf:DIR`` names any ``save_pretrained`` folder)."""
+    from .hf.registry import list_hf_models
+
+    return {**{name: cfg.description for name, cfg in _REGISTRY.items()}, **list_hf_models()}
 
 
-def get_config(name: str) -> ModelConfig:
-    """A copy of the registered config ``name`` (``ValueError`` listing names if unknown)."""
+def get_config(name: str) -> "ModelConfig | HFModelConfig":
+    """A copy of the registered config ``name``, or the :class:`HFModelConfig` of ``hf:DIR`` / a tiny
+    transformers model (``ValueError`` listing names if unknown)."""
+    from .hf.registry import hf_config, is_hf_name
+
+    if is_hf_name(name):
+        return hf_config(name)
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available: {list(_REGISTRY)}")
+        raise ValueError(f"unknown model {name!r}; available: {list(list_models())} or hf:DIR (a transformers "
+                         "save_pretrained folder)")
     return dataclasses.replace(_REGISTRY[name])
 
 
@@ -57,10 +68,11 @@ def build_model(
     backbone_weights: Optional[str] = None,
     **overrides: Any,
 ):
-    """Build a :class:`~kd_detr.models.conditional_detr.ConditionalDETR`.
+    """Build a :class:`~kd_detr.models.conditional_detr.ConditionalDETR`, or an
+    :class:`~kd_detr.models.hf.HFDetector` for ``hf:DIR`` / a tiny transformers name / an :class:`HFModelConfig`.
 
     Args:
-        name: a registered model name, or a :class:`ModelConfig`.
+        name: a registered model name, ``hf:DIR``, or a :class:`ModelConfig` / :class:`HFModelConfig`.
         num_classes: number of class logits ``C`` (default: the config's, 91 for official models).
         backbone_weights: optional local torchvision ImageNet ResNet state dict
             (``.pth`` / ``.safetensors``) loaded into the backbone trunk.
@@ -70,10 +82,17 @@ def build_model(
     The returned model carries the fully resolved config as ``model.config``.
     """
 
-    config = name if isinstance(name, ModelConfig) else get_config(name)
+    config = get_config(name) if isinstance(name, str) else name
     if num_classes is not None:
         overrides["num_classes"] = int(num_classes)
     config = config.replace(**overrides)
+    if isinstance(config, HFModelConfig):
+        if backbone_weights is not None:
+            raise ValueError(f"{config.name}: --backbone-weights is for kd-detr's own models; a transformers "
+                             "model's backbone weights come with its save_pretrained folder")
+        from .hf.adapter import HFDetector
+
+        return HFDetector(config)
     if config.freeze_stem is None:
         # Official models always start from ImageNet weights and freeze stem + layer1.
         config = config.replace(
@@ -83,6 +102,13 @@ def build_model(
     if backbone_weights is not None:
         load_backbone_weights(model.backbone, backbone_weights)
     return model
+
+
+def config_from_dict(data: dict[str, Any]) -> "ModelConfig | HFModelConfig":
+    """A config serialised by ``to_dict()`` (checkpoint and cache metadata): kd-detr's own or a transformers one."""
+    if data.get("kind") == "hf":
+        return HFModelConfig.from_dict(data)
+    return ModelConfig.from_dict(data)
 
 
 def _official(name: str, backbone: str, dilation: bool, desc: str) -> ModelConfig:
