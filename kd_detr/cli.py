@@ -446,17 +446,30 @@ def compare_cmd(teacher, teacher_checkpoint, teacher_cache, student, student_opt
 @main.command("export")
 @click.option("--run", "source", required=True, type=click.Path(exists=True),
               help="A training/distillation output folder, or a kd-detr .safetensors model file.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False),
-              help="Output prefix: writes PREFIX.safetensors and PREFIX.pth (official format).")
-def export_cmd(source: str, out: str) -> None:
-    """Export the student alone (no teacher, no auxiliary queries) as safetensors and official .pth.
+@click.option("--out", required=True, type=click.Path(),
+              help="Output prefix: PREFIX.safetensors, PREFIX.pth (official), the folder PREFIX/ (hf), PREFIX.onnx.")
+@click.option("--format", "formats", multiple=True, metavar="FORMAT[,FORMAT]",
+              help="safetensors, official, hf (transformers save_pretrained folder), onnx; repeatable or "
+                   "comma-separated [default: safetensors,official].")
+def export_cmd(source: str, out: str, formats: tuple[str, ...]) -> None:
+    """Export the student alone (no teacher, no auxiliary queries) in the formats asked for.
 
-    The .pth loads strictly into the plain Conditional DETR (official code or kd-detr); this is checked.
+    Each file is checked: the .pth loads strictly into the plain Conditional DETR (official code or kd-detr),
+    the hf folder loads with transformers' from_pretrained and gives the same outputs (1e-5), the .onnx
+    gives the same outputs in onnxruntime (1e-4).
     """
-    from kd_detr.runs.export import export_student
+    from kd_detr.runs.export import export, parse_formats
 
-    st_path, pth_path = export_student(source, out)
-    click.echo(f"wrote {st_path} and {pth_path}")
+    try:
+        names = parse_formats(formats)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--format") from None
+    try:
+        paths = export(source, out, names)
+    except ImportError as e:  # a missing optional package (transformers, onnx, onnxruntime); the group handles the rest
+        raise click.ClickException(str(e)) from e
+    shown = [str(p) + ("/" if f == "hf" else "") for f, p in paths.items()]
+    click.echo(f"wrote {', '.join(shown[:-1])} and {shown[-1]}" if len(shown) > 1 else f"wrote {shown[0]}")
 
 
 # --------------------------------------------------------------------------- eval / predict

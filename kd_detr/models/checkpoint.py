@@ -31,7 +31,6 @@ from torch import Tensor
 from ..atomic import atomic_write
 from .backbone import read_state_dict_file
 from .conditional_detr import ConditionalDETR
-from .config import ModelConfig
 from .hf.config import HFModelConfig
 from .registry import build_model, config_from_dict
 

@@ -167,6 +167,7 @@ def export_hf(model: ConditionalDETR, out_dir: str | os.PathLike, label_map: Opt
     gives ``id2label`` and is kept in ``config.json`` as ``kd_detr_label_map``, with ``kd_detr_config``
     (the :class:`ModelConfig`) and ``extra``."""
     from transformers import ConditionalDetrForObjectDetection
+    from transformers.utils import logging as hf_logging
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not _is_replaceable(out_dir):
@@ -182,6 +183,8 @@ def export_hf(model: ConditionalDETR, out_dir: str | os.PathLike, label_map: Opt
     hf.load_state_dict(hf_state_dict(model, hf.state_dict().keys()), strict=True)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         hf.save_pretrained(tmp, safe_serialization=True)
         if check:
@@ -192,6 +195,8 @@ def export_hf(model: ConditionalDETR, out_dir: str | os.PathLike, label_map: Opt
             compare_with_hf(model, reloaded)
         _replace_dir(tmp, out_dir)
     finally:
+        if bars:
+            hf_logging.enable_progress_bar()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

@@ -1,21 +1,35 @@
-"""``kd-detr export``: the trained student alone, as kd-detr safetensors and as an official ``.pth``.
+"""``kd-detr export``: the trained student alone, in the formats asked for.
 
 Distillation checkpoints already hold only the student (the teacher, its queries and any projection
-are kept outside the model); export re-writes it in both formats and checks that the ``.pth`` loads
-strictly into a plain ``cond_detr_*`` model and reproduces the student's outputs.
+are kept outside the model); export re-writes it and checks every file it writes:
+
+* ``safetensors``: ``PREFIX.safetensors``, a kd-detr model file (with the label map);
+* ``official``: ``PREFIX.pth``, the official ``{"model": state_dict}``; checked to load strictly into a
+  plain ``cond_detr_*`` model and reproduce the student's outputs;
+* ``hf``: the folder ``PREFIX/``, a transformers ``save_pretrained`` folder for
+  ``ConditionalDetrForObjectDetection`` / ``AutoModelForObjectDetection`` (:mod:`kd_detr.models.hf_export`);
+  checked to load with no missing / unexpected keys and reproduce the outputs (1e-5);
+* ``onnx``: ``PREFIX.onnx`` (:mod:`kd_detr.runs.onnx_export`); checked with onnxruntime (1e-4).
+
+The default is ``safetensors`` + ``official``.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
 from kd_detr.models import build_model, load_model, load_official_state_dict, save_model
 from kd_detr.models.checkpoint import read_official_checkpoint, save_official_checkpoint
 
-__all__ = ["export_student", "find_student_weights"]
+__all__ = ["DEFAULT_FORMATS", "FORMATS", "export", "export_student", "find_student_weights", "output_paths",
+           "parse_formats"]
+
+FORMATS = ("safetensors", "official", "hf", "onnx")
+DEFAULT_FORMATS = ("safetensors", "official")
 
 
 def find_student_weights(source: str | Path) -> Path:
@@ -36,24 +50,86 @@ def find_student_weights(source: str | Path) -> Path:
     raise FileNotFoundError(f"{p} holds no model_final.safetensors, model_best.safetensors or checkpoints/latest.json")
 
 
+def parse_formats(values: Iterable[str] | str | None) -> tuple[str, ...]:
+    """Format names from repeated and/or comma-separated values, in :data:`FORMATS` order; none: the default."""
+    if isinstance(values, str):
+        values = [values]
+    names = [v.strip().lower() for value in (values or ()) for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in FORMATS]
+    if unknown:
+        raise ValueError(f"unknown export format(s) {unknown}; valid: {', '.join(FORMATS)}")
+    return tuple(f for f in FORMATS if f in names) or DEFAULT_FORMATS
+
+
+def output_paths(out_prefix: str | Path, formats: Iterable[str] = DEFAULT_FORMATS) -> dict[str, Path]:
+    """Where each format goes: ``PREFIX.safetensors``, ``PREFIX.pth``, the folder ``PREFIX/``, ``PREFIX.onnx``."""
+    p = Path(out_prefix)
+    suffix = {"safetensors": ".safetensors", "official": ".pth", "hf": "", "onnx": ".onnx"}
+    return {f: p.with_name(p.name + suffix[f]) for f in formats}
+
+
+def export(source: str | Path, out_prefix: str | Path, formats: Iterable[str] | str | None = None) -> dict[str, Path]:
+    """Export the student of ``source`` (run folder or kd-detr ``.safetensors``) in ``formats``.
+
+    Returns ``{format: path}`` (see :func:`output_paths`). Each writer checks its own file and raises on
+    a mismatch; a format the model cannot be expressed in is refused before anything is written."""
+    formats = parse_formats(formats)
+    weights = find_student_weights(source)
+    model, meta = load_model(weights)
+    model.eval()
+    # refuse what cannot be written before writing anything
+    if "official" in formats and model.config.backbone_norm == "gn":
+        raise ValueError("cannot export to the official format: backbone_norm='gn' (official checkpoints hold "
+                         "BatchNorm statistics)")
+    if "hf" in formats:
+        from kd_detr.models.hf_export import check_hf_exportable
+
+        try:
+            import transformers  # noqa: F401
+        except ImportError as e:
+            raise ImportError(f"--format hf needs transformers ({e}); pip install transformers") from e
+        check_hf_exportable(model.config)
+    if "onnx" in formats:
+        from kd_detr.runs.onnx_export import require_onnx_runtime
+
+        require_onnx_runtime()
+    paths = output_paths(out_prefix, formats)
+    for p in paths.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    label_map = meta.get("label_map")
+    extra = dict(meta.get("extra_metadata") or {})
+    extra["exported_from"] = str(weights)
+    if "safetensors" in paths:
+        save_model(model, paths["safetensors"], label_map=label_map, extra_metadata=extra)
+    if "official" in paths:
+        _write_official(model, paths["official"])
+    if "hf" in paths:
+        from kd_detr.models.hf_export import export_hf
+
+        export_hf(model, paths["hf"], label_map=label_map, extra={"exported_from": str(weights)})
+    if "onnx" in paths:
+        from kd_detr.runs.onnx_export import export_onnx
+
+        metadata = {"kd_detr_config": model.config.to_json(), "exported_from": str(weights)}
+        if label_map:
+            metadata["kd_detr_label_map"] = json.dumps(label_map, sort_keys=True)
+        export_onnx(model, paths["onnx"], metadata=metadata)
+    return paths
+
+
 def export_student(source: str | Path, out_prefix: str | Path) -> tuple[Path, Path]:
     """Write ``<out_prefix>.safetensors`` and ``<out_prefix>.pth`` (official ``{"model": state_dict}``).
 
     Returns both paths. Raises if the official file does not load strictly into a freshly built
     model of the same architecture or gives different outputs.
     """
-    weights = find_student_weights(source)
-    model, meta = load_model(weights)
-    out_prefix = Path(out_prefix)
-    st_path = out_prefix.with_name(out_prefix.name + ".safetensors")
-    pth_path = out_prefix.with_name(out_prefix.name + ".pth")
-    st_path.parent.mkdir(parents=True, exist_ok=True)
-    extra = dict(meta.get("extra_metadata") or {})
-    extra["exported_from"] = str(weights)
-    save_model(model, st_path, label_map=meta.get("label_map"), extra_metadata=extra)
-    save_official_checkpoint(model, pth_path)
+    paths = export(source, out_prefix, DEFAULT_FORMATS)
+    return paths["safetensors"], paths["official"]
 
-    # Self-check: the official file is the plain architecture (nothing training-only in it).
+
+def _write_official(model, pth_path: Path) -> None:
+    """Write the official ``.pth`` and check it is the plain architecture (nothing training-only in it)."""
+    save_official_checkpoint(model, pth_path)
     plain = build_model(model.config.name, num_classes=model.config.num_classes,
                         **_overrides_from(model.config))
     load_official_state_dict(plain, read_official_checkpoint(pth_path), source=str(pth_path))
@@ -64,7 +140,6 @@ def export_student(source: str | Path, out_prefix: str | Path) -> tuple[Path, Pa
         a, b = model(x), plain(x)
     if not (torch.equal(a["pred_logits"], b["pred_logits"]) and torch.equal(a["pred_boxes"], b["pred_boxes"])):
         raise RuntimeError(f"{pth_path}: the re-loaded student does not reproduce the exported weights' outputs")
-    return st_path, pth_path
 
 
 def _overrides_from(config) -> dict:

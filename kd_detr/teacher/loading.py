@@ -13,7 +13,8 @@ from typing import Any, Optional
 import torch
 
 from kd_detr.data import COCO_CATEGORIES, LabelMap
-from kd_detr.models import ModelConfig, get_config, load_model, model_from_official
+from kd_detr.models import ModelConfig, config_from_dict, get_config, load_model, model_from_official
+from kd_detr.models.hf.config import HF_PREFIX
 
 from .card import TeacherCard, find_card, load_card
 
@@ -30,7 +31,7 @@ class TeacherSpec:
     name: str  # card name or model name, for logs and metadata
     model: str
     checkpoint: Path
-    format: str = "auto"  # auto | safetensors | official | hf
+    format: str = "auto"  # auto | safetensors | official | hf (HF Conditional DETR weights) | hf_folder (hf:DIR)
     num_classes: Optional[int] = None
     label_map: Optional[str] = None  # coco91 | contiguous (official/HF files carry none)
     image_size: Optional[int] = None  # training image-size preset (None: official sizes)
@@ -97,6 +98,14 @@ def resolve_teacher(teacher: str, checkpoint: Optional[str] = None) -> TeacherSp
     card, and the card's known AP no longer applies. A replacement official/HF file carries no metadata:
     the card's class space and image size still describe it.
     """
+    if teacher.startswith(HF_PREFIX):
+        if checkpoint:
+            raise ValueError(f"--teacher {teacher} is a transformers folder with its own weights: drop "
+                             "--teacher-checkpoint")
+        from kd_detr.models.hf.registry import hf_config
+
+        source = hf_config(teacher).source  # checks config.json, the family and the weights file
+        return TeacherSpec(name=teacher, model=teacher, checkpoint=Path(source), format="hf_folder")
     card_path = Path(teacher) if teacher.endswith(".toml") else find_card(teacher)
     if card_path is not None:
         card: TeacherCard = load_card(str(card_path))
@@ -138,6 +147,8 @@ def teacher_config(spec: TeacherSpec) -> dict[str, Any]:
         from kd_detr.models.checkpoint import read_model_metadata
 
         return read_model_metadata(spec.checkpoint)["config"]
+    if spec.format == "hf_folder":
+        return get_config(spec.model).to_dict()
     overrides = dict(spec.model_overrides)
     if spec.num_classes is not None:
         overrides["num_classes"] = spec.num_classes
@@ -158,22 +169,38 @@ def describe_teacher(spec: TeacherSpec, data_label_map: Optional[LabelMap]) -> t
     """``(its ModelConfig, its label map, its training image-size preset)`` without loading the weights
     (what the checks and the methods need when the teacher runs elsewhere: Ray actors, a cache)."""
     fmt = _file_format(spec.checkpoint, spec.format)
+    if fmt == "hf_folder":
+        return _hf_folder_teacher(spec, data_label_map), data_label_map, None
     if fmt == "safetensors":
         from kd_detr.models.checkpoint import read_model_metadata
 
         meta = read_model_metadata(spec.checkpoint)
         if meta["model_name"] != spec.model:
             raise ValueError(f"teacher {spec.name}: {spec.checkpoint} holds a {meta['model_name']}, not a {spec.model}")
-        _check_card_classes(spec, ModelConfig.from_dict(meta["config"]).num_classes)
+        _check_card_classes(spec, config_from_dict(meta["config"]).num_classes)
         if meta.get("label_map") is None:
             raise ValueError(f"teacher checkpoint {spec.checkpoint} records no label map; it cannot be checked "
                              "against the data")
         image_size = spec.image_size if spec.image_size_known else (meta.get("extra_metadata") or {}).get("image_size")
-        return ModelConfig.from_dict(meta["config"]), LabelMap.from_dict(meta["label_map"]), image_size
+        return config_from_dict(meta["config"]), LabelMap.from_dict(meta["label_map"]), image_size
     if fmt not in ("official", "hf"):
         raise ValueError(f"teacher {spec.name}: unknown checkpoint format {fmt!r}")
     config = ModelConfig.from_dict(teacher_config(spec))
     return config, _official_label_map(spec, config.num_classes, data_label_map), spec.image_size
+
+
+def _hf_folder_teacher(spec: TeacherSpec, data_label_map: Optional[LabelMap]):
+    """The :class:`HFModelConfig` of an ``hf:DIR`` teacher with its classes mapped onto the data's by name."""
+    import dataclasses as dc
+
+    from kd_detr.models.hf.labels import class_map_by_name
+    from kd_detr.models.hf.registry import hf_config
+
+    config = hf_config(spec.model)
+    if data_label_map is None:
+        raise ValueError(f"teacher {spec.name}: the data's label map is needed to map its classes")
+    class_map = class_map_by_name(config.id2label, data_label_map, f"teacher {spec.name}")
+    return dc.replace(config, class_map=class_map)
 
 
 def load_teacher(spec: TeacherSpec, data_label_map: Optional[LabelMap]
@@ -185,6 +212,10 @@ def load_teacher(spec: TeacherSpec, data_label_map: Optional[LabelMap]
     A card whose ``num_classes`` differs from its checkpoint's is refused (naming both).
     """
     fmt = _file_format(spec.checkpoint, spec.format)
+    if fmt == "hf_folder":
+        from kd_detr.models.hf.adapter import HFDetector
+
+        return HFDetector(_hf_folder_teacher(spec, data_label_map)), data_label_map, None
     if fmt == "safetensors":
         _, label_map, image_size = describe_teacher(spec, data_label_map)  # checks name, classes, label map first
         model, _ = load_model(spec.checkpoint)
@@ -207,7 +238,10 @@ def check_teacher_fits(spec: TeacherSpec, teacher_label_map: LabelMap, teacher_i
     if teacher_label_map.num_classes != student_num_classes:
         raise ValueError(f"teacher {spec.name} has {teacher_label_map.num_classes} class slots and the student "
                          f"{student_num_classes}: they must share one label map (--label-map)")
-    if check_image_size and teacher_image_size != image_size:
+    if check_image_size and spec.format == "hf_folder":
+        log.info("teacher %s is a transformers folder: its training image size is not recorded (not checked); its "
+                 "family's own input policy applies to each view", spec.name)
+    elif check_image_size and teacher_image_size != image_size:
         def show(s):
             return "the official sizes (800, max 1333)" if s is None else f"the {s}-px preset"
         raise ValueError(f"teacher {spec.name} was trained at {show(teacher_image_size)} but this run uses "

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Optional
 from torch import nn
 
 from kd_detr.data import Batch, LabelMap
-from kd_detr.models import ModelConfig
+from kd_detr.models import ModelConfig, config_from_dict
 
 from .loading import TeacherSpec, check_teacher_fits, describe_teacher, load_teacher
 from .inprocess import InProcessTeacher
@@ -205,7 +205,7 @@ class CacheSource(TeacherSource):
     def prepare(self, data_label_map, student_num_classes, image_size, check_image_size=True) -> None:
         if self.reader is None:
             raise RuntimeError("CacheSource.open() must come before prepare(): the cache fixes the run's view plan")
-        self.config = ModelConfig.from_dict(self.reader.manifest["teacher"]["config"])
+        self.config = config_from_dict(self.reader.manifest["teacher"]["config"])
 
     def start(self, attn_mode: str, device: str) -> None:
         super().start(attn_mode, device)

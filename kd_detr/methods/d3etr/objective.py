@@ -109,6 +109,7 @@ class D3ETRLoss(Method):
         self.layers = resolve_layers(cfg.layers, student.dec_layers)
         self.num_layers = student.dec_layers
         attn_on = [a for a in ("self_attn", "cross_attn") if getattr(cfg, a).enabled]
+        _check_families(cfg, student, teacher, attn_on)
         for a in attn_on:
             if getattr(cfg, a).per_head and student.nheads != teacher.nheads:
                 raise ValueError(f"distill.{a}.per_head = true needs equal head counts, but the teacher has "
@@ -306,3 +307,29 @@ class D3ETRLoss(Method):
                     num_boxes = self.criterion.num_boxes(targets, a_logits.device)
                 losses.update(self.fixed_gt_losses(a_logits, a_boxes, teacher, targets, num_boxes))
         return losses
+
+
+def _family(config: Any) -> str:
+    fam = getattr(config, "family", None)
+    return f"{config.name} (transformers {fam})" if fam else f"{config.name} (kd-detr Conditional DETR)"
+
+
+def _check_families(cfg: DistillConfig, student: Any, teacher: Any, attn_on: list[str]) -> None:
+    """Refuse, naming the family and the recipe switch, what a student or teacher family cannot do."""
+    student_can = getattr(student, "supports", frozenset())
+    teacher_can = getattr(teacher, "supports", frozenset())
+    if cfg.fixed:
+        if "query_groups" not in student_can:
+            raise ValueError(f"Fixed Matching runs the teacher's queries through the student's decoder as an extra "
+                             f"group with group-wise self-attention, which the student {_family(student)} cannot "
+                             "run: set distill.fixed = false (Adaptive Matching alone)")
+        if not getattr(teacher, "fixed_queries", True):
+            raise ValueError(f"Fixed Matching hands the teacher's learned object queries to the student, but the "
+                             f"teacher {_family(teacher)} has none (its queries are chosen per image from the "
+                             "encoder): set distill.fixed = false")
+    for a in attn_on:
+        for who, config, can in (("student", student, student_can), ("teacher", teacher, teacher_can)):
+            if "attention" not in can:
+                raise ValueError(f"distill.{a} compares dense decoder attention maps, which the {who} "
+                                 f"{_family(config)} does not have (deformable attention samples a few points): "
+                                 f"set distill.{a}.enabled = false")

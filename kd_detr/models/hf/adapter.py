@@ -140,7 +140,7 @@ class HFDetector(nn.Module):
             for h in hooks:
                 h.remove()
         layers = self.family.layers(self.hf, captured["base"], out, self.training)
-        logits = self._sigmoid_logits(layers.logits)
+        logits = self._mapped(self._sigmoid_logits(layers.logits))
         boxes = layers.boxes
         result = DetectorOutput(pred_logits=logits[-1], pred_boxes=boxes[-1])
         result["aux_outputs"] = [{"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(len(logits) - 1)]
@@ -170,6 +170,15 @@ class HFDetector(nn.Module):
         # DETR: C classes + no-object under one softmax -> each class's probability as a sigmoid logit
         p = logits.float().softmax(-1)[..., :-1]
         return torch.logit(p, eps=1e-6).to(logits.dtype)
+
+    def _mapped(self, logits: Tensor) -> Tensor:
+        """The family's classes -> the data's (``config.class_map``); classes it lacks get a logit of -30
+        (probability 1e-13: "not this class")."""
+        if self.config.class_map is None:
+            return logits
+        index = torch.tensor(self.config.class_map, device=logits.device)
+        out = logits.index_select(-1, index.clamp(min=0))
+        return out.masked_fill(index < 0, -30.0)
 
     def _query_embed(self) -> Tensor:
         emb = getattr(self.hf.model, "query_position_embeddings", None)

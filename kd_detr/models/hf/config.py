@@ -32,6 +32,9 @@ class HFModelConfig:
         input_size: side of the square input of fixed-size families (RT-DETR, D-FINE, ...: each image's view
             is resized to ``input_size x input_size``, as their image processors do); ``None`` for families
             that take padded batches with a pixel mask (DETR, Conditional/DAB/Deformable DETR).
+        class_map: for a teacher loaded against data with another label map: the family's class index of each
+            of the data's ``C`` classes (``-1``: the family has no such class). The adapter's logits then have
+            the data's ``C`` classes in the data's order (:func:`kd_detr.models.hf.labels.class_map_by_name`).
     """
 
     name: str
@@ -40,6 +43,7 @@ class HFModelConfig:
     source: Optional[str] = None
     input_size: Optional[int] = None
     description: str = ""
+    class_map: Optional[list[int]] = None
 
     # ------------------------------------------------------------------ the detector contract's fields
     def _get(self, *keys: str, default: Any = None) -> Any:
@@ -49,9 +53,14 @@ class HFModelConfig:
         return default
 
     @property
+    def family_classes(self) -> int:
+        """The family's own class count (``num_labels``; DETR's no-object slot not counted)."""
+        return int(self._get("num_labels", default=len(self.hf_config.get("id2label") or {}) or 91))
+
+    @property
     def num_classes(self) -> int:
         """``C``: the classes the adapter's logits have (no no-object slot: DETR's is folded in)."""
-        return int(self._get("num_labels", default=len(self.hf_config.get("id2label") or {}) or 91))
+        return len(self.class_map) if self.class_map is not None else self.family_classes
 
     @property
     def num_queries(self) -> int:
@@ -115,8 +124,10 @@ class HFModelConfig:
         get_family(self.family)
         if self.input_size is not None and int(self.input_size) < 32:
             raise ValueError(f"input_size must be >= 32 (pixels), got {self.input_size}")
-        if self.num_classes < 1:
-            raise ValueError(f"num_labels must be >= 1, got {self.num_classes}")
+        if self.family_classes < 1:
+            raise ValueError(f"num_labels must be >= 1, got {self.family_classes}")
+        if self.class_map is not None and any(not -1 <= int(i) < self.family_classes for i in self.class_map):
+            raise ValueError(f"class_map indexes outside the family's {self.family_classes} classes")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,7 +154,10 @@ class HFModelConfig:
         for key, value in changes.items():
             if key == "num_classes":
                 value = int(value)
-                if value != self.num_classes:
+                if self.class_map is not None and value != self.num_classes:
+                    raise ValueError(f"{self.name}: its classes are mapped to the data's {self.num_classes}; "
+                                     f"num_classes cannot become {value}")
+                if self.class_map is None and value != self.num_classes:
                     hf["num_labels"] = value
                     hf["id2label"] = {str(i): f"class_{i}" for i in range(value)}
                     hf["label2id"] = {f"class_{i}": i for i in range(value)}

@@ -1,0 +1,199 @@
+"""``kd-detr export --format hf|onnx``: a transformers ``save_pretrained`` folder and an ONNX graph of the
+student, each equal to the kd-detr model on the same padded batch; the hf export imports back identically."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+transformers = pytest.importorskip("transformers")
+
+from kd_detr.cli import main  # noqa: E402
+from kd_detr.data.label_map import LabelMap  # noqa: E402
+from kd_detr.models import build_model, load_model, model_from_official, save_model  # noqa: E402
+from kd_detr.models.hf_export import hf_config  # noqa: E402
+from kd_detr.runs.export import export, parse_formats  # noqa: E402
+
+CATEGORIES = [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 8, "name": "bird"},
+              {"id": 11, "name": "fish"}, {"id": 20, "name": "horse"}]
+
+
+def _randomise(model: torch.nn.Module, seed: int = 1) -> None:
+    """Non-trivial BN statistics and heads (at init the box head is zero: boxes would not depend on the image)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif name.endswith("running_mean") or name.startswith(("bbox_embed", "class_embed")):
+                t.copy_(0.1 * torch.randn(t.shape, generator=g))
+
+
+def _tiny(**overrides):
+    torch.manual_seed(0)
+    model = build_model("cond_detr_r10_tiny", num_classes=5, **overrides)
+    _randomise(model)
+    return model.eval()
+
+
+def _save_run(model, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(model, folder / "model_final.safetensors", label_map=LabelMap.contiguous(CATEGORIES))
+    return folder
+
+
+def _batch(b=2, h=64, w=64, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(b, 3, h, w, generator=g)
+    mask = torch.zeros(b, h, w, dtype=torch.bool)  # True = pad
+    images[-1, :, h // 2:, :], mask[-1, h // 2:, :] = 0, True
+    images[-1, :, :, 3 * w // 4:], mask[-1, :, 3 * w // 4:] = 0, True
+    return images, mask
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    model = _tiny()
+    return model, _save_run(model, tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def cli_export(run, tmp_path_factory):
+    """One `kd-detr export --format hf,onnx` shared by the tests below."""
+    _, folder = run
+    prefix = tmp_path_factory.mktemp("out") / "student"
+    res = CliRunner().invoke(main, ["export", "--run", str(folder), "--out", str(prefix), "--format", "hf,onnx"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return prefix, res.output
+
+
+def test_cli_writes_hf_folder_and_onnx_only(cli_export):
+    prefix, output = cli_export
+    assert sorted(p.name for p in prefix.iterdir()) == ["config.json", "model.safetensors"]
+    assert prefix.with_name("student.onnx").is_file()
+    assert not prefix.with_name("student.safetensors").exists() and not prefix.with_name("student.pth").exists()
+    assert f"{prefix}/" in output and "student.onnx" in output
+    assert not [p for p in prefix.parent.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+@pytest.mark.parametrize("auto", [False, True])
+def test_hf_export_loads_cleanly_and_matches(run, cli_export, auto):
+    from transformers import AutoModelForObjectDetection, ConditionalDetrForObjectDetection
+
+    model, _ = run
+    prefix, _ = cli_export
+    cls = AutoModelForObjectDetection if auto else ConditionalDetrForObjectDetection
+    hf, info = cls.from_pretrained(prefix, output_loading_info=True)
+    assert type(hf).__name__ == "ConditionalDetrForObjectDetection"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert hf.config.id2label == {0: "cat", 1: "dog", 2: "bird", 3: "fish", 4: "horse"}
+    assert hf.config.kd_detr_label_map["categories"][4]["id"] == 20
+    images, mask = _batch()
+    with torch.no_grad():
+        ours = model(images, mask)
+        ref = hf.eval()(pixel_values=images, pixel_mask=(~mask).long())  # HF: 1 = valid
+    assert (ours["pred_logits"] - ref.logits).abs().max() <= 1e-5
+    assert (ours["pred_boxes"] - ref.pred_boxes).abs().max() <= 1e-5
+    assert ours["pred_logits"].std() > 1e-2 and ours["pred_boxes"].std() > 1e-2  # not trivially equal
+
+
+def test_hf_export_imports_back_identically(run, cli_export):
+    model, _ = run
+    prefix, _ = cli_export
+    back = model_from_official(prefix / "model.safetensors", "cond_detr_r10_tiny", fmt="hf")
+    a, b = model.state_dict(), back.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_onnx_export_matches_pytorch_with_dynamic_shapes(run, cli_export):
+    import onnx
+    import onnxruntime as ort
+
+    model, _ = run
+    prefix, _ = cli_export
+    path = prefix.with_name("student.onnx")
+    proto = onnx.load(str(path))
+    assert proto.opset_import[0].version >= 17
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["kd_detr_label_map"])["num_classes"] == 5
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images", "mask"]
+    assert [o.name for o in session.get_outputs()] == ["pred_logits", "pred_boxes"]
+    for b, h, w in [(2, 64, 64), (3, 96, 80)]:  # the traced size and another batch / image size
+        images, mask = _batch(b, h, w, seed=b)
+        with torch.no_grad():
+            ref = model(images, mask)
+        logits, boxes = session.run(None, {"images": images.numpy(), "mask": mask.numpy()})
+        assert (torch.from_numpy(logits) - ref["pred_logits"]).abs().max() <= 1e-4
+        assert (torch.from_numpy(boxes) - ref["pred_boxes"]).abs().max() <= 1e-4
+
+
+def test_onnx_export_is_generic(tmp_path):
+    """Any module called as model(images, mask) -> {pred_logits, pred_boxes} exports (HF-family students)."""
+    pytest.importorskip("onnxruntime")
+    from kd_detr.runs.onnx_export import export_onnx
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, stride=4, padding=1)
+            self.queries = torch.nn.Parameter(torch.randn(6, 8))
+            self.cls, self.box = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+
+        def forward(self, images, mask):
+            f = self.conv(images).flatten(2).transpose(1, 2)  # [B,S,8]
+            valid = ~torch.nn.functional.interpolate(mask[None].float(), size=images.shape[-2:])[0].bool()
+            keep = valid[:, ::4, ::4].flatten(1)[..., None].to(f.dtype)
+            attn = torch.softmax(self.queries @ f.transpose(1, 2) - 1e4 * (1 - keep.transpose(1, 2)), -1)
+            hs = attn @ f
+            return {"pred_logits": self.cls(hs), "pred_boxes": self.box(hs).sigmoid(), "aux": [hs]}
+
+    toy = Toy().train()
+    out = export_onnx(toy, tmp_path / "toy.onnx")
+    assert out.is_file() and toy.training  # the caller's mode is restored
+
+
+def test_unsupported_configs_are_refused_by_name(tmp_path):
+    gn = _save_run(_tiny(backbone_norm="gn"), tmp_path / "gn")
+    with pytest.raises(ValueError, match=r"backbone_norm='gn'"):
+        export(gn, tmp_path / "x", ["hf"])
+    res = CliRunner().invoke(main, ["export", "--run", str(gn), "--out", str(tmp_path / "x"), "--format", "hf"])
+    assert res.exit_code != 0 and "backbone_norm='gn'" in res.output and len(res.output.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("x*"))  # refused before anything is written
+    cfg = build_model("cond_detr_r10_tiny", num_classes=5).config
+    with pytest.raises(ValueError, match=r"dilation=True"):
+        hf_config(cfg.replace(backbone="resnet50", dilation=True))
+    with pytest.raises(ValueError, match=r"pe_temperature=20"):
+        hf_config(cfg.replace(pe_temperature=20))
+
+
+def test_format_option_parsing_and_existing_folder(run, tmp_path):
+    assert parse_formats(None) == ("safetensors", "official")
+    assert parse_formats(["onnx", "hf, safetensors"]) == ("safetensors", "hf", "onnx")
+    with pytest.raises(ValueError, match="tflite"):
+        parse_formats(["tflite"])
+    _, folder = run
+    res = CliRunner().invoke(main, ["export", "--run", str(folder), "--out", str(tmp_path / "s"), "--format", "tflite"])
+    assert res.exit_code == 2 and "tflite" in res.output
+    # a folder that is not an earlier hf export is never replaced
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        export(folder, tmp_path / "busy", ["hf"])
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
+
+
+def test_default_formats_unchanged(run, tmp_path):
+    model, folder = run
+    res = CliRunner().invoke(main, ["export", "--run", str(folder), "--out", str(tmp_path / "student")])
+    assert res.exit_code == 0, res.output
+    assert res.output.strip() == f"wrote {tmp_path / 'student.safetensors'} and {tmp_path / 'student.pth'}"
+    exported, meta = load_model(tmp_path / "student.safetensors")
+    assert meta["label_map"]["num_classes"] == 5
+    assert all(torch.equal(v, exported.state_dict()[k]) for k, v in model.state_dict().items())
