@@ -10,6 +10,8 @@ import torch
 from click.testing import CliRunner
 
 transformers = pytest.importorskip("transformers")
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
 
 from kd_detr.cli import main  # noqa: E402
 from kd_detr.data.label_map import LabelMap  # noqa: E402
@@ -136,7 +138,6 @@ def test_onnx_export_matches_pytorch_with_dynamic_shapes(run, cli_export):
 
 def test_onnx_export_is_generic(tmp_path):
     """Any module called as model(images, mask) -> {pred_logits, pred_boxes} exports (HF-family students)."""
-    pytest.importorskip("onnxruntime")
     from kd_detr.runs.onnx_export import export_onnx
 
     class Toy(torch.nn.Module):

@@ -118,7 +118,8 @@ def hf_state_dict(model: ConditionalDETR, hf_keys) -> dict[str, Tensor]:
     unused = [k for k in own if k not in used]
     if unmapped or unused:
         raise ValueError(f"kd-detr -> transformers weight mapping incomplete: HF keys without a tensor "
-                         f"{unmapped[:10]} ({len(unmapped)}), kd-detr tensors not exported {unused[:10]} ({len(unused)})")
+                         f"{unmapped[:10]} ({len(unmapped)}), kd-detr tensors not exported {unused[:10]} "
+                         f"({len(unused)})")
     return out
 
 
@@ -136,17 +137,20 @@ def compare_with_hf(model: ConditionalDETR, hf_model, tol: float = HF_TOLERANCE)
     """Max relative difference of ``pred_logits`` / ``pred_boxes`` vs HF ``logits`` / ``pred_boxes`` on a padded
     batch (HF ``pixel_mask`` 1 = valid); raises ``RuntimeError`` above ``tol``."""
     images, mask = _check_inputs()
+    device = next(model.parameters()).device
+    hf_device = next(hf_model.parameters()).device
     was_training = model.training
     model.eval()
     hf_model.eval()
     try:
         with torch.no_grad():
-            ours = model(images, mask)
-            ref = hf_model(pixel_values=images, pixel_mask=(~mask).long())
+            ours = model(images.to(device), mask.to(device))
+            ref = hf_model(pixel_values=images.to(hf_device), pixel_mask=(~mask).long().to(hf_device))
     finally:
         model.train(was_training)
     worst = 0.0
-    for name, a, b in (("logits", ours["pred_logits"], ref.logits), ("pred_boxes", ours["pred_boxes"], ref.pred_boxes)):
+    for name, a, b in (("logits", ours["pred_logits"].cpu(), ref.logits.cpu()),
+                       ("pred_boxes", ours["pred_boxes"].cpu(), ref.pred_boxes.cpu())):
         if a.shape != b.shape:
             raise RuntimeError(f"transformers {name} has shape {tuple(b.shape)}, kd-detr {tuple(a.shape)}")
         diff = float((a - b).abs().max()) / max(1.0, float(b.abs().max()))

@@ -24,7 +24,8 @@ HF_RESNET = r"^model\.backbone\.(?:conv_encoder\.)?model\."
 
 
 def _resnet_block(m: re.Match) -> str:
-    """transformers ``ResNetBackbone`` block names -> torchvision's (stage s -> ``layer{s+1}``, conv k -> ``conv{k+1}``)."""
+    """transformers ``ResNetBackbone`` block names -> torchvision's: stage s -> ``layer{s+1}``, ``layer.k`` ->
+    ``conv{k+1}`` / ``bn{k+1}``, ``shortcut`` -> ``downsample.0`` / ``downsample.1``."""
     stage, block, rest = int(m.group(1)), m.group(2), m.group(3)
     sub = re.match(r"layer\.(\d+)\.(convolution|normalization)\.$", rest)
     if sub:

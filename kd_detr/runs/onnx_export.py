@@ -113,11 +113,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, height: int = 64, 
                 metadata: Optional[Mapping[str, str]] = None) -> Path:
     """Export ``model`` (eval mode) to ``path`` as ONNX and return the path (see the module docstring).
 
-    ``height``/``width``/``batch``: the traced example (the second image is padded, so the mask path is
-    traced). ``dynamic``: batch, height and width axes are symbolic; the check then also runs a second input
-    of another batch size and image size (``batch + 1``, ``height + 32``, ``width + 16``). ``metadata``: string key/values stored in the model's
-    ``metadata_props`` (e.g. the label map). ``check``: compare with onnxruntime before the file is renamed
-    into place. The model's training mode is restored afterwards."""
+    ``height``/``width``/``batch``: the traced example (the last image is padded, so the mask path is
+    traced). ``dynamic``: batch, height and width axes are symbolic; the check then also runs a second
+    input of another batch and image size (``batch + 1``, ``height + 32``, ``width + 16``). ``metadata``:
+    string key/values stored in the model's ``metadata_props`` (e.g. the label map). ``check``: compare with
+    onnxruntime before the file is renamed into place. The model's training mode is restored afterwards."""
     if opset < 17:
         raise ValueError(f"opset {opset}: kd-detr exports use opset >= 17")
     require_onnx_runtime()

@@ -21,6 +21,7 @@ denoising) and reads what the detector contract needs around it:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Optional, Sequence
 
@@ -84,8 +85,6 @@ class HFDetector(nn.Module):
         self.config = config.validate()
         self.family: Family = get_family(config.family)
         self.hf = model if model is not None else build_transformers_model(config)
-        if self.family.prepare is not None:
-            self.family.prepare(self.hf)
         self.register_buffer("_mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -130,16 +129,23 @@ class HFDetector(nn.Module):
         backbone = self._backbone()
         if backbone is not None:
             hooks.append(backbone.register_forward_hook(lambda m, a, o: captured.__setitem__("features", o)))
+        if self.family.layer_modules is not None:
+            captured["layers"] = []
+            hooks += [m.register_forward_hook(lambda m, a, o: captured["layers"].append(o))
+                      for m in self.family.layer_modules(self.hf)]
         kwargs: dict[str, Any] = {}
         if request.attention:
             kwargs["output_attentions"] = True
         labels = transformers_labels(targets) if (targets is not None and self.training) else None
+        every_layer = (self.family.all_layers_in_eval(self.hf) if (self.family.all_layers_in_eval and not self.training)
+                       else contextlib.nullcontext())
         try:
-            out = self.hf(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels, **kwargs)
+            with every_layer:
+                out = self.hf(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=labels, **kwargs)
         finally:
             for h in hooks:
                 h.remove()
-        layers = self.family.layers(self.hf, captured["base"], out, self.training)
+        layers = self.family.layers(self.hf, captured["base"], out, self.training, captured)
         logits = self._mapped(self._sigmoid_logits(layers.logits))
         boxes = layers.boxes
         result = DetectorOutput(pred_logits=logits[-1], pred_boxes=boxes[-1])

@@ -49,8 +49,13 @@ class Family:
         fixed_queries: the family has learned object queries (``query_position_embeddings``).
         summed_loss: the family's ``loss_dict`` terms are already weighted (``loss = sum(loss_dict)``);
             else ``loss = sum(w_k * loss_dict[k])`` with DETR's weight dict (``loss_weights``).
-        layers: ``(model, base_output, output, training) -> LayerOutputs``.
-        prepare: called once on a built model (e.g. turn on the intermediate outputs a family hides).
+        layers: ``(model, base_output, output, training, captured) -> LayerOutputs``; ``captured["layers"]``
+            holds the outputs of the modules ``layer_modules(model)`` names (forward hooks), when it names any.
+        layer_modules: modules whose outputs a family's ``layers`` needs (DETR: each decoder layer).
+        all_layers_in_eval: a context manager factory ``(model) -> ctx`` under which an eval-mode forward
+            emits every layer (D-FINE emits only ``eval_idx`` otherwise); it must not turn dropout on.
+        group_queries: training runs extra query groups (LW-DETR's Group DETR): keep the first
+            ``num_queries``, the group inference runs.
     """
 
     key: str
@@ -64,7 +69,9 @@ class Family:
     summed_loss: bool
     layers: Callable[..., LayerOutputs]
     default_input_size: Optional[int] = None
-    prepare: Optional[Callable[[Any], None]] = None
+    layer_modules: Optional[Callable[[Any], list]] = None
+    all_layers_in_eval: Optional[Callable[[Any], Any]] = None
+    group_queries: bool = False
     loss_weights: Optional[Callable[[Any], dict[str, float]]] = None
     note: str = ""
 
@@ -112,69 +119,170 @@ def detr_loss_weights(config: Any) -> dict[str, float]:
     return weights
 
 
-def focal_detr_loss_weights(config: Any) -> dict[str, float]:
-    """Conditional / DAB / Deformable DETR: as DETR, with ``cls_loss_coefficient`` on ``loss_ce``."""
-    weights = detr_loss_weights(config)
-    for k in weights:
-        if k.startswith("loss_ce"):
-            weights[k] = float(config.cls_loss_coefficient)
+def group_detr_loss_weights(config: Any) -> dict[str, float]:
+    """LW-DETR / RF-DETR: class, box and GIoU coefficients, per auxiliary layer and for the encoder's
+    proposals (``_enc``)."""
+    base = {"loss_ce": float(config.class_loss_coefficient), "loss_bbox": float(config.bbox_loss_coefficient),
+            "loss_giou": float(config.giou_loss_coefficient)}
+    weights = dict(base)
+    for i in range(config.decoder_layers - 1):
+        weights.update({f"{k}_{i}": v for k, v in base.items()})
+    weights.update({f"{k}_enc": v for k, v in list(weights.items())})
     return weights
 
 
 # ---------------------------------------------------------------------------- per-layer readers
-def _aux_on(model: Any) -> None:
-    # DETR-style decoders keep their intermediate layers only with auxiliary_loss; turning it on changes
-    # nothing in the forward's outputs (the last layer is the same), only what is kept and, with labels,
-    # the loss (the auxiliary terms kd-detr trains with anyway).
-    model.config.auxiliary_loss = True
+def _inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-def _detr_layers(model: Any, base: Any, out: Any, training: bool) -> LayerOutputs:
-    hs = base.intermediate_hidden_states  # [L,B,Q,d]
+def _decoder_layers(model: Any) -> list:
+    return list(model.model.decoder.layers)
+
+
+def _normed_layers(model: Any, base: Any, captured: dict) -> Tensor:
+    """``[L,B,Q,d]``: every decoder layer's output through the decoder's final norm, as the official DETR
+    code reads them. transformers 5.x with ``auxiliary_loss`` also feeds the normed output to the next
+    layer (its own forward, kept as it is), so layers ``< L-1`` are ``norm(layer output)`` either way and
+    the last is the model's own ``last_hidden_state``."""
+    norm = model.model.decoder.layernorm
+    outs = [o[0] if isinstance(o, tuple) else o for o in captured["layers"]]
+    return torch.stack([norm(h) for h in outs[:-1]] + [base.last_hidden_state])
+
+
+def _detr_layers(model: Any, base: Any, out: Any, training: bool, captured: dict) -> LayerOutputs:
+    hs = _normed_layers(model, base, captured)
     logits = model.class_labels_classifier(hs)
     boxes = model.bbox_predictor(hs).sigmoid()
-    return LayerOutputs(logits, boxes, reference_points=boxes[-1, ..., :2].detach())
+    return LayerOutputs(logits, boxes)  # DETR has no reference points
 
 
-def _conditional_detr_layers(model: Any, base: Any, out: Any, training: bool) -> LayerOutputs:
-    from transformers.models.conditional_detr.modeling_conditional_detr import inverse_sigmoid
-
-    hs = base.intermediate_hidden_states  # [L,B,Q,d]
-    reference = base.reference_points.transpose(0, 1)  # [Q,B,2] -> [B,Q,2]
+def _conditional_detr_layers(model: Any, base: Any, out: Any, training: bool, captured: dict) -> LayerOutputs:
+    hs = _normed_layers(model, base, captured)
+    reference = base.reference_points.transpose(0, 1)  # [Q,B,2] -> [B,Q,2], shared by every layer
     logits = model.class_labels_classifier(hs)
     tmp = model.bbox_predictor(hs)
-    tmp = torch.cat([tmp[..., :2] + inverse_sigmoid(reference), tmp[..., 2:]], -1)
+    tmp = torch.cat([tmp[..., :2] + _inverse_sigmoid(reference), tmp[..., 2:]], -1)
     return LayerOutputs(logits, tmp.sigmoid(), reference_points=reference)
 
 
-def _rt_detr_layers(model: Any, base: Any, out: Any, training: bool) -> LayerOutputs:
-    logits = base.intermediate_logits.transpose(0, 1)  # [B,L,N,C] -> [L,B,N,C]
-    boxes = base.intermediate_reference_points.transpose(0, 1)
-    dn = 0
+def _dab_detr_layers(model: Any, base: Any, out: Any, training: bool, captured: dict) -> LayerOutputs:
+    hs = base.intermediate_hidden_states  # [L,B,Q,d]
+    anchors = base.reference_points  # [L,B,Q,4]: the anchor each layer starts from
+    logits = model.class_embed(hs)
+    boxes = (model.bbox_predictor(hs) + _inverse_sigmoid(anchors)).sigmoid()
+    return LayerOutputs(logits, boxes, reference_points=anchors[0, ..., :2])
+
+
+def _deformable_detr_layers(model: Any, base: Any, out: Any, training: bool, captured: dict) -> LayerOutputs:
+    hs = base.intermediate_hidden_states  # [B,L,Q,d]
+    init, inter = base.init_reference_points, base.intermediate_reference_points
+    logits, boxes = [], []
+    for level in range(hs.shape[1]):
+        reference = _inverse_sigmoid(init if level == 0 else inter[:, level - 1])
+        logits.append(model.class_embed[level](hs[:, level]))
+        delta = model.bbox_embed[level](hs[:, level])
+        if reference.shape[-1] == 4:
+            delta = delta + reference
+        else:
+            delta = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+        boxes.append(delta.sigmoid())
+    return LayerOutputs(torch.stack(logits), torch.stack(boxes), reference_points=init[..., :2])
+
+
+def _dn_split(base: Any, training: bool) -> int:
     meta = getattr(base, "denoising_meta_values", None)
-    if training and meta is not None:
-        dn = int(meta["dn_num_split"][0])  # denoising queries come first
-        logits, boxes = logits[:, :, dn:], boxes[:, :, dn:]
+    return int(meta["dn_num_split"][0]) if (training and meta is not None) else 0  # denoising queries come first
+
+
+def _rt_detr_layers(model: Any, base: Any, out: Any, training: bool, captured: dict) -> LayerOutputs:
+    dn = _dn_split(base, training)
+    logits = base.intermediate_logits.transpose(0, 1)[:, :, dn:]  # [B,L,N,C] -> [L,B,Q,C]
+    boxes = base.intermediate_reference_points.transpose(0, 1)[:, :, dn:]
     init = getattr(base, "initial_reference_points", None)
     ref = init[:, dn:, :2] if init is not None and init.dim() == 3 else boxes[0, ..., :2]
     return LayerOutputs(logits, boxes, reference_points=ref.detach(), dn_queries=dn)
 
 
+def _d_fine_layers(model: Any, base: Any, out: Any, training: bool, captured: dict) -> LayerOutputs:
+    # index 0 is the "pre" prediction (pre_bbox_head, before the first layer's refinement); 1..L the layers
+    dn = _dn_split(base, training)
+    logits = base.intermediate_logits[:, 1:, dn:].transpose(0, 1)
+    boxes = base.intermediate_reference_points[:, 1:, dn:].transpose(0, 1)
+    ref = base.intermediate_reference_points[:, 0, dn:, :2]
+    return LayerOutputs(logits, boxes, reference_points=ref.detach(), dn_queries=dn)
+
+
+class _DecoderEmitsAllLayers:
+    """D-FINE / DEIMv2 gate their per-layer heads on the decoder's own ``training`` flag: setting that one
+    attribute (not ``.train()``, which would reach the dropouts) makes an eval pass emit every layer."""
+
+    def __init__(self, model: Any):
+        self.decoder = model.model.decoder
+
+    def __enter__(self):
+        self.old = self.decoder.training
+        self.decoder.training = True
+
+    def __exit__(self, *exc):
+        self.decoder.training = self.old
+
+
+def _group_detr_layers(model: Any, base: Any, out: Any, training: bool, captured: dict) -> LayerOutputs:
+    import importlib
+
+    refine = importlib.import_module(type(model).__module__).refine_bboxes
+    q = model.config.num_queries
+    hs = base.intermediate_hidden_states[:, :, :q]  # [L,B,Q*G,d]: group 0 is the one inference runs
+    ref = base.intermediate_reference_points[-1][:, :q]  # [B,Q,4], fixed across layers
+    logits = model.class_embed(hs)
+    boxes = refine(ref, model.bbox_embed(hs))
+    extra = base.intermediate_hidden_states.shape[2] - q
+    return LayerOutputs(logits, boxes, reference_points=ref[..., :2].detach(), dn_queries=extra)
+
+
+_MASKED = dict(pixel_mask=True, imagenet_norm=True)
+_FIXED_640 = dict(pixel_mask=False, imagenet_norm=False, default_input_size=640)
+
 register_family(Family(
-    key="detr", model_type="detr", hf_class="DetrForObjectDetection", softmax=True, pixel_mask=True,
-    imagenet_norm=True, dense_attention=True, fixed_queries=True, summed_loss=False, layers=_detr_layers,
-    prepare=_aux_on, loss_weights=detr_loss_weights,
-    note="softmax with a no-object class; heads applied to intermediate_hidden_states"))
+    key="detr", model_type="detr", hf_class="DetrForObjectDetection", softmax=True, dense_attention=True,
+    fixed_queries=True, summed_loss=False, layers=_detr_layers, layer_modules=_decoder_layers,
+    loss_weights=detr_loss_weights, note="softmax + no-object; decoder layers hooked, its heads applied", **_MASKED))
 register_family(Family(
     key="conditional_detr", model_type="conditional_detr", hf_class="ConditionalDetrForObjectDetection",
-    softmax=False, pixel_mask=True, imagenet_norm=True, dense_attention=True, fixed_queries=True, summed_loss=False,
-    layers=_conditional_detr_layers, prepare=_aux_on, loss_weights=focal_detr_loss_weights,
-    note="heads applied to intermediate_hidden_states with the shared 2-d reference points"))
+    softmax=False, dense_attention=True, fixed_queries=True, summed_loss=False, layers=_conditional_detr_layers,
+    layer_modules=_decoder_layers, loss_weights=detr_loss_weights,
+    note="decoder layers hooked; heads with the shared 2-d reference points", **_MASKED))
 register_family(Family(
-    key="rt_detr", model_type="rt_detr", hf_class="RTDetrForObjectDetection", softmax=False, pixel_mask=False,
-    imagenet_norm=False, dense_attention=False, fixed_queries=False, summed_loss=True, layers=_rt_detr_layers,
-    default_input_size=640, note="intermediate_logits / intermediate_reference_points; denoising queries cut"))
+    key="dab_detr", model_type="dab-detr", hf_class="DabDetrForObjectDetection", softmax=False,
+    dense_attention=True, fixed_queries=True, summed_loss=False, layers=_dab_detr_layers,
+    loss_weights=detr_loss_weights, note="intermediate_hidden_states + per-layer 4-d anchors", **_MASKED))
+register_family(Family(
+    key="deformable_detr", model_type="deformable_detr", hf_class="DeformableDetrForObjectDetection",
+    softmax=False, dense_attention=False, fixed_queries=True, summed_loss=False, layers=_deformable_detr_layers,
+    loss_weights=detr_loss_weights, note="per-layer class_embed/bbox_embed on intermediate_hidden_states", **_MASKED))
+register_family(Family(
+    key="rt_detr", model_type="rt_detr", hf_class="RTDetrForObjectDetection", softmax=False, dense_attention=False,
+    fixed_queries=False, summed_loss=True, layers=_rt_detr_layers,
+    note="intermediate_logits / intermediate_reference_points; denoising queries cut", **_FIXED_640))
 register_family(Family(
     key="rt_detr_v2", model_type="rt_detr_v2", hf_class="RTDetrV2ForObjectDetection", softmax=False,
-    pixel_mask=False, imagenet_norm=False, dense_attention=False, fixed_queries=False, summed_loss=True,
-    layers=_rt_detr_layers, default_input_size=640, note="as RT-DETR"))
+    dense_attention=False, fixed_queries=False, summed_loss=True, layers=_rt_detr_layers, note="as RT-DETR",
+    **_FIXED_640))
+register_family(Family(
+    key="d_fine", model_type="d_fine", hf_class="DFineForObjectDetection", softmax=False, dense_attention=False,
+    fixed_queries=False, summed_loss=True, layers=_d_fine_layers, all_layers_in_eval=_DecoderEmitsAllLayers,
+    note="every layer in eval through the decoder's own training flag; denoising queries cut", **_FIXED_640))
+register_family(Family(
+    key="deimv2", model_type="deimv2", hf_class="Deimv2ForObjectDetection", softmax=False, dense_attention=False,
+    fixed_queries=False, summed_loss=True, layers=_d_fine_layers, all_layers_in_eval=_DecoderEmitsAllLayers,
+    note="as D-FINE", **_FIXED_640))
+register_family(Family(
+    key="lw_detr", model_type="lw_detr", hf_class="LwDetrForObjectDetection", softmax=False, dense_attention=False,
+    fixed_queries=False, summed_loss=False, layers=_group_detr_layers, loss_weights=group_detr_loss_weights,
+    group_queries=True, note="Group DETR groups in training: group 0 kept", **_MASKED))
+register_family(Family(
+    key="rf_detr", model_type="rf_detr", hf_class="RfDetrForObjectDetection", softmax=False, dense_attention=False,
+    fixed_queries=False, summed_loss=False, layers=_group_detr_layers, loss_weights=group_detr_loss_weights,
+    group_queries=True, note="as LW-DETR", **_MASKED))

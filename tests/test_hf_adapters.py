@@ -1,0 +1,171 @@
+"""The transformers DETR families under the detector contract: every adapter against the library's own
+outputs and loss, the contract's invariances, and the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from kd_detr.criterion import FamilyLossCriterion, weighted_total  # noqa: E402
+from kd_detr.models import build_model, get_config, list_models, load_model, save_model  # noqa: E402
+from kd_detr.models.hf import FAMILIES, HFDetector, transformers_labels  # noqa: E402
+from kd_detr.models.hf.registry import tiny_name  # noqa: E402
+
+FAMILY_KEYS = sorted(k for k in FAMILIES if tiny_name(k) in list_models())
+SIZE = 64
+
+
+def _tiny(family: str, num_classes: int = 4, queries: int = 8) -> HFDetector:
+    torch.manual_seed(0)
+    overrides = {"num_queries": queries}
+    if not FAMILIES[family].pixel_mask:
+        overrides["input_size"] = SIZE
+    return build_model(tiny_name(family), num_classes=num_classes, **overrides)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, SIZE, SIZE, generator=g)
+    mask = torch.zeros(2, SIZE, SIZE, dtype=torch.bool)
+    mask[1, :, 48:] = True  # the second image is narrower: padded on the right
+    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[.5, .5, .2, .2], [.3, .3, .1, .2]])},
+               {"labels": torch.tensor([0]), "boxes": torch.tensor([[.4, .5, .3, .2]])}]
+    return images, mask, targets
+
+
+def test_every_required_family_is_registered():
+    required = {"detr", "conditional_detr", "dab_detr", "deformable_detr", "rt_detr", "rt_detr_v2", "d_fine"}
+    assert required <= set(FAMILY_KEYS)
+
+
+@pytest.mark.parametrize("family", FAMILY_KEYS)
+def test_last_layer_equals_the_library_and_layers_equal_its_heads(family):
+    model = _tiny(family).eval()
+    images, mask, _ = _batch()
+    with torch.no_grad():
+        out = model(images, mask)
+        pixel_values, pixel_mask = model.pixels(images, mask)
+        ref = model.hf(pixel_values=pixel_values, pixel_mask=pixel_mask)
+    assert torch.allclose(out["family_logits"], ref.logits, atol=1e-6, rtol=0)
+    assert torch.allclose(out["pred_boxes"], ref.pred_boxes, atol=1e-6, rtol=0)
+    L, B, Q, C = out.logits.shape
+    assert (L, B, Q, C) == (model.config.dec_layers, 2, 8, 4)
+    if FAMILIES[family].softmax:  # sigmoid of what the methods see is the family's own class probability
+        assert torch.allclose(out["pred_logits"].sigmoid(), ref.logits.softmax(-1)[..., :-1], atol=1e-6)
+    else:
+        assert torch.equal(out["pred_logits"], out["family_logits"])
+
+    # every intermediate layer equals the family's own per-layer outputs (its auxiliary outputs, computed by
+    # transformers in training mode with labels; dropout is 0 in the tiny configs' decoders)
+    model.train()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        mine = model(images, mask, targets=_batch()[2])
+    torch.manual_seed(5)
+    with torch.no_grad():
+        theirs = model.hf(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=transformers_labels(_batch()[2]))
+    fam = FAMILIES[family]
+    if getattr(theirs, "intermediate_logits", None) is not None:
+        # RT-DETR / D-FINE families emit every layer themselves: denoising queries first, D-FINE's "pre"
+        # prediction at index 0
+        n_dn = mine["dn_queries"]
+        first = theirs.intermediate_logits.shape[1] - L
+        ref_logits = theirs.intermediate_logits[:, first:, n_dn:].transpose(0, 1)
+        ref_boxes = theirs.intermediate_reference_points[:, first:, n_dn:].transpose(0, 1)
+        layers = [(ref_logits[i], ref_boxes[i]) for i in range(L)]
+    else:  # the library's auxiliary outputs (its heads on each layer), group 0 of Group-DETR families
+        aux = theirs.auxiliary_outputs
+        assert aux is not None and len(aux) >= L - 1
+        layers = [(a["logits"][:, :Q], a["pred_boxes"][:, :Q]) for a in aux[:L - 1]]
+    for i, (hf_logits, hf_boxes) in enumerate(layers[:L - 1]):
+        own = mine["aux_outputs"][i]
+        if fam.softmax:
+            assert torch.allclose(own["pred_logits"].sigmoid(), hf_logits.softmax(-1)[..., :-1], atol=1e-5)
+        else:
+            assert torch.allclose(own["pred_logits"], hf_logits, atol=1e-5, rtol=0), f"{family} layer {i} logits"
+        assert torch.allclose(own["pred_boxes"], hf_boxes, atol=1e-5, rtol=0), f"{family} layer {i} boxes"
+
+
+@pytest.mark.parametrize("family", FAMILY_KEYS)
+def test_ground_truth_loss_equals_the_library_loss(family):
+    model = _tiny(family).train()
+    images, mask, targets = _batch()
+    criterion = FamilyLossCriterion(4, model.family_loss_weights)
+    torch.manual_seed(7)  # denoising groups are random: the same draw for both
+    out = model(images, mask, targets=targets)
+    terms = criterion(out, targets)
+    total = weighted_total(terms, criterion.weight_dict)
+    assert torch.allclose(total, out["family_loss"], rtol=1e-6, atol=1e-6)
+    pixel_values, pixel_mask = model.pixels(images, mask)
+    torch.manual_seed(7)
+    ref = model.hf(pixel_values=pixel_values, pixel_mask=pixel_mask, labels=transformers_labels(targets))
+    assert torch.allclose(total, ref.loss, rtol=1e-5, atol=1e-5)
+    assert set(terms) == set(ref.loss_dict)
+    total.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILY_KEYS)
+def test_denoising_and_training_groups_never_reach_the_methods(family):
+    model = _tiny(family).train()
+    images, mask, targets = _batch()
+    out = model(images, mask, targets=targets)
+    assert out.logits.shape[2] == 8 and out.boxes.shape[2] == 8
+    assert out["reference_points"].shape[:2] == (2, 8)
+
+
+def test_identical_teacher_and_student_give_zero_prediction_kd_and_query_permutation_is_invariant():
+    from kd_detr.methods.d3etr.adaptive_match import adaptive_match
+    from kd_detr.methods.d3etr.losses import prediction_distill
+
+    model = _tiny("detr").eval()
+    images, mask, _ = _batch()
+    with torch.no_grad():
+        out = model(images, mask)
+    logits, boxes = out.logits[-1:], out.boxes[-1:]
+    t_idx, s_idx = adaptive_match(logits, boxes, logits, boxes)
+    p = prediction_distill(logits[0], boxes[0], logits[0], boxes[0], t_idx[0], s_idx[0])
+    assert all(abs(float(v)) < 1e-5 for v in p.values())
+
+    # permuting DETR's learned queries permutes its outputs (no query sees another's index)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(3))
+    emb = model.hf.model.query_position_embeddings.weight
+    with torch.no_grad():
+        emb.copy_(emb[perm])
+        permuted = model(images, mask)
+    assert torch.allclose(permuted["pred_logits"], out["pred_logits"][:, perm], atol=1e-5)
+    assert torch.allclose(permuted["pred_boxes"], out["pred_boxes"][:, perm], atol=1e-5)
+
+
+def test_checkpoint_round_trip_and_hf_folder_spec(tmp_path):
+    model = _tiny("rt_detr").eval()
+    save_model(model, tmp_path / "m.safetensors")
+    loaded, meta = load_model(tmp_path / "m.safetensors")
+    images, mask, _ = _batch()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(model(images, mask)["pred_logits"], loaded(images, mask)["pred_logits"])
+    model.hf.save_pretrained(tmp_path / "folder")
+    cfg = get_config(f"hf:{tmp_path / 'folder'}")
+    assert cfg.family == "rt_detr" and cfg.source == str(tmp_path / "folder")
+    from_folder = build_model(f"hf:{tmp_path / 'folder'}", input_size=SIZE).eval()
+    with torch.no_grad():
+        assert torch.allclose(from_folder(images, mask)["pred_logits"], model(images, mask)["pred_logits"], atol=1e-6)
+
+
+def test_bad_specs_are_refused_naming_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        get_config(f"hf:{tmp_path / 'nowhere'}")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match="'bert' is not a supported DETR family"):
+        get_config(f"hf:{tmp_path / 'bad'}")
+    with pytest.raises(ValueError, match="unknown model override 'nope'"):
+        build_model(tiny_name("rt_detr"), nope=1)
+    model = _tiny("rt_detr")
+    from kd_detr.models import DetectorRequest
+
+    with pytest.raises(ValueError, match="no dense attention maps"):
+        model(*_batch()[:2], request=DetectorRequest(attention=True))
