@@ -198,3 +198,16 @@ def test_default_formats_unchanged(run, tmp_path):
     exported, meta = load_model(tmp_path / "student.safetensors")
     assert meta["label_map"]["num_classes"] == 5
     assert all(torch.equal(v, exported.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_hf_family_student_exports_onnx_and_refuses_official(tmp_path):
+    """A transformers-family student (kd_detr/models/hf adapters): onnx works, official / hf are refused."""
+    try:
+        student = build_model("hf_detr_tiny", num_classes=5).eval()
+    except (KeyError, ValueError, ImportError) as e:
+        pytest.skip(f"no hf_detr_tiny student here: {e}")
+    folder = _save_run(student, tmp_path / "hf_run")
+    with pytest.raises(ValueError, match="needs a kd-detr Conditional DETR student"):
+        export(folder, tmp_path / "x", ["official"])
+    paths = export(folder, tmp_path / "y", ["onnx"])
+    assert paths["onnx"].is_file()

@@ -89,6 +89,10 @@ class ConditionalDETR(nn.Module):
         tmp[..., :2] += inverse_sigmoid(reference)
         return logits, tmp.sigmoid()
 
+    def learned_queries(self) -> Tensor:
+        """``[Q,d]`` the object queries (``query_embed``): what Fixed Matching hands to a student."""
+        return self.query_embed.weight
+
     def heads(self, hs: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
         """The shared class and box heads on decoder features: ``hs [...,B,N,d]``, ``reference [B,N,2]``
         -> ``(logits [...,B,N,C], boxes [...,B,N,4])`` (boxes offset from the reference points)."""

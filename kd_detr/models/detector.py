@@ -14,6 +14,10 @@ implementing it.
 * ``heads(hs [...,B,Q,d], reference [B,Q,2])`` -> ``(logits [...,B,Q,C], boxes [...,B,Q,4])``: the shared
   prediction heads on decoder features (one-to-many objectives reuse them).
 * ``output_norm(x [...,d])``: the norm every decoder output goes through before the heads.
+* ``learned_queries()`` -> ``[Q,d]``: the object queries (a teacher hands them over for Fixed Matching).
+* Detectors whose ground-truth loss runs inside their forward (``own_loss = True``: the transformers
+  families, whose denoising groups need the labels) take ``targets=`` in training and return their
+  unweighted terms in ``family_losses`` (see :class:`~kd_detr.criterion.FamilyLossCriterion`).
 * ``decode(encoded, groups, request)`` -> one :class:`DetectorOutput` per group: a decoder pass of query
   groups alone on an encoder output (``request.memory``), for methods with their own queries.
 """
@@ -115,6 +119,8 @@ class Detector(Protocol):
     def heads(self, hs: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]: ...
 
     def output_norm(self, x: Tensor) -> Tensor: ...
+
+    def learned_queries(self) -> Tensor: ...
 
     def decode(self, encoded: dict[str, Any], groups: Sequence[dict[str, Tensor]],
                request: Optional[DetectorRequest] = None) -> list[DetectorOutput]: ...

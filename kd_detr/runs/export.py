@@ -22,7 +22,7 @@ from typing import Iterable
 
 import torch
 
-from kd_detr.models import build_model, load_model, load_official_state_dict, save_model
+from kd_detr.models import ConditionalDETR, build_model, load_model, load_official_state_dict, save_model
 from kd_detr.models.checkpoint import read_official_checkpoint, save_official_checkpoint
 
 __all__ = ["DEFAULT_FORMATS", "FORMATS", "export", "export_student", "find_student_weights", "output_paths",
@@ -78,7 +78,13 @@ def export(source: str | Path, out_prefix: str | Path, formats: Iterable[str] | 
     model, meta = load_model(weights)
     model.eval()
     # refuse what cannot be written before writing anything
-    if "official" in formats and model.config.backbone_norm == "gn":
+    if not isinstance(model, ConditionalDETR):
+        only_cond = [f for f in formats if f in ("official", "hf")]
+        if only_cond:
+            raise ValueError(f"--format {','.join(only_cond)} needs a kd-detr Conditional DETR student; "
+                             f"{weights} holds {model.config.name!r} ({type(model).__name__}): use --format "
+                             "safetensors,onnx")
+    elif "official" in formats and model.config.backbone_norm == "gn":
         raise ValueError("cannot export to the official format: backbone_norm='gn' (official checkpoints hold "
                          "BatchNorm statistics)")
     if "hf" in formats:

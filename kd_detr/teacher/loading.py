@@ -20,7 +20,7 @@ from .card import TeacherCard, find_card, load_card
 
 log = logging.getLogger("kd_detr.teacher")
 
-__all__ = ["TeacherSpec", "resolve_teacher", "load_teacher", "check_teacher_fits", "teacher_config", "spec_to_dict",
+__all__ = ["TeacherSpec", "teacher_weights_sha256", "teacher_family_record", "resolve_teacher", "load_teacher", "check_teacher_fits", "teacher_config", "spec_to_dict",
            "spec_from_dict", "describe_teacher"]
 
 
@@ -69,6 +69,45 @@ def _is_kd_detr_file(path: Path) -> bool:
     except (ValueError, OSError):
         return False
     return True
+
+
+def teacher_weights_sha256(spec: TeacherSpec) -> str:
+    """SHA-256 of the teacher's weights: its checkpoint file, or for ``hf:DIR`` the folder's ``config.json``
+    and weight files (each hashed, in name order)."""
+    import hashlib
+
+    def file_sha(path: Path) -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    path = Path(spec.checkpoint)
+    if not path.is_dir():
+        return file_sha(path)
+    files = sorted([*path.glob("*.safetensors"), *path.glob("*.bin"), path / "config.json"])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(file_sha(f).encode())
+    return h.hexdigest()
+
+
+def teacher_family_record(spec: TeacherSpec) -> dict[str, Any]:
+    """What a cache records of a transformers teacher beyond its weights: the family, a hash of its config
+    and the transformers version (another version may compute other numbers)."""
+    config = get_config(spec.model) if spec.format == "hf_folder" else None
+    if config is None or not hasattr(config, "family"):
+        return {}
+    import hashlib
+    import json
+
+    import transformers
+
+    blob = json.dumps(config.hf_config, sort_keys=True, default=str).encode()
+    return {"family": config.family, "config_sha256": hashlib.sha256(blob).hexdigest(),
+            "transformers_version": transformers.__version__}
 
 
 def _check_card_classes(spec: TeacherSpec, checkpoint_classes: int) -> None:
@@ -140,9 +179,12 @@ def resolve_teacher(teacher: str, checkpoint: Optional[str] = None) -> TeacherSp
     return TeacherSpec(name=teacher, model=teacher, checkpoint=ckpt)
 
 
-def teacher_config(spec: TeacherSpec) -> dict[str, Any]:
+def teacher_config(spec: TeacherSpec, data_label_map: Optional[LabelMap] = None) -> dict[str, Any]:
     """The teacher's :class:`ModelConfig` as a dict, without loading its weights (a cache records it so
-    that distilling from the cache needs no teacher model)."""
+    that distilling from the cache needs no teacher model). A transformers folder's comes with its classes
+    mapped onto ``data_label_map``'s (what the cached logits hold)."""
+    if spec.format == "hf_folder" and data_label_map is not None:
+        return _hf_folder_teacher(spec, data_label_map).to_dict()
     if _file_format(spec.checkpoint, spec.format) == "safetensors":
         from kd_detr.models.checkpoint import read_model_metadata
 

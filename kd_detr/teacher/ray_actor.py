@@ -148,7 +148,7 @@ class TeacherWorker:
 
     def queries(self) -> np.ndarray:
         """``[Nt, d]`` the teacher's query_embed."""
-        return to_numpy(self.teacher.model.query_embed.weight)
+        return to_numpy(self.teacher.model.learned_queries())
 
     def forward(self, images: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         """Serving: ``images [B,3,H,W]`` float32, ``mask [B,H,W]`` bool -> the wire dict as numpy."""

@@ -27,7 +27,7 @@ from torch import nn
 from kd_detr.data import Batch, LabelMap
 from kd_detr.models import ModelConfig, config_from_dict
 
-from .loading import TeacherSpec, check_teacher_fits, describe_teacher, load_teacher
+from .loading import TeacherSpec, check_teacher_fits, describe_teacher, load_teacher, teacher_weights_sha256
 from .inprocess import InProcessTeacher
 from .outputs import TeacherOutputs
 
@@ -192,8 +192,16 @@ class CacheSource(TeacherSource):
         if m["plan"].get("batch_size") != batch_size:
             problems.append(f"batch_size: the cache's plan batches hold {m['plan'].get('batch_size')} images, this "
                             f"run uses train.batch_size = {batch_size} (a cached batch is only valid with its padding)")
+        recorded = m["teacher"].get("transformers_version")
+        if recorded:
+            import transformers
+
+            if recorded != transformers.__version__:
+                problems.append(f"transformers: the cache's teacher ran under transformers {recorded}, this is "
+                                f"{transformers.__version__} (its numbers may differ): rebuild the cache or install "
+                                f"transformers=={recorded}")
         if self.spec is not None:
-            sha = sha256_file(self.spec.checkpoint)
+            sha = teacher_weights_sha256(self.spec)
             if m["teacher"].get("checkpoint_sha256") != sha:
                 problems.append(f"teacher: the cache was built with {m['teacher'].get('checkpoint')} "
                                 f"(sha256 {str(m['teacher'].get('checkpoint_sha256'))[:12]}...), not {self.spec.checkpoint}")

@@ -153,7 +153,7 @@ class HFDetector(nn.Module):
         result["family_logits"] = layers.logits[-1]
         result["reference_points"] = (layers.reference_points if layers.reference_points is not None
                                       else boxes[-1, ..., :2].detach())
-        result["query_embed"] = self._query_embed()
+        result["query_embed"] = self.learned_queries()
         result["feature_size"] = self._feature_size(captured.get("features"), pixel_values)
         result["dn_queries"] = layers.dn_queries
         if request.attention:
@@ -185,6 +185,10 @@ class HFDetector(nn.Module):
         index = torch.tensor(self.config.class_map, device=logits.device)
         out = logits.index_select(-1, index.clamp(min=0))
         return out.masked_fill(index < 0, -30.0)
+
+    def learned_queries(self) -> Tensor:
+        """``[Q,d]`` the family's learned object queries (see :meth:`_query_embed` for dynamic families)."""
+        return self._query_embed()
 
     def _query_embed(self) -> Tensor:
         emb = getattr(self.hf.model, "query_position_embeddings", None)

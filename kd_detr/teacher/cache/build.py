@@ -39,7 +39,7 @@ from kd_detr.data import CocoDetection, LabelMap
 from kd_detr.data.view_plan import ViewPlan
 from kd_detr.progress import Progress
 
-from ..loading import TeacherSpec, teacher_config
+from ..loading import TeacherSpec, teacher_config, teacher_family_record, teacher_weights_sha256
 from ..ray_actor import TeacherActor, plan_job, teacher_actor_error, teacher_job
 from ..ray_session import actor_options, ensure_ray, from_numpy, shutdown_ray
 
@@ -71,8 +71,8 @@ def cache_header(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, stor
     """
     return {
         "teacher": {"name": spec.name, "model": spec.model, "checkpoint": str(spec.checkpoint),
-                    "checkpoint_sha256": sha256_file(spec.checkpoint), "card": spec.card,
-                    "config": teacher_config(spec)},
+                    "checkpoint_sha256": teacher_weights_sha256(spec), "card": spec.card,
+                    "config": teacher_config(spec, label_map), **teacher_family_record(spec)},
         "dataset": {"annotations": str(dataset.ann_file), "annotations_sha256": sha256_file(dataset.ann_file),
                     "image_dir": str(dataset.img_dir), IMAGES_FINGERPRINT: dataset_fingerprint(dataset),
                     "images": len(dataset), "image_size": image_size, "label_map": label_map.to_dict()},
