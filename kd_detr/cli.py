@@ -476,8 +476,8 @@ def export_cmd(source: str, out: str, formats: tuple[str, ...]) -> None:
 @main.command("eval")
 @click.option("--model", "model_name", default=None,
               help="Architecture (needed for official .pth checkpoints; checked against safetensors metadata).")
-@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="kd-detr .safetensors or official .pth.")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True),
+              help="kd-detr .safetensors, official .pth, or a transformers save_pretrained folder.")
 @click.option("--num-classes", type=int, default=None, help="For official .pth checkpoints (default 91).")
 @_data_options
 @click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
@@ -506,7 +506,8 @@ def eval_cmd(model_name, checkpoint, num_classes, data, train_ann, train_images,
 
 @main.command("predict")
 @click.option("--model", "model_name", default=None, help="Architecture (needed for official .pth checkpoints).")
-@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--checkpoint", required=True, type=click.Path(exists=True),
+              help="kd-detr .safetensors, official .pth, or a transformers save_pretrained folder.")
 @click.option("--num-classes", type=int, default=None, help="For official .pth checkpoints (default 91).")
 @click.option("--image", "images", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Image file (repeatable).")

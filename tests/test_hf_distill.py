@@ -134,3 +134,34 @@ def test_cross_family_kd_loss_falls(synth_data, teacher_folder, tmp_path):
     kd = [r["distill.total"] for r in _log(out) if "distill.total" in r]
     assert len(kd) == 30
     assert sum(kd[-5:]) / 5 < 0.8 * sum(kd[:5]) / 5
+
+
+def test_hf_student_exports_to_a_folder_transformers_loads(synth_data, tmp_path):
+    """train an RT-DETR student briefly, export it with --format hf, load it with AutoModelForObjectDetection,
+    evaluate the folder with kd-detr eval."""
+    from transformers import AutoModelForObjectDetection
+
+    run = tmp_path / "run"
+    res = CliRunner().invoke(main, ["train", "--model", "hf_rt_detr_tiny", "--model-opt", "num_queries=10",
+                                    "--model-opt", "input_size=64", "--data", str(synth_data), "--image-size", "64",
+                                    "--max-iters", "2", "--batch-size", "2", "--num-workers", "0",
+                                    "--output-dir", str(run), "--no-progress"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    res = CliRunner().invoke(main, ["export", "--run", str(run), "--out", str(tmp_path / "student"),
+                                    "--format", "hf"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    folder = tmp_path / "student"
+    model = AutoModelForObjectDetection.from_pretrained(folder).eval()
+    label_map = _data_label_map(synth_data)
+    assert model.config.id2label[0] == label_map.name_of_index(0)
+    from kd_detr.models import load_model
+
+    student, _ = load_model(run / "model_final.safetensors")
+    student.eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(pixel_values=x).logits, student.hf(pixel_values=x).logits, atol=1e-5)
+    res = CliRunner().invoke(main, ["eval", "--checkpoint", str(folder), "--data", str(synth_data),
+                                    "--image-size", "64", "--num-workers", "0", "--output-dir", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert (tmp_path / "ev" / "metrics.json").is_file()

@@ -78,12 +78,13 @@ def export(source: str | Path, out_prefix: str | Path, formats: Iterable[str] | 
     model, meta = load_model(weights)
     model.eval()
     # refuse what cannot be written before writing anything
+    family = getattr(model.config, "family", None)  # a transformers-family student
     if not isinstance(model, ConditionalDETR):
-        only_cond = [f for f in formats if f in ("official", "hf")]
+        only_cond = [f for f in formats if f == "official" or (f == "hf" and family is None)]
         if only_cond:
             raise ValueError(f"--format {','.join(only_cond)} needs a kd-detr Conditional DETR student; "
                              f"{weights} holds {model.config.name!r} ({type(model).__name__}): use --format "
-                             "safetensors,onnx")
+                             "safetensors,hf,onnx")
     elif "official" in formats and model.config.backbone_norm == "gn":
         raise ValueError("cannot export to the official format: backbone_norm='gn' (official checkpoints hold "
                          "BatchNorm statistics)")
@@ -94,7 +95,8 @@ def export(source: str | Path, out_prefix: str | Path, formats: Iterable[str] | 
             import transformers  # noqa: F401
         except ImportError as e:
             raise ImportError(f"--format hf needs transformers ({e}); pip install transformers") from e
-        check_hf_exportable(model.config)
+        if family is None:
+            check_hf_exportable(model.config)
     if "onnx" in formats:
         from kd_detr.runs.onnx_export import require_onnx_runtime
 
@@ -109,7 +111,11 @@ def export(source: str | Path, out_prefix: str | Path, formats: Iterable[str] | 
         save_model(model, paths["safetensors"], label_map=label_map, extra_metadata=extra)
     if "official" in paths:
         _write_official(model, paths["official"])
-    if "hf" in paths:
+    if "hf" in paths and family is not None:
+        from kd_detr.models.hf.export import export_hf_family
+
+        export_hf_family(model, paths["hf"], label_map=label_map, extra={"exported_from": str(weights)})
+    elif "hf" in paths:
         from kd_detr.models.hf_export import export_hf
 
         export_hf(model, paths["hf"], label_map=label_map, extra={"exported_from": str(weights)})

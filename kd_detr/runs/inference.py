@@ -25,9 +25,13 @@ def load_detector(checkpoint: str | Path, model_name: str | None = None, num_cla
     Returns ``(model in eval mode on device, label map or None, metadata)``. ``None`` label map means
     the class index is the category id (official checkpoints).
     """
-    from kd_detr.models import load_model, model_from_official
+    from kd_detr.models import build_model, load_model, model_from_official
 
     checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():  # a transformers save_pretrained folder: its id2label names the classes
+        model = build_model(f"hf:{checkpoint}")
+        meta = {"model_name": model.config.name, "id2label": model.config.id2label}
+        return model.to(device).eval(), None, meta
     if checkpoint.suffix == ".safetensors":
         model, meta = load_model(checkpoint)
         saved_name = meta.get("model_name")
@@ -67,6 +71,16 @@ def evaluate_checkpoint(checkpoint: str | Path, *, model_name: str | None = None
             raise ValueError(f"no {split} data: give --data DIR or --{split}-ann and --{split}-images")
         a, i = kd_data.coco_paths(data, split)
         ann, images = str(ann or a), str(images or i)
+    if label_map is None and meta.get("id2label") is not None:
+        # transformers folder: its classes mapped onto the data's categories by name
+        import dataclasses
+
+        from kd_detr.data.coco import load_coco_json
+        from kd_detr.models.hf.labels import class_map_by_name
+
+        label_map = LabelMap.contiguous(load_coco_json(ann)["categories"])
+        model.config = dataclasses.replace(
+            model.config, class_map=class_map_by_name(meta["id2label"], label_map, f"{checkpoint}"))
     if label_map is None:  # official checkpoint: class index == COCO category id
         from kd_detr.data.coco import load_coco_json
         label_map = LabelMap.raw_ids(load_coco_json(ann)["categories"], num_classes=model.config.num_classes)
@@ -95,6 +109,10 @@ def predict_images(checkpoint: str | Path, image_paths: list[str], *, model_name
     model, label_map, meta = load_detector(checkpoint, model_name, num_classes, device)
     if image_size is None:
         image_size = meta.get("extra_metadata", {}).get("image_size")
+    if label_map is None and meta.get("id2label") is not None:  # transformers folder: its own names
+        id2label = meta["id2label"]
+        label_map = LabelMap(num_classes=model.config.num_classes, index_to_category={i: i for i in id2label},
+                             names={i: n for i, n in id2label.items()}, scheme="custom")
     if label_map is None:  # official checkpoint: slot i is COCO category id i
         n = model.config.num_classes
         label_map = LabelMap.raw_ids([c for c in kd_data.COCO_CATEGORIES if c["id"] < n], num_classes=n)

@@ -21,9 +21,14 @@ def tiny_name(family: str) -> str:
 
 
 def _tiny_families() -> dict[str, str]:
+    """Tiny names of the families the installed transformers has (none without transformers)."""
+    try:
+        import transformers
+    except ImportError:
+        return {}
     from .tiny_configs import TINY_CONFIGS
 
-    return {tiny_name(f): f for f in TINY_CONFIGS if f in FAMILIES}
+    return {tiny_name(f): f for f in TINY_CONFIGS if f in FAMILIES and hasattr(transformers, FAMILIES[f].hf_class)}
 
 
 def is_hf_name(name: str) -> bool:

@@ -1,0 +1,81 @@
+"""A trained transformers-family student back to a ``save_pretrained`` folder that
+``AutoModelForObjectDetection.from_pretrained`` loads with the same outputs (checked before the folder
+is put in place)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+
+from .adapter import HFDetector
+
+__all__ = ["export_hf_family"]
+
+
+def export_hf_family(model: HFDetector, out_dir: str | Path, label_map: Optional[Mapping[str, Any]] = None,
+                     extra: Optional[Mapping[str, Any]] = None, tol: float = 1e-5) -> Path:
+    """Write ``out_dir`` (config.json + model.safetensors) for ``model``'s transformers model.
+
+    ``id2label`` comes from ``label_map`` (a ``LabelMap.to_dict()``: the data's category names). Built in a
+    temporary folder beside ``out_dir``, reloaded there with ``AutoModelForObjectDetection`` (no missing,
+    unexpected or mismatched keys) and compared with ``model`` on a padded batch (``tol``), then renamed
+    onto ``out_dir`` (only an earlier export or an empty folder is replaced)."""
+    from transformers import AutoModelForObjectDetection
+    from transformers.utils import logging as hf_logging
+
+    from kd_detr.models.hf_export import _replace_dir, id2label
+
+    if model.config.class_map is not None:
+        raise ValueError(f"{model.config.name}: a teacher with its classes mapped onto a dataset is not a student "
+                         "to export; export the folder it came from as it is")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
+        raise FileExistsError(f"{out_dir} exists and is not an earlier export; remove it or pick another --out")
+    hf = copy.deepcopy(model.hf).cpu().eval()
+    names = id2label(label_map, model.config.num_classes)
+    hf.config.id2label = dict(names)
+    hf.config.label2id = {v: k for k, v in names.items()}
+    if label_map:
+        hf.config.kd_detr_label_map = dict(label_map)
+    if extra:
+        hf.config.kd_detr_export = dict(extra)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        reloaded, info = AutoModelForObjectDetection.from_pretrained(tmp, output_loading_info=True)
+        bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if bad:
+            raise RuntimeError(f"{out_dir}: transformers does not load the export cleanly: {bad}")
+        _compare(model, reloaded.eval(), tol, out_dir)
+        _replace_dir(tmp, out_dir)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+@torch.no_grad()
+def _compare(model: HFDetector, reloaded: Any, tol: float, where: Path) -> None:
+    model = model.eval()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 64, 64, generator=g)
+    mask = torch.zeros(2, 64, 64, dtype=torch.bool)
+    mask[1, :, 48:] = True
+    device = next(model.parameters()).device
+    pixel_values, pixel_mask = model.pixels(images.to(device), mask.to(device))
+    ref = model.hf(pixel_values=pixel_values, pixel_mask=pixel_mask)
+    got = reloaded(pixel_values=pixel_values.cpu(), pixel_mask=None if pixel_mask is None else pixel_mask.cpu())
+    for key in ("logits", "pred_boxes"):
+        diff = (getattr(got, key) - getattr(ref, key).cpu()).abs().max().item()
+        if diff > tol:
+            raise RuntimeError(f"{where}: the reloaded export's {key} differ from the student's by {diff:.2e}")
