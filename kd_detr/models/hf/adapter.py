@@ -101,16 +101,7 @@ class HFDetector(nn.Module):
         x = images if self.family.imagenet_norm else images * self._std + self._mean
         if self.family.pixel_mask:
             return x, None if mask is None else (~mask).long()
-        size = (self.input_size, self.input_size)
-        if mask is None:
-            return F.interpolate(x, size=size, mode="bilinear", align_corners=False), None
-        views = []
-        for i in range(x.shape[0]):  # each image's own region, not the padding, fills the square
-            valid = ~mask[i]
-            h, w = int(valid.any(1).sum()), int(valid.any(0).sum())
-            views.append(F.interpolate(x[i:i + 1, :, :max(h, 1), :max(w, 1)], size=size, mode="bilinear",
-                                       align_corners=False))
-        return torch.cat(views), None
+        return _resize_regions(x, mask, self.input_size), None
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: Tensor, mask: Optional[Tensor] = None, request: Optional[DetectorRequest] = None,
@@ -235,6 +226,30 @@ class HFDetector(nn.Module):
                request: Optional[DetectorRequest] = None) -> list[DetectorOutput]:
         raise NotImplementedError(f"{self.config.name}: decode() of extra query groups needs kd-detr's "
                                   "Conditional DETR student")
+
+
+def _resize_regions(x: Tensor, mask: Optional[Tensor], size: int) -> Tensor:
+    """Each image's own region (``mask`` False) of ``x [B,3,H,W]`` resized bilinearly to ``[B,3,S,S]``:
+    ``F.interpolate(crop, (S, S), mode="bilinear", align_corners=False)`` per image, written as one
+    ``grid_sample`` with the crop sizes as tensors, so that it batches and traces (ONNX) at any size."""
+    B, _, H, W = x.shape
+    if mask is None:
+        h = torch.full((B,), H, dtype=x.dtype, device=x.device)
+        w = torch.full((B,), W, dtype=x.dtype, device=x.device)
+    else:
+        valid = ~mask
+        h = valid.any(2).sum(1).clamp(min=1).to(x.dtype)
+        w = valid.any(1).sum(1).clamp(min=1).to(x.dtype)
+    d = torch.arange(size, device=x.device, dtype=x.dtype) + 0.5
+
+    def source(n: Tensor, full: int) -> Tensor:  # [B,S] pixel coordinates, as interpolate computes them
+        src = (d[None] * (n[:, None] / size) - 0.5).clamp(min=0)
+        src = torch.minimum(src, n[:, None] - 1)
+        return src / max(full - 1, 1) * 2 - 1
+
+    gy, gx = source(h, H), source(w, W)
+    grid = torch.stack([gx[:, None, :].expand(B, size, size), gy[:, :, None].expand(B, size, size)], -1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 def _tensors(obj: Any) -> list[Tensor]:
