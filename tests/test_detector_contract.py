@@ -55,6 +55,9 @@ class WrappedDetector(nn.Module):
     def output_norm(self, x):
         return self.net.output_norm(x)
 
+    def learned_queries(self):
+        return self.net.learned_queries()
+
     def decode(self, encoded, groups, request=None):
         return [_repack(o) for o in self.net.decode(encoded, groups, request=request)]
 
@@ -131,11 +134,16 @@ class LimitedConfig:
 def test_a_detector_without_a_requested_output_is_refused_by_name():
     student = _tiny(2)
     model = WrappedDetector(student)
-    model.config = LimitedConfig(student.config, {"query_groups"})  # e.g. a deformable decoder: no dense maps
+    limited = LimitedConfig(student.config, {"query_groups"})  # e.g. a deformable decoder: no dense maps
     r = load_recipe("d3etr")
     criterion = SetCriterion(5, num_dec_layers=student.config.dec_layers)
     teacher = InProcessTeacher(_tiny(1).eval(), attn="mean")
+    # refused when the recipe is built, before any training, naming the switch
+    with pytest.raises(ValueError, match=r"distill.self_attn .*does not return.*distill.self_attn.enabled = false"):
+        build_methods(r.sections, limited, criterion, teacher=lambda: teacher.config)
+    # and by the training step, should a detector's config change under built methods
     methods = build_methods(r.sections, model.config, criterion, teacher=lambda: teacher.config)
+    model.config = limited
     images, mask, targets = _batch()
     with pytest.raises(ValueError, match=r"cannot return \['attention'\].*distill"):
         batch_losses(model, criterion, images, mask, targets, methods, teacher(images, mask))

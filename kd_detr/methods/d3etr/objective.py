@@ -331,5 +331,5 @@ def _check_families(cfg: DistillConfig, student: Any, teacher: Any, attn_on: lis
         for who, config, can in (("student", student, student_can), ("teacher", teacher, teacher_can)):
             if "attention" not in can:
                 raise ValueError(f"distill.{a} compares dense decoder attention maps, which the {who} "
-                                 f"{_family(config)} does not have (deformable attention samples a few points): "
-                                 f"set distill.{a}.enabled = false")
+                                 f"{_family(config)} does not return (deformable attention, for one, samples a "
+                                 f"few points and has no dense map): set distill.{a}.enabled = false")
