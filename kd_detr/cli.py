@@ -336,12 +336,16 @@ def distill_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_serve, teach
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--heads", type=click.Choice(["mean", "per_head"]), default="mean", show_default=True,
               help="Store attention maps averaged over heads or per head.")
+@click.option("--classes", default="dense", show_default=True,
+              help="Class logits: dense | topk:K | topk:K:REST (each query's K largest logits; the other "
+                   "classes rebuilt from REST = floor | mean_logit | mean_prob, default mean_prob).")
 @click.option("--batches-per-shard", type=int, default=8, show_default=True)
 @click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
 def cache_group(ctx, teacher, teacher_checkpoint, data, train_ann, train_images, image_size, label_map, out, views,
-                view_seed, batch_size, actors, attention, dtype, heads, batches_per_shard, address, no_progress):
+                view_seed, batch_size, actors, attention, dtype, heads, classes, batches_per_shard, address,
+                no_progress):
     """Precompute a teacher's decoder outputs on K recorded views per image into a safetensors cache.
 
     Resumable: rerunning skips finished shards. `kd-detr cache verify CACHE` checks it, `kd-detr cache
@@ -357,7 +361,10 @@ def cache_group(ctx, teacher, teacher_checkpoint, data, train_ann, train_images,
     from kd_detr.teacher.cache import StoreConfig
     from kd_detr.teacher.cache.build import build_cache
 
-    store = StoreConfig.parse(attention, dtype=dtype, heads=heads)
+    try:
+        store = StoreConfig.parse(attention, dtype=dtype, heads=heads, classes=classes)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     spec = resolve_teacher(teacher, teacher_checkpoint)
     dataset = DataSpec(data, train_ann, train_images, image_size=image_size, label_map=label_map).train_set()
     config, t_label_map, t_image_size = describe_teacher(spec, dataset.label_map)  # the actors load the weights

@@ -301,7 +301,8 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     return model.to(map_location), meta
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -323,6 +324,6 @@ def convert_official(pth_path: str | os.PathLike, model_name: str, num_classes: 
     if callable(label_map):
         label_map = label_map(model.config.num_classes)
     extra = {"converted_from": os.path.basename(pth_path), "source_format": fmt,
-             "source_sha256": _sha256(pth_path)}
+             "source_sha256": file_sha256(pth_path)}
     save_model(model, out_path, label_map=label_map, extra_metadata=extra)
     return model

@@ -171,7 +171,6 @@ def export_hf(model: ConditionalDETR, out_dir: str | os.PathLike, label_map: Opt
     gives ``id2label`` and is kept in ``config.json`` as ``kd_detr_label_map``, with ``kd_detr_config``
     (the :class:`ModelConfig`) and ``extra``."""
     from transformers import ConditionalDetrForObjectDetection
-    from transformers.utils import logging as hf_logging
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not _is_replaceable(out_dir):
@@ -185,18 +184,28 @@ def export_hf(model: ConditionalDETR, out_dir: str | os.PathLike, label_map: Opt
     with torch.device("cpu"):
         hf = ConditionalDetrForObjectDetection(cfg).eval()
     hf.load_state_dict(hf_state_dict(model, hf.state_dict().keys()), strict=True)
+    check_fn = (lambda reloaded: compare_with_hf(model, reloaded)) if check else None
+    return write_checked_folder(hf, out_dir, ConditionalDetrForObjectDetection, check_fn)
+
+
+def write_checked_folder(hf, out_dir: Path, loader, check=None) -> Path:
+    """``hf.save_pretrained`` into a temporary folder beside ``out_dir``; with ``check``, reload it with
+    ``loader.from_pretrained`` (no missing, unexpected or mismatched keys) and call ``check(reloaded)``
+    (raises on a mismatch); then rename it onto ``out_dir`` (an earlier one moved aside, removed after)."""
+    from transformers.utils import logging as hf_logging
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
         hf.save_pretrained(tmp, safe_serialization=True)
-        if check:
-            reloaded, info = ConditionalDetrForObjectDetection.from_pretrained(tmp, output_loading_info=True)
+        if check is not None:
+            reloaded, info = loader.from_pretrained(tmp, output_loading_info=True)
             bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
             if bad:
                 raise RuntimeError(f"{out_dir}: transformers does not load the export cleanly: {bad}")
-            compare_with_hf(model, reloaded)
+            check(reloaded.eval())
         _replace_dir(tmp, out_dir)
     finally:
         if bars:

@@ -76,12 +76,7 @@ def teacher_weights_sha256(spec: TeacherSpec) -> str:
     and weight files (each hashed, in name order)."""
     import hashlib
 
-    def file_sha(path: Path) -> str:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        return h.hexdigest()
+    from kd_detr.models.checkpoint import file_sha256 as file_sha
 
     path = Path(spec.checkpoint)
     if not path.is_dir():

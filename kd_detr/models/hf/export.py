@@ -5,8 +5,6 @@ is put in place)."""
 from __future__ import annotations
 
 import copy
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -26,9 +24,8 @@ def export_hf_family(model: HFDetector, out_dir: str | Path, label_map: Optional
     unexpected or mismatched keys) and compared with ``model`` on a padded batch (``tol``), then renamed
     onto ``out_dir`` (only an earlier export or an empty folder is replaced)."""
     from transformers import AutoModelForObjectDetection
-    from transformers.utils import logging as hf_logging
 
-    from kd_detr.models.hf_export import _replace_dir, id2label
+    from kd_detr.models.hf_export import id2label, write_checked_folder
 
     if model.config.class_map is not None:
         raise ValueError(f"{model.config.name}: a teacher with its classes mapped onto a dataset is not a student "
@@ -44,24 +41,8 @@ def export_hf_family(model: HFDetector, out_dir: str | Path, label_map: Optional
         hf.config.kd_detr_label_map = dict(label_map)
     if extra:
         hf.config.kd_detr_export = dict(extra)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        hf.save_pretrained(tmp, safe_serialization=True)
-        reloaded, info = AutoModelForObjectDetection.from_pretrained(tmp, output_loading_info=True)
-        bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-        if bad:
-            raise RuntimeError(f"{out_dir}: transformers does not load the export cleanly: {bad}")
-        _compare(model, reloaded.eval(), tol, out_dir)
-        _replace_dir(tmp, out_dir)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return write_checked_folder(hf, out_dir, AutoModelForObjectDetection,
+                                lambda reloaded: _compare(model, reloaded, tol, out_dir))
 
 
 @torch.no_grad()

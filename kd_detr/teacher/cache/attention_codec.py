@@ -8,6 +8,9 @@ fp16 self-attention ≈ 1.1 MB and cross-attention ≈ 3–4 MB, 8x that per hea
 * ``topk:k``: per query row the ``k`` largest probabilities and their key indices; on load the row is
   rebuilt densely (zeros elsewhere) and renormalised to sum 1.
 
+Class logits are stored dense (``--classes dense``, the default) or as each query's top-k classes plus
+one value for the others (``--classes topk:k[:rest]``; codec in :mod:`.class_codec`).
+
 Shapes: ``L`` decoder layers, ``B`` images of the padded batch, ``H`` heads, ``N`` teacher queries,
 ``K`` keys (``N`` for self-attention, ``S = h * w`` C5 tokens for cross-attention), ``C`` classes.
 """
@@ -22,8 +25,11 @@ from torch import Tensor
 
 from kd_detr.teacher.outputs import TeacherOutputs
 
+from .class_codec import (CLASS_REST_SCHEMES, DEFAULT_CLASS_REST, class_bytes, class_keys, decode_class_logits,
+                          encode_class_logits)
+
 __all__ = ["DTYPES", "ATTENTION_MODES", "HEAD_MODES", "StoreConfig", "encode_attention", "decode_attention",
-           "encode_batch", "decode_batch", "batch_keys", "bytes_per_view"]
+           "encode_batch", "decode_batch", "batch_keys", "bytes_per_view", "store_section_defaults"]
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 ATTENTION_MODES = ("none", "full", "topk")
@@ -44,12 +50,19 @@ class StoreConfig:
         topk: ``k`` for ``topk`` (normalised to 0 for the other modes, so that two configs storing the
             same thing compare equal).
         heads: ``mean`` (attention averaged over heads, stored with ``H = 1``) | ``per_head``.
+        class_topk: class logits kept per query: ``0`` = all (dense, as caches always stored them),
+            ``k > 0`` = the top ``k`` (``--classes topk:k``). Not ``classes``: the manifest's ``store``
+            section already has ``classes``, the teacher's class count.
+        class_rest: how the non-top-k classes are rebuilt (``floor`` | ``mean_logit`` | ``mean_prob``,
+            see :mod:`.class_codec`); ``None`` picks the default scheme; normalised to ``"none"`` when dense.
     """
 
     dtype: str = "float16"
     attention: str = "none"
     topk: int = 0
     heads: str = "mean"
+    class_topk: int = 0
+    class_rest: Optional[str] = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -63,14 +76,26 @@ class StoreConfig:
                 raise ValueError(f"store attention topk needs k >= 1, got topk={self.topk!r}")
         else:
             self.topk = 0
+        if isinstance(self.class_topk, bool) or not isinstance(self.class_topk, int) or self.class_topk < 0:
+            raise ValueError(f"store class_topk must be 0 (dense) or k >= 1, got {self.class_topk!r}")
+        if self.class_topk == 0:
+            self.class_rest = "none"
+        elif self.class_rest is None:
+            self.class_rest = DEFAULT_CLASS_REST
+        elif self.class_rest not in CLASS_REST_SCHEMES:
+            raise ValueError(f"store class_rest must be one of {CLASS_REST_SCHEMES}, got {self.class_rest!r}")
 
     @classmethod
-    def parse(cls, attention_spec: str, dtype: str = "float16", heads: str = "mean") -> "StoreConfig":
-        """``none`` | ``full`` | ``topk:K`` (the ``--attention`` option) -> :class:`StoreConfig`."""
+    def parse(cls, attention_spec: str, dtype: str = "float16", heads: str = "mean",
+              classes: str = "dense") -> "StoreConfig":
+        """``none`` | ``full`` | ``topk:K`` (the ``--attention`` option) and ``dense`` | ``topk:K[:REST]``
+        (the ``--classes`` option) -> :class:`StoreConfig`."""
         spec = str(attention_spec).strip().lower()
         usage = f"--attention must be none, full or topk:K (K a positive integer), got {attention_spec!r}"
+        class_topk, class_rest = cls.parse_classes(classes)
+        common = dict(dtype=dtype, heads=heads, class_topk=class_topk, class_rest=class_rest)
         if spec in ("none", "full"):
-            return cls(dtype=dtype, attention=spec, topk=0, heads=heads)
+            return cls(attention=spec, topk=0, **common)
         if spec.startswith("topk:"):
             try:
                 k = int(spec[len("topk:"):])
@@ -78,18 +103,43 @@ class StoreConfig:
                 raise ValueError(usage) from None
             if k < 1:
                 raise ValueError(usage)
-            return cls(dtype=dtype, attention="topk", topk=k, heads=heads)
+            return cls(attention="topk", topk=k, **common)
         raise ValueError(usage)
+
+    @staticmethod
+    def parse_classes(classes_spec: str) -> tuple[int, Optional[str]]:
+        """``dense`` | ``topk:K`` | ``topk:K:REST`` (the ``--classes`` option) -> ``(class_topk, class_rest)``
+        (``class_rest`` ``None`` = the default scheme)."""
+        spec = str(classes_spec).strip().lower()
+        usage = (f"--classes must be dense, topk:K or topk:K:REST (K a positive integer, REST one of "
+                 f"{', '.join(CLASS_REST_SCHEMES)}), got {classes_spec!r}")
+        if spec == "dense":
+            return 0, None
+        parts = spec.split(":")
+        if parts[0] != "topk" or len(parts) not in (2, 3):
+            raise ValueError(usage)
+        try:
+            k = int(parts[1])
+        except ValueError:
+            raise ValueError(usage) from None
+        if k < 1 or (len(parts) == 3 and parts[2] not in CLASS_REST_SCHEMES):
+            raise ValueError(usage)
+        return k, (parts[2] if len(parts) == 3 else None)
 
     @property
     def spec(self) -> str:
         """The ``--attention`` spelling: ``none`` | ``full`` | ``topk:K``."""
         return f"topk:{self.topk}" if self.attention == "topk" else self.attention
 
+    @property
+    def classes_spec(self) -> str:
+        """The ``--classes`` spelling: ``dense`` | ``topk:K:REST``."""
+        return f"topk:{self.class_topk}:{self.class_rest}" if self.class_topk else "dense"
+
     def describe(self) -> str:
         if self.attention == "none":
-            return f"attention none, {self.dtype}"
-        return f"attention {self.spec}, {self.dtype}, heads {self.heads}"
+            return f"attention none, {self.dtype}, classes {self.classes_spec}"
+        return f"attention {self.spec}, {self.dtype}, heads {self.heads}, classes {self.classes_spec}"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -105,9 +155,22 @@ class StoreConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "StoreConfig":
-        """From a manifest ``store`` section; other keys (``layers``, ``queries``, ...) are ignored."""
+        """From a manifest ``store`` section; other keys (``layers``, ``queries``, ...) are ignored. A section
+        without ``class_topk`` (a cache written before class top-k existed) reads as dense."""
+        rest = d.get("class_rest")
         return cls(dtype=d.get("dtype", "float16"), attention=d.get("attention", "none"),
-                   topk=int(d.get("topk") or 0), heads=d.get("heads", "mean"))
+                   topk=int(d.get("topk") or 0), heads=d.get("heads", "mean"),
+                   class_topk=int(d.get("class_topk") or 0), class_rest=None if rest in (None, "none") else rest)
+
+
+def store_section_defaults(store: Mapping[str, Any]) -> dict[str, Any]:
+    """A manifest ``store`` section with the fields added since format version 1 filled in with the values
+    that mean "as before" (``class_topk = 0``, ``class_rest = "none"``: dense class logits), so that an
+    older cache compares equal to a dense one field by field."""
+    out = dict(store)
+    out.setdefault("class_topk", 0)
+    out.setdefault("class_rest", "none")
+    return out
 
 
 # ----------------------------------------------------------------------------------------- attention
@@ -188,13 +251,16 @@ _BASE_KEYS = ("logits", "boxes", "reference_points", "feature_size", "image_inde
 
 def batch_keys(cfg: StoreConfig) -> tuple[str, ...]:
     """The tensor names of one stored batch (without the ``b{j}.`` shard prefix)."""
+    base: tuple[str, ...] = _BASE_KEYS
+    if cfg.class_topk:
+        base = tuple(k for k in base if k != "logits") + class_keys(cfg.class_rest)
     if cfg.attention == "none":
         attn: tuple[str, ...] = ()
     elif cfg.attention == "full":
         attn = ("self_attn", "cross_attn")
     else:
         attn = ("self_attn.values", "self_attn.indices", "cross_attn.values", "cross_attn.indices")
-    return _BASE_KEYS + attn
+    return base + attn
 
 
 def encode_batch(outputs: TeacherOutputs, image_index: Tensor, cfg: StoreConfig) -> dict[str, Tensor]:
@@ -206,7 +272,8 @@ def encode_batch(outputs: TeacherOutputs, image_index: Tensor, cfg: StoreConfig)
             [B,N]`` (required: the cache replaces the teacher's Hungarian matching).
         image_index: ``[B]`` dataset indices of the batch, in batch order.
     Returns:
-        ``logits``, ``boxes``, ``reference_points`` in ``cfg.dtype``; ``feature_size [2]`` int32;
+        ``logits`` (or with ``cfg.class_topk`` the ``logits.*`` tensors of :mod:`.class_codec`), ``boxes``,
+        ``reference_points`` in ``cfg.dtype``; ``feature_size [2]`` int32;
         ``image_index [B]`` int64; ``gt_assignment [B,N]`` int64; attention keys of :func:`batch_keys`.
     """
     if outputs.gt_assignment is None:
@@ -224,7 +291,11 @@ def encode_batch(outputs: TeacherOutputs, image_index: Tensor, cfg: StoreConfig)
             raise ValueError(f"{name} must be [L={L},B={B},H,N={N},{keys}], got {tuple(maps.shape)}")
     dt = cfg.torch_dtype
     wire = outputs.to_wire()  # the one wire format; stored with the cache's dtype and attention codec
-    out = {k: wire[k].detach().to(dt).contiguous() for k in ("logits", "boxes", "reference_points")}
+    out = {k: wire[k].detach().to(dt).contiguous() for k in ("boxes", "reference_points")}
+    if cfg.class_topk:
+        out.update(encode_class_logits(wire["logits"], cfg.class_topk, cfg.class_rest, dt))
+    else:
+        out["logits"] = wire["logits"].detach().to(dt).contiguous()
     out["feature_size"] = wire["feature_size"]
     out["image_index"] = image_index.contiguous()
     out["gt_assignment"] = wire["gt_assignment"].detach().to(torch.int64).contiguous()
@@ -236,9 +307,10 @@ def encode_batch(outputs: TeacherOutputs, image_index: Tensor, cfg: StoreConfig)
 def decode_batch(tensors: Mapping[str, Tensor], cfg: StoreConfig, query_embed: Tensor) -> TeacherOutputs:
     """Stored tensors of one batch -> :class:`TeacherOutputs` (float32; attention ``None`` for ``none``).
 
-    ``query_embed [N,d]`` is stored once per cache (``queries.safetensors``), not per batch.
+    ``query_embed [N,d]`` is stored once per cache (``queries.safetensors``), not per batch. With
+    ``cfg.class_topk`` the logits are rebuilt dense ``[L,B,N,C]`` (:func:`.class_codec.decode_class_logits`).
     """
-    logits = _get(tensors, "logits").float()
+    logits = decode_class_logits(tensors, cfg.class_rest) if cfg.class_topk else _get(tensors, "logits").float()
     n = logits.shape[2]
     if query_embed.shape[0] != n:
         raise ValueError(f"the cache's query_embed has {query_embed.shape[0]} queries, its batches {n}")
@@ -263,12 +335,13 @@ def bytes_per_view(cfg: Union[StoreConfig, str], L: int = 6, N: int = 300, C: in
     Counts the tensor data of :func:`encode_batch` (``feature_size`` included), not the safetensors
     JSON header. Defaults are the official Conditional DETR R50 sizes: 6 layers, 300 queries,
     91 classes, 8 heads, ``S = 25 * 34`` C5 tokens for an 800x1066 input. ``cfg`` may be an
-    ``--attention`` spec (fp16, mean heads).
+    ``--attention`` spec (fp16, mean heads, dense classes).
     """
     if isinstance(cfg, str):
         cfg = StoreConfig.parse(cfg)
     e = torch.empty((), dtype=cfg.torch_dtype).element_size()
-    total = (L * N * C + L * N * 4 + N * 2) * e  # logits, boxes, reference points
+    total = class_bytes(L, N, C, cfg.class_topk, cfg.class_rest, e)  # logits
+    total += (L * N * 4 + N * 2) * e  # boxes, reference points
     total += 2 * 4 + 8 + N * 8  # feature_size int32 [2], image_index int64 [1], gt_assignment int64 [N]
     heads = 1 if cfg.heads == "mean" else H
     for keys in (N, S):  # self-attention, cross-attention

@@ -126,7 +126,9 @@ def build_cache(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, out: 
         dataset: the training data set (with the plan's augmentation policy).
         plan: the view plan (every view, every batch is stored).
         out: the cache folder (created; an existing cache of the same header is resumed).
-        store: a :class:`StoreConfig` or an ``--attention`` spec (``none`` | ``full`` | ``topk:k``).
+        store: a :class:`StoreConfig` or an ``--attention`` spec (``none`` | ``full`` | ``topk:k``; dense
+            class logits). Its fields (``class_topk`` and ``class_rest`` included) go into the manifest's
+            ``store`` section, so resuming with another store config is refused naming the field.
         actors: teacher actors (each holds a model; one GPU each when the cluster has GPUs).
         batches_per_shard: plan batches per shard file (keep it fixed across resumes).
         address: Ray cluster (default ``$RAY_ADDRESS``, else a local Ray with ``max(2, actors)`` CPUs);

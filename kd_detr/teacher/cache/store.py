@@ -45,7 +45,7 @@ from torch import Tensor
 from kd_detr.atomic import atomic_write, remove_stale_temp_files, write_json_atomic
 from kd_detr.teacher.outputs import TeacherOutputs
 
-from .attention_codec import StoreConfig, batch_keys, decode_batch
+from .attention_codec import StoreConfig, batch_keys, decode_batch, store_section_defaults
 
 log = logging.getLogger("kd_detr.teacher.cache")
 
@@ -234,6 +234,10 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         raise CacheError(f"{path}: manifest lacks {missing}")
     if not isinstance(manifest["shards"], list):
         raise CacheError(f"{path}: 'shards' must be a list")
+    if isinstance(manifest["store"], Mapping):
+        # a cache written before the store gained a field reads as that field's "as before" value (e.g. no
+        # class_topk: dense class logits), so it still compares equal to a build or run asking for that
+        manifest["store"] = store_section_defaults(manifest["store"])
     for i, entry in enumerate(manifest["shards"]):
         if not isinstance(entry, Mapping) or any(k not in entry for k in ("file", "sha256", "bytes", "view",
                                                                            "batches", "image_ids")):
