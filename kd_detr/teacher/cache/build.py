@@ -239,8 +239,11 @@ def build_cache(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, out: 
                "images": computed, "images_skipped": done_images, "seconds": seconds,
                "images_per_s": computed / seconds if seconds > 0 else math.nan, "startup_s": startup,
                "actors": actors, "device": device}
-    log.info("teacher cache %s: %d shards written, %d already there, %d image views in %.1f s (%.2f img/s)",
-             out, len(todo), skipped, computed, seconds, summary["images_per_s"])
+    if computed:
+        log.info("teacher cache %s: %d shards written, %d already there, %d image views in %.1f s (%.2f img/s)",
+                 out, len(todo), skipped, computed, seconds, summary["images_per_s"])
+    else:
+        log.info("teacher cache %s: complete (%d shards already there, nothing to compute)", out, skipped)
     return summary
 
 
