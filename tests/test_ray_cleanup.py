@@ -17,23 +17,33 @@ from test_d3etr import _save_teacher
 pytestmark = pytest.mark.slow
 
 
+# Every process a command starts (its Ray: raylet, GCS, workers, agents) inherits this variable, so the
+# test counts only the command's own Ray, not another Ray that happens to run on the machine.
+MARK = f"KD_DETR_RAY_CLEANUP_TEST={os.getpid()}"
+
+
 def _ray_processes() -> dict[int, str]:
-    """pid -> command line of every Ray process on this machine (raylet, GCS, workers, agents)."""
+    """pid -> command line of every Ray process started by this test's commands."""
     out = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            if not (cmd.startswith("ray::") or "/ray/" in cmd or "raylet" in cmd or "gcs_server" in cmd):
+                continue
+            if MARK.encode() not in (d / "environ").read_bytes().split(b"\0"):
+                continue
         except OSError:
             continue
-        if cmd.startswith("ray::") or "/ray/" in cmd or "raylet" in cmd or "gcs_server" in cmd:
-            out[int(d.name)] = cmd
+        out[int(d.name)] = cmd
     return out
 
 
 def _run(args, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray of its own
+    key, value = MARK.split("=")
+    env[key] = value
     return subprocess.run([sys.executable, "-m", "kd_detr", *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
 
