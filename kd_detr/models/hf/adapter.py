@@ -216,15 +216,15 @@ class HFDetector(nn.Module):
 
     # ------------------------------------------------------------------ the rest of the contract
     def heads(self, hs: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError(f"{self.config.name}: methods with their own query groups need kd-detr's "
+        raise ValueError(f"{self.config.name}: methods with their own query groups need kd-detr's "
                                   "Conditional DETR student (the transformers families run their own decoder)")
 
     def output_norm(self, x: Tensor) -> Tensor:
-        raise NotImplementedError(f"{self.config.name}: no shared decoder output norm is exposed")
+        raise ValueError(f"{self.config.name}: no shared decoder output norm is exposed")
 
     def decode(self, encoded: dict[str, Any], groups: Sequence[dict[str, Tensor]],
                request: Optional[DetectorRequest] = None) -> list[DetectorOutput]:
-        raise NotImplementedError(f"{self.config.name}: decode() of extra query groups needs kd-detr's "
+        raise ValueError(f"{self.config.name}: decode() of extra query groups needs kd-detr's "
                                   "Conditional DETR student")
 
 
