@@ -98,10 +98,11 @@ _DETR_COMMON = dict(
 )
 
 
-def tiny_detr(num_labels: int = 5, num_queries: int = 10) -> "PretrainedConfig":
-    from transformers import DetrConfig
+def _dense_detr(config_class: str, num_labels: int, num_queries: int) -> "PretrainedConfig":
+    """DETR and Conditional DETR share their config fields: only the class differs."""
+    import transformers
 
-    return DetrConfig(
+    return getattr(transformers, config_class)(
         backbone_config=_tiny_resnet(["stage4"]),
         d_model=32,
         num_queries=num_queries,
@@ -109,19 +110,14 @@ def tiny_detr(num_labels: int = 5, num_queries: int = 10) -> "PretrainedConfig":
         **_DETR_COMMON,
         **_labels(num_labels),
     )
+
+
+def tiny_detr(num_labels: int = 5, num_queries: int = 10) -> "PretrainedConfig":
+    return _dense_detr("DetrConfig", num_labels, num_queries)
 
 
 def tiny_conditional_detr(num_labels: int = 5, num_queries: int = 10) -> "PretrainedConfig":
-    from transformers import ConditionalDetrConfig
-
-    return ConditionalDetrConfig(
-        backbone_config=_tiny_resnet(["stage4"]),
-        d_model=32,
-        num_queries=num_queries,
-        num_labels=num_labels,
-        **_DETR_COMMON,
-        **_labels(num_labels),
-    )
+    return _dense_detr("ConditionalDetrConfig", num_labels, num_queries)
 
 
 def tiny_dab_detr(num_labels: int = 5, num_queries: int = 10) -> "PretrainedConfig":
