@@ -116,27 +116,40 @@ def test_denoising_and_training_groups_never_reach_the_methods(family):
     assert out["reference_points"].shape[:2] == (2, 8)
 
 
-def test_identical_teacher_and_student_give_zero_prediction_kd_and_query_permutation_is_invariant():
+@pytest.mark.parametrize("family", FAMILY_KEYS)
+def test_identical_teacher_and_student_give_zero_prediction_kd(family):
     from kd_detr.methods.d3etr.adaptive_match import adaptive_match
     from kd_detr.methods.d3etr.losses import prediction_distill
 
-    model = _tiny("detr").eval()
+    model = _tiny(family).eval()
     images, mask, _ = _batch()
     with torch.no_grad():
         out = model(images, mask)
-    logits, boxes = out.logits[-1:], out.boxes[-1:]
+    logits, boxes = out.logits, out.boxes  # every layer
     t_idx, s_idx = adaptive_match(logits, boxes, logits, boxes)
-    p = prediction_distill(logits[0], boxes[0], logits[0], boxes[0], t_idx[0], s_idx[0])
-    assert all(abs(float(v)) < 1e-5 for v in p.values())
+    for layer in range(logits.shape[0]):
+        p = prediction_distill(logits[layer], boxes[layer], logits[layer], boxes[layer], t_idx[layer], s_idx[layer])
+        assert all(abs(float(v)) < 1e-5 for v in p.values()), (family, layer, p)
 
-    # permuting DETR's learned queries permutes its outputs (no query sees another's index)
+
+# families whose object queries are learned embeddings (the others select theirs per image from the encoder)
+LEARNED_QUERIES = {"detr": "query_position_embeddings", "conditional_detr": "query_position_embeddings",
+                   "dab_detr": "query_refpoint_embeddings", "deformable_detr": "query_position_embeddings"}
+
+
+@pytest.mark.parametrize("family", sorted(set(LEARNED_QUERIES) & set(FAMILY_KEYS)))
+def test_permuting_learned_queries_permutes_the_outputs(family):
+    model = _tiny(family).eval()
+    images, mask, _ = _batch()
+    with torch.no_grad():
+        out = model(images, mask)
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(3))
-    emb = model.hf.model.query_position_embeddings.weight
+    emb = getattr(model.hf.model, LEARNED_QUERIES[family]).weight
     with torch.no_grad():
         emb.copy_(emb[perm])
         permuted = model(images, mask)
-    assert torch.allclose(permuted["pred_logits"], out["pred_logits"][:, perm], atol=1e-5)
-    assert torch.allclose(permuted["pred_boxes"], out["pred_boxes"][:, perm], atol=1e-5)
+    for key in ("logits", "boxes"):
+        assert torch.allclose(getattr(permuted, key), getattr(out, key)[:, :, perm], atol=1e-5), (family, key)
 
 
 def test_checkpoint_round_trip_and_hf_folder_spec(tmp_path):
