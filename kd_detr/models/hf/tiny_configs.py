@@ -262,20 +262,16 @@ def tiny_lw_detr(num_labels: int = 5, num_queries: int = 10) -> "PretrainedConfi
     )
     return LwDetrConfig(
         backbone_config=backbone,
-        projector_scale_factors=[1.0],
-        c2f_num_blocks=1,
-        d_model=32,
-        decoder_ffn_dim=64,
-        decoder_n_points=2,
-        decoder_layers=3,
-        decoder_self_attention_heads=2,
-        decoder_cross_attention_heads=2,
-        attention_dropout=0.0,
-        num_queries=num_queries,
-        group_detr=2,
-        num_labels=num_labels,
-        **_labels(num_labels),
+        **_group_detr_common(num_labels, num_queries),
     )
+
+
+def _group_detr_common(num_labels: int, num_queries: int) -> dict[str, Any]:
+    """LW-DETR and RF-DETR share their decoder (and Group DETR's 2 training groups); only the ViT differs."""
+    return dict(projector_scale_factors=[1.0], c2f_num_blocks=1, d_model=32, decoder_ffn_dim=64,
+                decoder_n_points=2, decoder_layers=3, decoder_self_attention_heads=2,
+                decoder_cross_attention_heads=2, attention_dropout=0.0, num_queries=num_queries, group_detr=2,
+                num_labels=num_labels, **_labels(num_labels))
 
 
 def tiny_rf_detr(num_labels: int = 5, num_queries: int = 10) -> "PretrainedConfig":
@@ -293,19 +289,7 @@ def tiny_rf_detr(num_labels: int = 5, num_queries: int = 10) -> "PretrainedConfi
     )
     return RfDetrConfig(
         backbone_config=backbone,
-        projector_scale_factors=[1.0],
-        c2f_num_blocks=1,
-        d_model=32,
-        decoder_ffn_dim=64,
-        decoder_n_points=2,
-        decoder_layers=3,
-        decoder_self_attention_heads=2,
-        decoder_cross_attention_heads=2,
-        attention_dropout=0.0,
-        num_queries=num_queries,
-        group_detr=2,
-        num_labels=num_labels,
-        **_labels(num_labels),
+        **_group_detr_common(num_labels, num_queries),
     )
 
 
