@@ -175,9 +175,15 @@ class TeacherWorker:
             out[int(j)] = wire_to_numpy(encode_batch(res, index, self.store))
         return out
 
-    def run_shard(self, name: str, view: int, batch_ids: list[int]) -> tuple[str, dict[int, dict[str, np.ndarray]]]:
-        """:meth:`compute` tagged with the shard name (``ActorPool`` returns results unordered)."""
-        return name, self.compute(view, batch_ids)
+    def run_shard(self, name: str, view: int, batch_ids: list[int]) -> tuple[str, dict[int, dict[str, np.ndarray]], str]:
+        """:meth:`compute` tagged with the shard name (``ActorPool`` returns results unordered) and the Ray node
+        that computed it (hex id; ``""`` outside Ray), so the build can report the work done per node."""
+        return name, self.compute(view, batch_ids), _node_id()
+
+
+def _node_id() -> str:
+    """The hex id of the Ray node this process runs on (``""`` when Ray is not initialised)."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 # A killed actor is restarted (up to MAX_RESTARTS times) and the call it was running retried: its calls

@@ -142,7 +142,7 @@ def build_cache(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, out: 
     Returns:
         ``{"out", "shards_total", "shards_written", "shards_skipped", "images" (image views computed
         now), "images_skipped", "seconds" (compute + write), "images_per_s", "startup_s", "actors",
-        "device"}`` (``device`` ``None`` when the cache was already complete: then neither Ray nor an
+        "device", "images_by_node" ({Ray node id (hex): image views it computed now})}`` (``device`` ``None`` when the cache was already complete: then neither Ray nor an
         actor is started).
     """
     t_start = time.perf_counter()
@@ -176,6 +176,7 @@ def build_cache(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, out: 
             writer = CacheWriter(out, {**header, "store": {**header["store"], **known}})
             todo, skipped = _pending(tasks, writer)
         computed, seconds, device = 0, 0.0, None
+        by_node: dict[str, int] = {}
         startup = time.perf_counter() - t_start
         if todo or not (Path(out) / QUERIES).is_file():
             started_ray = ensure_ray(address, num_cpus=max(2, actors))
@@ -213,7 +214,7 @@ def build_cache(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, out: 
                         pool.submit(lambda a, t: a.run_shard.remote(t.name, t.view, list(t.batches)), t)
                     while pool.has_next():
                         try:
-                            name, batches = pool.get_next_unordered()
+                            name, batches, node = pool.get_next_unordered()
                         except RayActorError as e:  # restarts used up: the actor is gone for good
                             raise teacher_actor_error(e) from None
                         t = by_name[name]
@@ -222,6 +223,7 @@ def build_cache(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, out: 
                                                           for j, b in batches.items()},
                                            [coco_ids[i] for i in ids])
                         computed += len(ids)
+                        by_node[node] = by_node.get(node, 0) + len(ids)
                         bar.update(len(ids), **{"img/s": computed / max(time.perf_counter() - t0, 1e-9)})
                 finally:
                     bar.close()
@@ -238,7 +240,7 @@ def build_cache(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, out: 
     summary = {"out": str(out), "shards_total": len(tasks), "shards_written": len(todo), "shards_skipped": skipped,
                "images": computed, "images_skipped": done_images, "seconds": seconds,
                "images_per_s": computed / seconds if seconds > 0 else math.nan, "startup_s": startup,
-               "actors": actors, "device": device}
+               "actors": actors, "device": device, "images_by_node": by_node}
     if computed:
         log.info("teacher cache %s: %d shards written, %d already there, %d image views in %.1f s (%.2f img/s)",
                  out, len(todo), skipped, computed, seconds, summary["images_per_s"])
