@@ -329,8 +329,6 @@ def distill_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_serve, teach
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Cache folder.")
 @click.option("--views", type=int, default=4, show_default=True, help="Recorded augmentation views per image (K).")
 @click.option("--view-seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=2, show_default=True,
-              help="Images per batch; must equal the distillation's train.batch_size (padding is part of a view).")
 @click.option("--actors", type=int, default=1, show_default=True, help="Ray teacher actors (one GPU each when GPUs exist).")
 @click.option("--attention", default="topk:32", show_default=True, help="none | full | topk:K (keys kept per query row).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
@@ -339,12 +337,14 @@ def distill_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_serve, teach
 @click.option("--classes", default="dense", show_default=True,
               help="Class logits: dense | topk:K | topk:K:REST (each query's K largest logits; the other "
                    "classes rebuilt from REST = floor | mean_logit | mean_prob, default mean_prob).")
-@click.option("--batches-per-shard", type=int, default=8, show_default=True)
+@click.option("--images-per-shard", type=int, default=32, show_default=True,
+              help="Image views per shard file (keep it when resuming). The cache holds one entry per image view: "
+                   "students read it at any batch size.")
 @click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
 def cache_group(ctx, teacher, teacher_checkpoint, data, train_ann, train_images, image_size, label_map, out, views,
-                view_seed, batch_size, actors, attention, dtype, heads, classes, batches_per_shard, address,
+                view_seed, actors, attention, dtype, heads, classes, images_per_shard, address,
                 no_progress):
     """Precompute a teacher's decoder outputs on K recorded views per image into a safetensors cache.
 
@@ -369,8 +369,8 @@ def cache_group(ctx, teacher, teacher_checkpoint, data, train_ann, train_images,
     dataset = DataSpec(data, train_ann, train_images, image_size=image_size, label_map=label_map).train_set()
     config, t_label_map, t_image_size = describe_teacher(spec, dataset.label_map)  # the actors load the weights
     check_teacher_fits(spec, t_label_map, t_image_size, dataset.label_map, config.num_classes, image_size)
-    plan = ViewPlan.for_dataset(dataset, num_views=views, batch_size=batch_size, seed=view_seed)
-    summary = build_cache(spec, dataset, plan, out, store, actors=actors, batches_per_shard=batches_per_shard,
+    plan = ViewPlan.for_dataset(dataset, num_views=views, seed=view_seed)
+    summary = build_cache(spec, dataset, plan, out, store, actors=actors, images_per_shard=images_per_shard,
                           address=address, progress=not no_progress, image_size=image_size)
     click.echo(f"cache {out}: {summary}")
 
@@ -378,7 +378,7 @@ def cache_group(ctx, teacher, teacher_checkpoint, data, train_ann, train_images,
 @cache_group.command("verify")
 @click.argument("cache", type=click.Path(exists=True, file_okay=False))
 def cache_verify_cmd(cache: str) -> None:
-    """Check every shard of CACHE against its manifest (presence, size, SHA-256, batch keys)."""
+    """Check every shard of CACHE against its manifest (presence, size, SHA-256, entry keys)."""
     from kd_detr.teacher.cache import verify_cache
 
     problems = verify_cache(cache)

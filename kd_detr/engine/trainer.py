@@ -108,8 +108,8 @@ class Trainer:
         recipe: the :class:`~kd_detr.engine.recipe.Recipe` (``None``: ground-truth training only).
         teacher: where teacher outputs come from; needed when a method of the recipe distils. A
             :class:`~kd_detr.teacher.CacheSource` also fixes the view plan (even for a recipe without teacher).
-        views: train on a plan of ``views`` recorded views per image with fixed batches (the plan a cache is
-            built on); ``view_seed`` seeds it.
+        views: train on a plan of ``views`` recorded views per image (the plan a cache is built on), each
+            image drawing one of them per epoch; ``view_seed`` seeds it.
     """
 
     def __init__(self, cfg: TrainConfig, recipe: Any = None, teacher: Optional[TeacherSource] = None,
@@ -166,34 +166,34 @@ class Trainer:
             self.build_plan_data()
 
     def build_plan_data(self) -> None:
-        """Train on a view plan: K recorded views per image in fixed batches (``--views``, or the plan of a
-        teacher cache, whose outputs are then read with each batch in the loader's workers)."""
-        from kd_detr.data.view_plan import PlanBatches, PlanBatchSampler, ViewPlan
+        """Train on a view plan: K recorded views per image, one drawn per image and epoch, in the ordinary
+        batches (``--views``, or the plan of a teacher cache, whose per-view outputs are then read and stacked
+        with each batch in the loader's workers)."""
+        from kd_detr.data.view_plan import PlanViews, PlanViewSampler, ViewPlan
 
         cfg = self.cfg
         if not cfg.augment:
             raise ValueError("a view plan records augmented views: it cannot be combined with --no-augment")
         source = None
         if isinstance(self.teacher, CacheSource):
-            reader = self.teacher.open(self.train_set, self.label_map, cfg.image_size, cfg.batch_size)
+            reader = self.teacher.open(self.train_set, self.label_map, cfg.image_size)
             p = reader.manifest["plan"]
             if self.views is not None and self.views != p["num_views"]:
                 raise ValueError(f"--views {self.views}: teacher cache {self.teacher.cache} holds {p['num_views']} "
                                  "views per image")
-            self.plan = ViewPlan.for_dataset(self.train_set, p["num_views"], p["batch_size"], p["seed"])
+            self.plan = ViewPlan.for_dataset(self.train_set, p["num_views"], p["seed"])
             if self.plan.fingerprint() != p["fingerprint"]:
                 raise ValueError(f"teacher cache {self.teacher.cache} was built for another view plan (images, their "
                                  "sizes or the augmentation policy differ): rebuild it with kd-detr cache")
             source = reader if self.distils else None
         else:
-            self.plan = ViewPlan.for_dataset(self.train_set, self.views, cfg.batch_size, self.view_seed)
-        self.sampler = PlanBatchSampler(self.plan, cfg.seed, rank=self.dist.rank, world_size=self.dist.world_size)
-        self.train_loader = DataLoader(PlanBatches(self.train_set, self.plan, source), batch_size=None,
-                                       sampler=self.sampler, num_workers=cfg.num_workers,
-                                       collate_fn=_identity, generator=self._loader_generator(),
+            self.plan = ViewPlan.for_dataset(self.train_set, self.views, self.view_seed)
+        self.sampler = PlanViewSampler(self.sampler, self.plan, cfg.seed)
+        self.train_loader = DataLoader(PlanViews(self.train_set, self.plan, source), batch_sampler=self.sampler,
+                                       num_workers=cfg.num_workers, collate_fn=PlanViews.collate,
+                                       generator=self._loader_generator(), persistent_workers=False,
                                        pin_memory=self.device.startswith("cuda"))
-        log.info("view plan: %d views per image, %d batches of %d per view%s", self.plan.num_views,
-                 self.plan.num_batches(), self.plan.batch_size,
+        log.info("view plan: %d views per image, one drawn per image and epoch%s", self.plan.num_views,
                  f", teacher outputs read from {self.teacher.cache}" if source is not None else "")
 
     def _loader_generator(self) -> torch.Generator:
@@ -681,10 +681,6 @@ def _check_init_model(path: Path, config: Any, ckpt_name: str, model_name: str, 
             raise ValueError(f"--init-checkpoint {path} holds a {ckpt_name} with {key}={have}, but --model-opt "
                              f"{key}={value} was given: pass --model-opt {key}={have} (or leave it out) or another "
                              "checkpoint")
-
-
-def _identity(batch):
-    return batch
 
 
 def train(cfg: TrainConfig, recipe: Any = None, teacher: Optional[TeacherSource] = None,

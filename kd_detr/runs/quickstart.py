@@ -245,7 +245,7 @@ def _build_cache(teacher_ckpt: Path, data_dir: Path, cache_dir: Path, views: int
     size = QUICKSTART_DATA["image_size"]
     ds = kd_data.CocoDetection(data_dir / "train2017", data_dir / "annotations" / "instances_train2017.json",
                                transforms=kd_data.make_policy(True, size), log_report=False)
-    plan = ViewPlan.for_dataset(ds, num_views=views, batch_size=8, seed=seed)
+    plan = ViewPlan.for_dataset(ds, num_views=views, seed=seed)
     spec = resolve_teacher(TEACHER, str(teacher_ckpt))
-    build_cache(spec, ds, plan, cache_dir, StoreConfig.parse("topk:16"), actors=actors, batches_per_shard=8,
+    build_cache(spec, ds, plan, cache_dir, StoreConfig.parse("topk:16"), actors=actors, images_per_shard=64,
                 progress=progress, image_size=size, num_threads=1)

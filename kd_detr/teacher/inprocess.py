@@ -1,5 +1,11 @@
-"""A frozen teacher model run on a padded batch: ``(images, mask) -> TeacherOutputs``. Used by the in-process
-source and inside the Ray teacher actors, so both give the same numbers."""
+"""A frozen teacher model run on the images of a padded batch: ``(images, mask) -> TeacherOutputs``. Used by the
+in-process source, inside the Ray teacher actors and by the cache builder, so all three give the same numbers.
+
+The teacher sees every image alone (its region of the padded batch, unpadded): a DETR's outputs for an image
+depend on the padding of its batch (convolutions see the padded region, the transformer attends over the
+padded grid's size), and a teacher output that does not is one a cache can store per (image, view) and serve
+to any batch size. The image's cross-attention maps are then over its own C5 grid
+(:meth:`~kd_detr.teacher.outputs.TeacherOutputs.stack_views`)."""
 
 from __future__ import annotations
 
@@ -10,11 +16,11 @@ from torch import Tensor, nn
 
 from .outputs import ATTN_MODES, TeacherOutputs
 
-__all__ = ["InProcessTeacher"]
+__all__ = ["InProcessTeacher", "image_regions"]
 
 
 class InProcessTeacher:
-    """Runs a frozen teacher model on a padded batch: ``(images, mask) -> TeacherOutputs``.
+    """Runs a frozen teacher model on each image of a padded batch alone: ``(images, mask) -> TeacherOutputs``.
 
     Args:
         model: the teacher detector; put in eval mode, parameters frozen.
@@ -40,9 +46,31 @@ class InProcessTeacher:
 
     @torch.no_grad()
     def __call__(self, images: Tensor, mask: Tensor) -> TeacherOutputs:
-        """``images [B,3,H,W]``, ``mask [B,H,W]`` (True = pad) -> :class:`TeacherOutputs`."""
+        """``images [B,3,H,W]``, ``mask [B,H,W]`` (True = pad) -> :class:`TeacherOutputs` of every image run
+        alone (``image_grids`` set), stacked in batch order."""
+        return TeacherOutputs.stack_views([self.view(image) for image in image_regions(images, mask)])
+
+    @torch.no_grad()
+    def view(self, image: Tensor) -> TeacherOutputs:
+        """``image [3,H,W]`` (one view, unpadded) -> :class:`TeacherOutputs` with ``B = 1``."""
         from kd_detr.models import DetectorRequest
 
         self.model.eval()  # the trainer's model.train() never reaches the teacher, but be sure
-        out = self.model(images, mask, request=DetectorRequest(attention=self.attn != "none"))
+        h, w = image.shape[-2:]
+        mask = torch.zeros((1, h, w), dtype=torch.bool, device=image.device)
+        out = self.model(image[None], mask, request=DetectorRequest(attention=self.attn != "none"))
         return TeacherOutputs.from_model_output(out, self.attn)
+
+
+def image_regions(images: Tensor, mask: Tensor) -> list[Tensor]:
+    """The images of a padded batch without their padding: ``[3,h_b,w_b]`` each (``collate_fn`` puts an image in
+    the top-left corner; ``mask`` is True at padding)."""
+    out = []
+    for b in range(images.shape[0]):
+        valid = ~mask[b]
+        h = int(valid.any(1).sum())
+        w = int(valid.any(0).sum())
+        if h == 0 or w == 0:
+            raise ValueError(f"image {b} of the batch is all padding (its mask has no valid pixel)")
+        out.append(images[b, :, :h, :w])
+    return out

@@ -14,13 +14,14 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["ATTN_MODES", "TeacherOutputs", "WIRE_KEYS", "stack_layers"]
+__all__ = ["ATTN_MODES", "TeacherOutputs", "WIRE_KEYS", "stack_layers", "embed_grid"]
 
 # How a teacher returns its attention maps: per head, averaged over heads (H = 1), or not at all.
 ATTN_MODES = ("per_head", "mean", "none")
 
 # The wire format's keys (``query_embed`` is constant per teacher: it is sent or stored once, not per batch).
-WIRE_KEYS = ("logits", "boxes", "reference_points", "feature_size", "self_attn", "cross_attn", "gt_assignment")
+WIRE_KEYS = ("logits", "boxes", "reference_points", "feature_size", "self_attn", "cross_attn", "gt_assignment",
+             "image_grids")
 
 
 def stack_layers(outputs: dict[str, Any]) -> tuple[Tensor, Tensor]:
@@ -28,6 +29,20 @@ def stack_layers(outputs: dict[str, Any]) -> tuple[Tensor, Tensor]:
     layers = [*(outputs.get("aux_outputs") or []), outputs]
     return (torch.stack([o["pred_logits"] for o in layers]),
             torch.stack([o["pred_boxes"] for o in layers]))
+
+
+def embed_grid(maps: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
+    """``maps [..., h*w]`` over a C5 grid ``(h, w)`` -> ``[..., H*W]`` over the larger grid ``size = (H, W)``:
+    the ``(h, w)`` grid in the top-left corner (where a padded batch puts the image), zeros elsewhere."""
+    h, w = (int(x) for x in grid)
+    big_h, big_w = (int(x) for x in size)
+    if h > big_h or w > big_w:
+        raise ValueError(f"a C5 grid of {h}x{w} does not fit in {big_h}x{big_w}")
+    if (h, w) == (big_h, big_w):
+        return maps
+    out = maps.new_zeros(*maps.shape[:-1], big_h, big_w)
+    out[..., :h, :w] = maps.reshape(*maps.shape[:-1], h, w)
+    return out.flatten(-2)
 
 
 @dataclass
@@ -46,6 +61,10 @@ class TeacherOutputs:
         gt_assignment: ``[B,Nt]`` int64 or ``None``: the ground-truth index each teacher query got in the
             teacher's last-layer Hungarian matching (-1: background). A cache stores it; when ``None`` it
             is recomputed from ``logits[-1]``/``boxes[-1]``.
+        image_grids: ``[B,2]`` int64 or ``None``: each image's own C5 grid ``(h_b, w_b)`` when the teacher saw
+            every image alone (per view); ``cross_attn`` then holds image ``b``'s map in the top-left
+            ``h_b x w_b`` of the ``feature_size`` grid and zeros elsewhere (:meth:`stack_views`). ``None``: the
+            teacher saw the padded batch, every map is over the whole ``feature_size`` grid.
     """
 
     logits: Tensor
@@ -56,6 +75,7 @@ class TeacherOutputs:
     reference_points: Tensor
     feature_size: tuple[int, int]
     gt_assignment: Optional[Tensor] = None
+    image_grids: Optional[Tensor] = None
 
     @property
     def num_layers(self) -> int:
@@ -83,11 +103,11 @@ class TeacherOutputs:
         """The flat dict of tensors this batch travels as (Ray) and is encoded from (cache).
 
         ``logits``, ``boxes``, ``reference_points`` as they are; ``feature_size`` int32 ``[2]``;
-        ``self_attn``, ``cross_attn`` and ``gt_assignment`` only when present. ``query_embed`` is left out.
+        ``self_attn``, ``cross_attn``, ``gt_assignment`` and ``image_grids`` only when present. ``query_embed`` is left out.
         """
         out = {"logits": self.logits, "boxes": self.boxes, "reference_points": self.reference_points,
                "feature_size": torch.tensor([int(x) for x in self.feature_size], dtype=torch.int32)}
-        for key in ("self_attn", "cross_attn", "gt_assignment"):
+        for key in ("self_attn", "cross_attn", "gt_assignment", "image_grids"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -103,7 +123,7 @@ class TeacherOutputs:
         return cls(logits=wire["logits"], boxes=wire["boxes"], self_attn=wire.get("self_attn"),
                    cross_attn=wire.get("cross_attn"), query_embed=query_embed,
                    reference_points=wire["reference_points"], feature_size=(h, w),
-                   gt_assignment=wire.get("gt_assignment"))
+                   gt_assignment=wire.get("gt_assignment"), image_grids=wire.get("image_grids"))
 
     @classmethod
     def from_model_output(cls, out: dict[str, Any], attn: str = "per_head") -> "TeacherOutputs":
@@ -119,3 +139,62 @@ class TeacherOutputs:
         return cls(logits=logits, boxes=boxes, self_attn=sa, cross_attn=ca,
                    query_embed=out["query_embed"].detach(), reference_points=out["reference_points"],
                    feature_size=tuple(out["feature_size"]))
+
+    @classmethod
+    def stack_views(cls, views: "list[TeacherOutputs]") -> "TeacherOutputs":
+        """The outputs of a batch from the outputs of its images, each computed on the image alone (``B = 1``
+        each, in batch order).
+
+        Cross-attention maps are over each image's own C5 grid; they are placed in the top-left corner of the
+        batch's grid (the largest ``h`` and ``w``: what the student's padded batch has, as its C5 grid is
+        ``ceil(H_max / stride)``), and ``image_grids`` records each image's grid so that a method compares only
+        the student's rows over it (:meth:`cross_attn_valid`).
+        """
+        if not views:
+            raise ValueError("stack_views needs at least one view")
+        for v in views:
+            if v.logits.shape[1] != 1:
+                raise ValueError(f"stack_views takes single-image outputs, got batch {v.logits.shape[1]}")
+        grids = [tuple(int(x) for x in v.feature_size) for v in views]
+        size = (max(g[0] for g in grids), max(g[1] for g in grids))
+
+        def cat(name: str, dim: int = 1) -> Optional[Tensor]:
+            parts = [getattr(v, name) for v in views]
+            if all(p is None for p in parts):
+                return None
+            if any(p is None for p in parts):
+                raise ValueError(f"stack_views: some views have {name}, others not")
+            return torch.cat(parts, dim)
+
+        cross = None
+        if views[0].cross_attn is not None:
+            cross = torch.cat([embed_grid(v.cross_attn, g, size) for v, g in zip(views, grids)], 1)
+        return cls(logits=cat("logits"), boxes=cat("boxes"), self_attn=cat("self_attn"), cross_attn=cross,
+                   query_embed=views[0].query_embed, reference_points=cat("reference_points", 0),
+                   feature_size=size, gt_assignment=cat("gt_assignment", 0),
+                   image_grids=torch.tensor(grids, dtype=torch.int64))
+
+    def cross_attn_valid(self, feature_size: tuple[int, int]) -> Optional[Tensor]:
+        """``[B, h*w]`` bool over a student's C5 grid ``feature_size = (h, w)``: True inside each image's own grid
+        (``image_grids``); ``None`` when the teacher saw the padded batch (every position counts)."""
+        if self.image_grids is None:
+            return None
+        h, w = (int(x) for x in feature_size)
+        rows = torch.arange(h, device=self.image_grids.device)
+        cols = torch.arange(w, device=self.image_grids.device)
+        g = self.image_grids
+        valid = (rows[None, :, None] < g[:, 0, None, None]) & (cols[None, None, :] < g[:, 1, None, None])
+        return valid.flatten(1)
+
+    def cross_attn_on(self, feature_size: tuple[int, int]) -> Optional[Tensor]:
+        """``cross_attn`` over the grid ``feature_size`` (a student's padded C5 grid, at least this batch's):
+        per-view maps are re-embedded (zeros outside each image's grid); padded-batch maps must already be on it."""
+        if self.cross_attn is None:
+            return None
+        size = tuple(int(x) for x in feature_size)
+        if size == tuple(self.feature_size):
+            return self.cross_attn
+        if self.image_grids is None:
+            raise ValueError(f"teacher C5 map {tuple(self.feature_size)} and student C5 map {size} differ: "
+                             "cross-attention maps cannot be compared")
+        return embed_grid(self.cross_attn, self.feature_size, size)  # each image's grid is already top-left

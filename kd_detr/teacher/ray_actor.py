@@ -26,7 +26,7 @@ import torch
 
 from kd_detr.data import CocoDetection, LabelMap
 from kd_detr.data.transforms import AugmentationPolicy
-from kd_detr.data.view_plan import PlanBatches, ViewPlan
+from kd_detr.data.view_plan import ViewPlan
 from kd_detr.matcher import HungarianMatcher, indices_to_assignment
 
 from .loading import TeacherSpec, load_teacher, spec_from_dict, spec_to_dict
@@ -91,8 +91,8 @@ def plan_job(dataset: CocoDetection, plan: ViewPlan) -> dict[str, Any]:
                     "label_map": dataset.label_map.to_dict(), "strict": bool(dataset.strict),
                     # a data set built with validate_files dropped unreadable images: do the same
                     "validate_files": rep.num_kept_images != rep.num_images},
-        "plan": {"num_views": plan.num_views, "batch_size": plan.batch_size, "seed": plan.seed,
-                 "policy": plan.policy.to_dict(), "fingerprint": plan.fingerprint()},
+        "plan": {"num_views": plan.num_views, "seed": plan.seed, "policy": plan.policy.to_dict(),
+                 "fingerprint": plan.fingerprint()},
     }
 
 
@@ -109,24 +109,24 @@ class TeacherWorker:
                  store: Optional[dict[str, Any]] = None):
         torch.set_num_threads(torch_threads(job["actors"], job["num_threads"]))
         label_map = LabelMap.from_dict(job["label_map"]) if job["label_map"] is not None else None
-        self.batches = self.plan = self.store = None
+        self.dataset = self.plan = self.store = None
         if data is not None:
             from .cache.attention_codec import StoreConfig
             from .cache.store import CacheError
 
             d, p = data["dataset"], data["plan"]
             label_map = LabelMap.from_dict(d["label_map"])
-            # the views come from the plan's policy (PlanBatches replays them with get_view)
+            # the views come from the plan's policy (replayed with get_view)
             policy = AugmentationPolicy.from_dict(p["policy"])
             dataset = CocoDetection(d["img_dir"], d["ann_file"], transforms=policy, label_map=label_map,
                                     strict=d["strict"], validate_files=d["validate_files"], log_report=False)
-            self.plan = ViewPlan.for_dataset(dataset, p["num_views"], p["batch_size"], p["seed"])
+            self.plan = ViewPlan.for_dataset(dataset, p["num_views"], p["seed"])
             if self.plan.fingerprint() != p["fingerprint"]:
                 # e.g. the annotation file changed between the driver and this worker, or another node
-                # sees other files: its batches would not be the driver's
+                # sees other files: its views would not be the driver's
                 raise CacheError(f"teacher actor rebuilt a different view plan from {d['ann_file']} "
                                  f"(fingerprint {self.plan.fingerprint()[:12]} != {p['fingerprint'][:12]})")
-            self.batches = PlanBatches(dataset, self.plan)
+            self.dataset = dataset
             self.store = StoreConfig.from_dict(store)
         self.device = torch.device(job["device"])
         model, _, _ = load_teacher(spec_from_dict(job["spec"]), label_map)
@@ -156,29 +156,28 @@ class TeacherWorker:
         return wire_to_numpy(out.to_wire())
 
     @torch.no_grad()
-    def compute(self, view: int, batch_ids: list[int]) -> dict[int, dict[str, np.ndarray]]:
-        """Cache: teacher outputs of plan batches ``batch_ids`` of view ``view``: ``{j: encode_batch(...)}`` as
-        numpy. ``gt_assignment [B,Nt]`` is the teacher's last-layer Hungarian matching to the batch targets;
-        ``image_index [B]`` the plan batch's dataset indices."""
+    def compute(self, view: int, indices: list[int]) -> dict[int, dict[str, np.ndarray]]:
+        """Cache: teacher outputs of view ``view`` of the images ``indices``, each run alone: ``{i:
+        encode_batch(...)}`` as numpy. ``gt_assignment [1,Nt]`` is the teacher's last-layer Hungarian matching
+        to the view's targets; ``image_index [1]`` is ``i``."""
         from .cache.attention_codec import encode_batch
 
-        if self.batches is None:
+        if self.dataset is None:
             raise RuntimeError("this teacher actor serves batches; it was not given a view plan to cache")
         out = {}
-        for j in batch_ids:
-            images, mask, targets = self.batches[(view, j)]
-            res = self.teacher(images.to(self.device), mask.to(self.device))
-            tgt = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
+        for i in indices:
+            image, target = self.dataset.get_view(int(i), self.plan.view(int(i), view))
+            res = self.teacher.view(image.to(self.device))
+            tgt = [{k: v.to(self.device) for k, v in target.items()}]
             idx = self.matcher({"pred_logits": res.logits[-1], "pred_boxes": res.boxes[-1]}, tgt)
             res.gt_assignment = indices_to_assignment(idx, res.num_queries)
-            index = torch.tensor(self.plan.batch(view, j), dtype=torch.int64)
-            out[int(j)] = wire_to_numpy(encode_batch(res, index, self.store))
+            out[int(i)] = wire_to_numpy(encode_batch(res, torch.tensor([int(i)], dtype=torch.int64), self.store))
         return out
 
-    def run_shard(self, name: str, view: int, batch_ids: list[int]) -> tuple[str, dict[int, dict[str, np.ndarray]], str]:
+    def run_shard(self, name: str, view: int, indices: list[int]) -> tuple[str, dict[int, dict[str, np.ndarray]], str]:
         """:meth:`compute` tagged with the shard name (``ActorPool`` returns results unordered) and the Ray node
         that computed it (hex id; ``""`` outside Ray), so the build can report the work done per node."""
-        return name, self.compute(view, batch_ids), _node_id()
+        return name, self.compute(view, indices), _node_id()
 
 
 def _node_id() -> str:

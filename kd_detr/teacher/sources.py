@@ -168,9 +168,10 @@ class CacheSource(TeacherSource):
         self.cache = cache
         self.reader = None
 
-    def open(self, dataset, label_map: LabelMap, image_size: Optional[int], batch_size: int):
-        """Open the cache for a run on ``dataset``, refusing one built for other data, labels, sizes, batch
-        size or teacher. Returns the :class:`~kd_detr.teacher.cache.CacheReader` (it also fixes the view plan)."""
+    def open(self, dataset, label_map: LabelMap, image_size: Optional[int]):
+        """Open the cache for a run on ``dataset``, refusing one built for other data, labels, sizes or teacher
+        (any batch size reads it: it holds one entry per image view). Returns the
+        :class:`~kd_detr.teacher.cache.CacheReader` (it also fixes the view plan)."""
         from .cache import CacheReader, sha256_file
         from .cache.store import images_problem
 
@@ -189,9 +190,6 @@ class CacheSource(TeacherSource):
             problems.append("label_map: the cache's label map differs from this run's (--label-map)")
         if ds.get("image_size") != image_size:
             problems.append(f"image_size: cache has {ds.get('image_size')}, this run uses {image_size} (--image-size)")
-        if m["plan"].get("batch_size") != batch_size:
-            problems.append(f"batch_size: the cache's plan batches hold {m['plan'].get('batch_size')} images, this "
-                            f"run uses train.batch_size = {batch_size} (a cached batch is only valid with its padding)")
         recorded = m["teacher"].get("transformers_version")
         if recorded:
             import transformers

@@ -18,6 +18,8 @@ Loss names (all unweighted in the loss dict; weights in :attr:`D3ETRLoss.weight_
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from typing import Any, Optional, Sequence
 
@@ -240,7 +242,10 @@ class D3ETRLoss(Method):
         return out
 
     def _kd_terms(self, group: str, layer: int, s_logits, s_boxes, s_sa, s_ca, teacher: TeacherOutputs,
-                  t_idx: Tensor, s_idx: Tensor) -> dict[str, Tensor]:
+                  t_idx: Tensor, s_idx: Tensor, crop: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """The KD terms of one student layer; ``crop [B,S]`` (per-view teacher): the student's cross-attention
+        keys over each image's own C5 grid (the others are zeroed: for ``kl`` the same as cropping, since the
+        teacher has no mass there)."""
         cfg, m = self.cfg, self.layer_map[layer]
         out: dict[str, Tensor] = {}
         prefix = f"distill.{group}"
@@ -257,8 +262,11 @@ class D3ETRLoss(Method):
                 continue
             if t_maps is None:
                 raise ValueError(f"distill.{a} is enabled but the teacher provided no attention maps")
+            s_layer = s_map[layer]
+            if kind == "cross" and crop is not None:
+                s_layer = s_layer * crop[:, None, None, :].to(s_layer.dtype)
             out[f"{prefix}.{a}.l{layer}"] = attention_distill(
-                s_map[layer], t_maps[m], t_idx, s_idx, kind=kind, loss=acfg.loss, per_head=acfg.per_head)
+                s_layer, t_maps[m], t_idx, s_idx, kind=kind, loss=acfg.loss, per_head=acfg.per_head)
         return {k: v for k, v in out.items() if k in self.weight_dict}
 
     def forward(self, outputs: dict[str, Any], teacher: TeacherOutputs, targets: Sequence[dict],
@@ -279,9 +287,13 @@ class D3ETRLoss(Method):
         if teacher.num_layers <= max(self.layer_map):
             raise ValueError(f"the teacher output has {teacher.num_layers} decoder layers but the layer map "
                              f"uses layer {max(self.layer_map)}")
-        if self.needs_attn and teacher.feature_size != tuple(outputs["feature_size"]):
-            raise ValueError(f"teacher C5 map {tuple(teacher.feature_size)} and student C5 map "
-                             f"{tuple(outputs['feature_size'])} differ: cross-attention maps cannot be compared")
+        crop = None
+        if self.needs_attn and teacher.cross_attn is not None:
+            # a teacher that saw each image alone has maps over each image's own C5 grid: put them on the
+            # student's padded grid and compare only the student's rows over each image's grid (the crop)
+            size = tuple(int(x) for x in outputs["feature_size"])
+            teacher = dataclasses.replace(teacher, cross_attn=teacher.cross_attn_on(size), feature_size=size)
+            crop = teacher.cross_attn_valid(size)
         losses: dict[str, Tensor] = {}
         layers = self.layers
         tm = [self.layer_map[layer] for layer in layers]
@@ -294,14 +306,15 @@ class D3ETRLoss(Method):
             for j, layer in enumerate(layers):
                 losses.update(self._kd_terms("adaptive", layer, s_logits[layer], s_boxes[layer],
                                              outputs.get("self_attn"), outputs.get("cross_attn"), teacher,
-                                             t_idx[j], s_idx[j]))
+                                             t_idx[j], s_idx[j], crop))
         if self.cfg.fixed:
             group = outputs["groups"][0]
             a_logits, a_boxes = stack_layers(group)
             ident = identity_matching(a_logits.shape[1], a_logits.shape[2], a_logits.device)
             for layer in layers:
                 losses.update(self._kd_terms("fixed", layer, a_logits[layer], a_boxes[layer],
-                                             group.get("self_attn"), group.get("cross_attn"), teacher, *ident))
+                                             group.get("self_attn"), group.get("cross_attn"), teacher, *ident,
+                                             crop=crop))
             if self.cfg.fixed_group.gt_loss:
                 if num_boxes is None:
                     num_boxes = self.criterion.num_boxes(targets, a_logits.device)

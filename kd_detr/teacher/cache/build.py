@@ -1,7 +1,7 @@
 """``kd-detr cache``: compute a teacher's outputs on a view plan with Ray actors and store them.
 
-The driver splits the plan into shards (``batches_per_shard`` consecutive plan batches of one view,
-``shard-00000.safetensors``, ... in a fixed order: view 0's batches first), hands the shards that the
+The driver splits the plan's image views into shards (``images_per_shard`` consecutive images of one view,
+``shard-00000.safetensors``, ... in a fixed order: view 0 of every image first), hands the shards that the
 manifest does not list yet to a :class:`ray.util.ActorPool` of :data:`~kd_detr.teacher.ray_actor.TeacherActor` s and writes each
 result with the one :class:`~kd_detr.teacher.cache.store.CacheWriter` as it arrives (actors only
 compute; a single writer keeps the manifest consistent).
@@ -13,11 +13,12 @@ compute; a single writer keeps the manifest consistent).
   from its start; a second build into the same folder fails at once, before starting Ray.
 * **Fault tolerant**: actors are created with a few restarts (:data:`~kd_detr.teacher.ray_actor.MAX_RESTARTS`),
   so an actor process that dies is restarted (reloading data and teacher) and its pending shard is computed
-  again; results are pure functions of (plan, teacher, view, batches), so nothing is lost or duplicated.
+  again; results are pure functions of (plan, teacher, view, images), so nothing is lost or duplicated.
   An actor that keeps dying ends the build with :class:`~kd_detr.teacher.ray_actor.TeacherActorError`.
-* **Identical to the in-process teacher**: an actor builds batch ``(k, j)`` with :class:`PlanBatches`
-  and runs :class:`~kd_detr.teacher.inprocess.InProcessTeacher`; a ``full`` float32 cache holds exactly those numbers (on CPU, with
-  the same intra-op thread count: see ``num_threads``).
+* **Identical to the in-process teacher**: an actor replays view ``k`` of image ``i`` with the plan and runs
+  :meth:`~kd_detr.teacher.inprocess.InProcessTeacher.view` on it alone, as the in-process and Ray teachers
+  do for each image of a batch; a ``full`` float32 cache holds exactly those numbers (on CPU, with the same
+  intra-op thread count: see ``num_threads``). No entry depends on a batch: any batch size reads the cache.
 """
 
 from __future__ import annotations
@@ -86,25 +87,25 @@ def cache_header(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, stor
 
 @dataclass(frozen=True)
 class ShardTask:
-    """One shard: plan batches ``batches`` of view ``view``, stored in file ``name``."""
+    """One shard: view ``view`` of the images ``images`` (dataset indices), stored in file ``name``."""
 
     name: str
     view: int
-    batches: tuple[int, ...]
+    images: tuple[int, ...]
 
 
-def plan_shards(plan: ViewPlan, batches_per_shard: int) -> list[ShardTask]:
-    """Every shard of ``plan``, in a fixed order: views in order, each view's batches cut into groups
-    of ``batches_per_shard``; shard ``n`` is ``shard-{n:05d}.safetensors``. A rerun with the same
-    plan and ``batches_per_shard`` names the same batches the same way (what resuming relies on)."""
-    if batches_per_shard < 1:
-        raise ValueError(f"batches_per_shard must be >= 1, got {batches_per_shard}")
+def plan_shards(plan: ViewPlan, images_per_shard: int) -> list[ShardTask]:
+    """Every shard of ``plan``, in a fixed order: views in order, each view's images (in data set order) cut
+    into groups of ``images_per_shard``; shard ``n`` is ``shard-{n:05d}.safetensors``. A rerun with the same
+    plan and ``images_per_shard`` names the same image views the same way (what resuming relies on)."""
+    if images_per_shard < 1:
+        raise ValueError(f"images_per_shard must be >= 1, got {images_per_shard}")
     tasks = []
-    nb = plan.num_batches()
+    n = plan.num_images
     for k in range(plan.num_views):
-        for start in range(0, nb, batches_per_shard):
-            js = tuple(range(start, min(start + batches_per_shard, nb)))
-            tasks.append(ShardTask(f"shard-{len(tasks):05d}.safetensors", k, js))
+        for start in range(0, n, images_per_shard):
+            tasks.append(ShardTask(f"shard-{len(tasks):05d}.safetensors", k,
+                                   tuple(range(start, min(start + images_per_shard, n)))))
     return tasks
 
 
@@ -115,22 +116,22 @@ def plan_shards(plan: ViewPlan, batches_per_shard: int) -> list[ShardTask]:
 
 
 def build_cache(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, out: Union[str, os.PathLike],
-                store: Union[StoreConfig, str], *, actors: int = 1, batches_per_shard: int = 8,
+                store: Union[StoreConfig, str], *, actors: int = 1, images_per_shard: int = 32,
                 address: Optional[str] = None, progress: bool = True, image_size: Optional[int] = None,
                 num_gpus: Optional[float] = None, num_threads: Optional[int] = None,
                 on_actors: Optional[Callable[[list], None]] = None) -> dict[str, Any]:
-    """Compute and store the teacher outputs of every plan batch not yet in the cache ``out``.
+    """Compute and store the teacher outputs of every image view of ``plan`` not yet in the cache ``out``.
 
     Args:
         spec: the teacher.
         dataset: the training data set (with the plan's augmentation policy).
-        plan: the view plan (every view, every batch is stored).
+        plan: the view plan (every view of every image is stored).
         out: the cache folder (created; an existing cache of the same header is resumed).
         store: a :class:`StoreConfig` or an ``--attention`` spec (``none`` | ``full`` | ``topk:k``; dense
             class logits). Its fields (``class_topk`` and ``class_rest`` included) go into the manifest's
             ``store`` section, so resuming with another store config is refused naming the field.
         actors: teacher actors (each holds a model; one GPU each when the cluster has GPUs).
-        batches_per_shard: plan batches per shard file (keep it fixed across resumes).
+        images_per_shard: image views per shard file (keep it fixed across resumes).
         address: Ray cluster (default ``$RAY_ADDRESS``, else a local Ray with ``max(2, actors)`` CPUs);
             ignored when Ray is already initialised (then Ray is also left running).
         progress: show a progress bar with images/s.
@@ -151,11 +152,8 @@ def build_cache(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, out: 
         raise ValueError(f"the view plan covers {plan.num_images} images but the data set has {len(dataset)}")
     if actors < 1:
         raise ValueError(f"actors must be >= 1, got {actors}")
-    tasks = plan_shards(plan, batches_per_shard)
+    tasks = plan_shards(plan, images_per_shard)
     coco_ids = dataset.image_ids  # a property that builds the list: once
-
-    def shard_images(t: ShardTask) -> list[int]:
-        return [i for j in t.batches for i in plan.batch(t.view, j)]
 
     # the folder's lock first: a second build into the same folder fails here, before any work
     lock = CacheLock(out)
@@ -203,7 +201,7 @@ def build_cache(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, out: 
                 if on_actors is not None:
                     on_actors(handles)
                 total_images = plan.num_views * plan.num_images
-                bar = Progress(total=total_images, initial=total_images - sum(len(shard_images(t)) for t in todo),
+                bar = Progress(total=total_images, initial=total_images - sum(len(t.images) for t in todo),
                                enabled=progress, desc="teacher cache")
                 t0 = time.perf_counter()
                 startup = t0 - t_start
@@ -211,16 +209,16 @@ def build_cache(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, out: 
                     pool = ActorPool(handles)
                     by_name = {t.name: t for t in todo}
                     for t in todo:  # the pool queues them and hands one to each idle actor
-                        pool.submit(lambda a, t: a.run_shard.remote(t.name, t.view, list(t.batches)), t)
+                        pool.submit(lambda a, t: a.run_shard.remote(t.name, t.view, list(t.images)), t)
                     while pool.has_next():
                         try:
-                            name, batches, node = pool.get_next_unordered()
+                            name, entries, node = pool.get_next_unordered()
                         except RayActorError as e:  # restarts used up: the actor is gone for good
                             raise teacher_actor_error(e) from None
                         t = by_name[name]
-                        ids = shard_images(t)
-                        writer.write_shard(name, t.view, {j: {k: from_numpy(a) for k, a in b.items()}
-                                                          for j, b in batches.items()},
+                        ids = list(t.images)
+                        writer.write_shard(name, t.view, {i: {k: from_numpy(a) for k, a in e.items()}
+                                                          for i, e in entries.items()},
                                            [coco_ids[i] for i in ids])
                         computed += len(ids)
                         by_node[node] = by_node.get(node, 0) + len(ids)
@@ -270,19 +268,19 @@ def _stored_sizes(manifest: Optional[dict[str, Any]]) -> Optional[dict[str, int]
 
 def _pending(tasks: list[ShardTask], writer: CacheWriter) -> tuple[list[ShardTask], int]:
     """``(shards still to compute, number already complete)``. A listed shard must hold exactly the
-    batches this run would put in it: otherwise the cache was started with another
-    ``batches_per_shard`` and resuming would store some batches twice."""
+    image views this run would put in it: otherwise the cache was started with another
+    ``images_per_shard`` and resuming would store some views twice."""
     entries = {e["file"]: e for e in writer.manifest["shards"]}
-    done_batches = writer.done_batches()
+    done_views = writer.done_views()
     todo, skipped = [], 0
     for t in tasks:
         entry = entries.get(t.name)
-        if entry is not None and int(entry["view"]) == t.view and tuple(entry["batches"]) == t.batches:
+        if entry is not None and int(entry["view"]) == t.view and tuple(entry["images"]) == t.images:
             skipped += 1
             continue
-        if entry is not None or any((t.view, j) in done_batches for j in t.batches):
-            raise CacheError(f"{Path(writer.root)}: shard {t.name} (view {t.view}, batches {list(t.batches)}) does "
-                             "not match the cache's shards; it was built with another batches_per_shard: resume "
-                             "with the same value, or use a new folder")
+        if entry is not None or any((i, t.view) in done_views for i in t.images):
+            raise CacheError(f"{Path(writer.root)}: shard {t.name} (view {t.view}, images {t.images[0]}.."
+                             f"{t.images[-1]}) does not match the cache's shards; it was built with another "
+                             "images_per_shard (--images-per-shard): resume with the same value, or use a new folder")
         todo.append(t)
     return todo, skipped

@@ -4,7 +4,11 @@ Layout of a cache folder (see ``docs/teacher_cache.md``)::
 
     manifest.json            the header (teacher, dataset, plan, store) + the list of complete shards
     queries.safetensors      the teacher's query_embed [Nt, d], stored once
-    shard-00000.safetensors  tensors b{j}.{key} of some plan batches j of one view
+    shard-00000.safetensors  tensors i{i}.{key}: the teacher's outputs for view k of images i (one k per shard)
+
+One entry per (image, view): the teacher saw the view alone, so an entry does not depend on any batch and a
+cache serves any batch size, number of processes and nodes (format version 2; version 1 stored padded
+batches and is refused).
 
 Consistency rules:
 
@@ -54,7 +58,7 @@ __all__ = ["CACHE_FORMAT", "FORMAT_VERSION", "MANIFEST", "QUERIES", "LOCK", "IMA
            "dataset_fingerprint", "images_problem"]
 
 CACHE_FORMAT = "kd-detr-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 QUERIES = "queries.safetensors"
 LOCK = ".lock"
@@ -227,8 +231,11 @@ def _read_manifest(root: Path) -> dict[str, Any]:
                          f"{manifest.get('format') if isinstance(manifest, dict) else None!r}, "
                          f"expected {CACHE_FORMAT!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
+        old = (" (version 1 stored the teacher's outputs per padded batch, valid only at the batch size it was "
+               "built with; version 2 stores each image view alone and serves any batch size)"
+               if manifest.get("format_version") == 1 else "")
         raise CacheError(f"{path}: cache format version {manifest.get('format_version')!r}, this kd-detr reads "
-                         f"version {FORMAT_VERSION}: rebuild the cache with `kd-detr cache`")
+                         f"version {FORMAT_VERSION}{old}: rebuild the cache with `kd-detr cache`")
     missing = [k for k in (*HEADER_SECTIONS, "shards") if k not in manifest]
     if missing:
         raise CacheError(f"{path}: manifest lacks {missing}")
@@ -240,21 +247,21 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         manifest["store"] = store_section_defaults(manifest["store"])
     for i, entry in enumerate(manifest["shards"]):
         if not isinstance(entry, Mapping) or any(k not in entry for k in ("file", "sha256", "bytes", "view",
-                                                                           "batches", "image_ids")):
-            raise CacheError(f"{path}: shard entry {i} lacks file/sha256/bytes/view/batches/image_ids: {entry!r}")
+                                                                           "images", "image_ids")):
+            raise CacheError(f"{path}: shard entry {i} lacks file/sha256/bytes/view/images/image_ids: {entry!r}")
         _inside(root, entry["file"], f"shard entry {i}", path)
     _inside(root, QUERIES, "the queries file", path)
     return manifest
 
 
-def _batch_index(manifest: Mapping[str, Any], where: Path) -> dict[tuple[int, int], dict[str, Any]]:
-    """``(view, j) -> shard entry``; a batch listed twice is an error (which copy would be right?)."""
+def _view_index(manifest: Mapping[str, Any], where: Path) -> dict[tuple[int, int], dict[str, Any]]:
+    """``(i, k) -> shard entry``; an image view listed twice is an error (which copy would be right?)."""
     index: dict[tuple[int, int], dict[str, Any]] = {}
     for entry in manifest["shards"]:
-        for j in entry["batches"]:
-            key = (int(entry["view"]), int(j))
+        for i in entry["images"]:
+            key = (int(i), int(entry["view"]))
             if key in index:
-                raise CacheError(f"{where / MANIFEST}: batch {key[1]} of view {key[0]} is listed in both "
+                raise CacheError(f"{where / MANIFEST}: view {key[1]} of image {key[0]} is listed in both "
                                  f"{index[key]['file']} and {entry['file']}")
             index[key] = entry
     return index
@@ -503,10 +510,10 @@ class CacheWriter:
         with self._lock:
             return {e["file"] for e in self.manifest["shards"]}
 
-    def done_batches(self) -> set[tuple[int, int]]:
-        """``(view, j)`` of every batch in a complete shard."""
+    def done_views(self) -> set[tuple[int, int]]:
+        """``(i, k)`` of every image view in a complete shard."""
         with self._lock:
-            return {(int(e["view"]), int(j)) for e in self.manifest["shards"] for j in e["batches"]}
+            return {(int(i), int(e["view"])) for e in self.manifest["shards"] for i in e["images"]}
 
     def write_queries(self, query_embed: Tensor) -> None:
         """Store the teacher's ``query_embed [Nt, d]`` once; an existing file must hold the same tensor."""
@@ -532,53 +539,55 @@ class CacheWriter:
         meta.update({k: str(v) for k, v in extra.items()})
         return meta
 
-    def write_shard(self, name: str, view: int, batches: Mapping[int, Mapping[str, Tensor]],
+    def write_shard(self, name: str, view: int, entries: Mapping[int, Mapping[str, Tensor]],
                     image_ids: list[int]) -> dict[str, Any]:
-        """Write shard ``name`` with plan batches ``batches`` (``j -> tensors of encode_batch``) of view
-        ``view``, then list it in the manifest.
+        """Write shard ``name`` with the entries of view ``view`` of some images (``i -> tensors of
+        encode_batch`` of that view alone), then list it in the manifest.
 
         Args:
             name: file name inside the cache, e.g. ``shard-00012.safetensors`` (the caller decides
-                which batches go in which shard).
-            image_ids: the dataset image ids of the shard's images, in batch order (for ``cache info``
-                and debugging; readers go by ``image_index`` inside each batch).
+                which image views go in which shard).
+            entries: dataset index ``i`` -> the stored tensors of view ``view`` of image ``i``.
+            image_ids: the dataset image ids of those images, in the order of ``sorted(entries)`` (for
+                ``cache info`` and debugging).
         Returns:
-            the manifest entry ``{"file", "sha256", "bytes", "view", "batches", "image_ids"}``.
+            the manifest entry ``{"file", "sha256", "bytes", "view", "images", "image_ids"}``.
         """
         if not _SHARD_NAME.match(name) or name == QUERIES:
             raise ValueError(f"shard name must be a plain '<name>.safetensors' file name, got {name!r}")
-        if not batches:
-            raise ValueError(f"shard {name}: no batches to write")
+        if not entries:
+            raise ValueError(f"shard {name}: no image views to write")
         view = int(view)
         required = batch_keys(self.store)
         tensors: dict[str, Tensor] = {}
-        num_images = 0
-        for j, batch in sorted(batches.items()):
-            j = int(j)
-            missing = [k for k in required if k not in batch]
+        for i, entry in sorted(entries.items()):
+            i = int(i)
+            missing = [k for k in required if k not in entry]
             if missing:
-                raise ValueError(f"shard {name}: batch {j} of view {view} lacks {missing} "
+                raise ValueError(f"shard {name}: view {view} of image {i} lacks {missing} "
                                  f"(store {self.store.spec} needs {list(required)})")
-            for k, t in batch.items():
-                tensors[f"b{j}.{k}"] = t.detach().to("cpu").contiguous()
-            num_images += int(batch["image_index"].numel())
-        if len(image_ids) != num_images:
-            raise ValueError(f"shard {name}: {len(image_ids)} image_ids for {num_images} images in its batches")
-        js = sorted(int(j) for j in batches)
+            if entry["image_index"].numel() != 1 or int(entry["image_index"].reshape(-1)[0]) != i:
+                raise ValueError(f"shard {name}: the entry of image {i} holds image_index "
+                                 f"{entry['image_index'].tolist()} (one view alone, of image {i}, expected)")
+            for k, t in entry.items():
+                tensors[f"i{i}.{k}"] = t.detach().to("cpu").contiguous()
+        images = sorted(int(i) for i in entries)
+        if len(image_ids) != len(images):
+            raise ValueError(f"shard {name}: {len(image_ids)} image_ids for {len(images)} image views")
         with self._lock:
             listed = {e["file"] for e in self.manifest["shards"]}
             if name in listed:
                 raise CacheError(f"{self.root / name} is already complete (shards are write-once)")
-            taken = {(int(e["view"]), int(j)): e["file"] for e in self.manifest["shards"] for j in e["batches"]}
-            dup = [j for j in js if (view, j) in taken]
+            taken = {(int(i), int(e["view"])): e["file"] for e in self.manifest["shards"] for i in e["images"]}
+            dup = [i for i in images if (i, view) in taken]
             if dup:
-                raise CacheError(f"shard {name}: batches {dup} of view {view} are already in "
-                                 f"{sorted({taken[(view, j)] for j in dup})}")
+                raise CacheError(f"shard {name}: view {view} of images {dup} is already in "
+                                 f"{sorted({taken[(i, view)] for i in dup})}")
 
         digest: dict[str, Any] = {}
 
         def write(tmp: str) -> None:
-            save_file(tensors, tmp, metadata=self._metadata(view=view, batches=json.dumps(js)))
+            save_file(tensors, tmp, metadata=self._metadata(view=view, images=json.dumps(images)))
             digest["sha256"] = sha256_file(tmp)  # hashed before the rename, from the page cache
             digest["bytes"] = os.path.getsize(tmp)
 
@@ -592,7 +601,7 @@ class CacheWriter:
         except (OSError, SafetensorError) as e:
             raise _write_error(self.root / name, "shard", e) from None
         entry = {"file": name, "sha256": digest["sha256"], "bytes": digest["bytes"], "view": view,
-                 "batches": js, "image_ids": [int(i) for i in image_ids]}
+                 "images": images, "image_ids": [int(i) for i in image_ids]}
         with self._lock:
             self.manifest["shards"].append(entry)
             try:
@@ -629,7 +638,7 @@ class CacheReader:
                                  + "\n  ".join(problems))
         self.store = StoreConfig.from_dict(self._manifest["store"])
         self.verify_shards = verify_shards
-        self._index = _batch_index(self._manifest, self.root)
+        self._index = _view_index(self._manifest, self.root)
         self._handles: dict[str, Any] = {}
         self._verified: set[str] = set()
         self._queries: Optional[Tensor] = None
@@ -655,15 +664,15 @@ class CacheReader:
         return self.store
 
     def keys(self) -> list[tuple[int, int]]:
-        """Every stored ``(view, j)``, sorted."""
+        """Every stored ``(i, k)`` (image index, view), sorted."""
         return sorted(self._index)
 
-    def has(self, view: int, j: int) -> bool:
-        return (int(view), int(j)) in self._index
+    def has(self, i: int, k: int) -> bool:
+        return (int(i), int(k)) in self._index
 
-    def missing(self, plan_batches: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-        """The ``(view, j)`` of ``plan_batches`` that the cache does not hold, in the given order."""
-        return [(int(v), int(j)) for v, j in plan_batches if (int(v), int(j)) not in self._index]
+    def missing(self, views: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The ``(i, k)`` of ``views`` that the cache does not hold, in the given order."""
+        return [(int(i), int(k)) for i, k in views if (int(i), int(k)) not in self._index]
 
     # -- data
 
@@ -690,19 +699,19 @@ class CacheReader:
         self._handles[name] = handle
         return handle
 
-    def batch(self, view: int, j: int) -> dict[str, Tensor]:
-        """The stored tensors of plan batch ``j`` of view ``view`` (keys of :func:`batch_keys`, CPU)."""
-        entry = self._index.get((int(view), int(j)))
+    def entry(self, i: int, k: int) -> dict[str, Tensor]:
+        """The stored tensors of view ``k`` of image ``i`` (keys of :func:`batch_keys`, CPU, ``B = 1``)."""
+        entry = self._index.get((int(i), int(k)))
         if entry is None:
-            raise CacheError(f"the teacher cache {self.root} is incomplete: it has no batch {j} of view {view} "
+            raise CacheError(f"the teacher cache {self.root} is incomplete: it has no view {k} of image {i} "
                              f"(run `kd-detr cache` again to finish it)")
         handle = self._open(entry)
-        prefix = f"b{int(j)}."
-        names = [k for k in handle.keys() if k.startswith(prefix)]
+        prefix = f"i{int(i)}."
+        names = [name for name in handle.keys() if name.startswith(prefix)]
         if not names:
-            raise CacheError(f"teacher cache shard {self.root / entry['file']} has no tensors for batch {j} "
-                             f"of view {view} although {MANIFEST} lists it")
-        return {k[len(prefix):]: handle.get_tensor(k) for k in names}
+            raise CacheError(f"teacher cache shard {self.root / entry['file']} has no tensors for view {k} "
+                             f"of image {i} although {MANIFEST} lists it")
+        return {name[len(prefix):]: handle.get_tensor(name) for name in names}
 
     def queries(self) -> Tensor:
         """The teacher's ``query_embed [Nt, d]``."""
@@ -714,9 +723,10 @@ class CacheReader:
                 self._queries = f.get_tensor("query_embed")
         return self._queries
 
-    def teacher_outputs(self, view: int, j: int) -> TeacherOutputs:
-        """:class:`TeacherOutputs` (float32, CPU) of plan batch ``j`` of view ``view``."""
-        return decode_batch(self.batch(view, j), self.store, self.queries())
+    def view_outputs(self, i: int, k: int) -> TeacherOutputs:
+        """:class:`TeacherOutputs` (float32, CPU, ``B = 1``) of view ``k`` of image ``i``, as the teacher gave
+        them for the view alone (cross-attention over the view's own C5 grid)."""
+        return decode_batch(self.entry(i, k), self.store, self.queries())
 
     def close(self) -> None:
         self._handles.clear()
@@ -737,7 +747,7 @@ def verify_cache(root: str | os.PathLike) -> list[str]:
     root = Path(root)
     try:
         manifest = _read_manifest(root)
-        _batch_index(manifest, root)
+        _view_index(manifest, root)
     except CacheError as e:
         return [str(e)]
     problems: list[str] = []
@@ -789,10 +799,10 @@ def verify_cache(root: str | os.PathLike) -> list[str]:
             problems.append(f"{entry['file']}: header metadata (format {meta.get('format')!r}, view "
                             f"{meta.get('view')!r}, plan {meta.get('plan_fingerprint')!r}) does not match "
                             f"the manifest (view {entry['view']}, plan {fingerprint!r})")
-        for j in entry["batches"]:
-            lacking = [k for k in required if f"b{j}.{k}" not in keys]
+        for i in entry["images"]:
+            lacking = [k for k in required if f"i{i}.{k}" not in keys]
             if lacking:
-                problems.append(f"{entry['file']}: batch {j} of view {entry['view']} lacks {lacking}")
+                problems.append(f"{entry['file']}: view {entry['view']} of image {i} lacks {lacking}")
     return problems
 
 
@@ -803,7 +813,6 @@ def cache_info(root: str | os.PathLike) -> str:
     store = StoreConfig.from_dict(m["store"])
     teacher, dataset, plan = m["teacher"], m["dataset"], m["plan"]
     shards = m["shards"]
-    num_batches = sum(len(e["batches"]) for e in shards)
     image_views = sum(len(e["image_ids"]) for e in shards)
     shard_bytes = sum(int(e["bytes"]) for e in shards)
     qpath = root / QUERIES
@@ -811,7 +820,7 @@ def cache_info(root: str | os.PathLike) -> str:
         + (root / MANIFEST).stat().st_size
     per_view: dict[int, int] = {}
     for e in shards:
-        per_view[int(e["view"])] = per_view.get(int(e["view"]), 0) + len(e["batches"])
+        per_view[int(e["view"])] = per_view.get(int(e["view"]), 0) + len(e["images"])
     sha = str(teacher.get("checkpoint_sha256") or "")
     lines = [
         f"teacher cache {root}",
@@ -821,11 +830,11 @@ def cache_info(root: str | os.PathLike) -> str:
         + (f" in {dataset['image_dir']}" if dataset.get("image_dir") else "")
         + (f", image fingerprint {str(dataset[IMAGES_FINGERPRINT])[:12]}" if dataset.get(IMAGES_FINGERPRINT)
            else ", no image fingerprint (older cache: rebuild it to distil from it)"),
-        f"  plan:     K={plan.get('num_views', '?')} views, B={plan.get('batch_size', '?')}, "
-        f"seed {plan.get('seed', '?')}, fingerprint {str(plan.get('fingerprint', '?'))[:12]}",
+        f"  plan:     K={plan.get('num_views', '?')} views per image (one entry per image view: any batch "
+        f"size), seed {plan.get('seed', '?')}, fingerprint {str(plan.get('fingerprint', '?'))[:12]}",
         f"  store:    {store.describe()}",
-        f"  content:  {len(shards)} shards, {num_batches} batches, {image_views} image views"
-        + (f" (batches per view: {', '.join(f'{v}: {n}' for v, n in sorted(per_view.items()))})"
+        f"  content:  {len(shards)} shards, {image_views} image views"
+        + (f" (images per view: {', '.join(f'{v}: {n}' for v, n in sorted(per_view.items()))})"
            if per_view else ""),
         f"  size:     {_human(total)} total ({total} bytes), "
         + (f"{_human(shard_bytes / image_views)} per image view" if image_views else "no image views yet"),
