@@ -30,14 +30,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from kd_detr import data as kd_data  # noqa: E402
 from kd_detr.criterion import SetCriterion, weighted_total  # noqa: E402
-from kd_detr.data.view_plan import PlanBatches, ViewPlan  # noqa: E402
+from kd_detr.data.view_plan import PlanViews, ViewPlan  # noqa: E402
 from kd_detr.engine.recipe import load_recipe  # noqa: E402
 from kd_detr.engine.step import batch_losses  # noqa: E402
 from kd_detr.engine.trainer import param_groups  # noqa: E402
 from kd_detr.methods import build_methods  # noqa: E402
 from kd_detr.methods.d3etr import D3ETRLoss  # noqa: E402
 from kd_detr.models import DetectorRequest, build_model, save_model  # noqa: E402
-from kd_detr.teacher import InProcessTeacher  # noqa: E402
+from kd_detr.teacher import InProcessTeacher, TeacherOutputs  # noqa: E402
 
 TEACHER = ("cond_detr_r18_tiny", {"dec_layers": 2, "num_queries": 30})  # same depth/queries as the student
 STUDENT = ("cond_detr_r10_tiny", {})
@@ -56,7 +56,7 @@ def _median_time(fn, rounds: int, warmup: int = 1) -> float:
 class Steps:
     """Baseline / d3etr (in-process, cached, served) / objective steps on the same batches."""
 
-    def __init__(self, dataset, plan, teacher_model, recipe_overrides=()):
+    def __init__(self, dataset, plan, teacher_model, recipe_overrides=(), batch: int = 8):
         torch.manual_seed(0)
         self.student = build_model(STUDENT[0], num_classes=dataset.label_map.num_classes, **STUDENT[1]).train()
         self.teacher_model = teacher_model
@@ -66,7 +66,11 @@ class Steps:
         self.kd = D3ETRLoss(self.recipe.distill, self.student.config, teacher_model.config, self.criterion)
         self.teacher = InProcessTeacher(teacher_model, attn=self.kd.attn_mode)
         self.opt = torch.optim.AdamW(param_groups(self.student, 1e-4, 1e-5, 1e-4), lr=1e-4)
-        self.batches = PlanBatches(dataset, plan)
+        views = PlanViews(dataset, plan)
+        # batch j of view 0: images j*B .. (j+1)*B - 1, each with its recorded view 0
+        self.batches = {(0, j): PlanViews.collate([views[(i, 0)] for i in range(j * batch, min((j + 1) * batch,
+                                                                                               plan.num_images))])
+                        for j in range(2)}
 
     def _update(self, loss, extra=()):
         self.opt.zero_grad(set_to_none=True)
@@ -123,7 +127,7 @@ def main() -> None:
                                       progress=False)
     ds = kd_data.CocoDetection(data / "train2017", data / "annotations" / "instances_train2017.json",
                                transforms=kd_data.make_policy(True, args.size), log_report=False)
-    plan = ViewPlan.for_dataset(ds, num_views=2, batch_size=args.batch, seed=0)
+    plan = ViewPlan.for_dataset(ds, num_views=2, seed=0)
     torch.manual_seed(1)
     teacher_model = build_model(TEACHER[0], num_classes=ds.label_map.num_classes, **TEACHER[1])
     teacher_path = work / "teacher.safetensors"
@@ -140,23 +144,24 @@ def main() -> None:
     spec = resolve_teacher(TEACHER[0], str(teacher_path))
     for actors in (1, 2):
         s = build_cache(spec, ds, plan, work / f"cache{actors}", StoreConfig.parse("topk:32"), actors=actors,
-                        batches_per_shard=2, progress=False, image_size=args.size, num_threads=max(1, 2 // actors))
+                        images_per_shard=2 * args.batch, progress=False, image_size=args.size, num_threads=max(1, 2 // actors))
         res[f"cache_build_images_per_s[{actors} actor]"] = s["images_per_s"]
     section_bytes(res)
     reader = CacheReader(work / "cache1")
-    keys = plan.all_batches()
-    loader = torch.utils.data.DataLoader(PlanBatches(ds, plan, reader), batch_size=None, sampler=keys, num_workers=1,
-                                         collate_fn=lambda b: b)
+    keys = plan.all_views()
+    batches = [keys[b:b + args.batch] for b in range(0, len(keys), args.batch)]
+    loader = torch.utils.data.DataLoader(PlanViews(ds, plan, reader), batch_sampler=batches, num_workers=1,
+                                         collate_fn=PlanViews.collate)
     t0 = time.perf_counter()
     n = sum(1 for _ in loader)
     res["cache_read_batches_per_s (images + teacher, 1 worker)"] = n / (time.perf_counter() - t0)
     t0 = time.perf_counter()
-    for k, j in keys:
-        reader.teacher_outputs(k, j)
-    res["cache_read_teacher_only_batches_per_s"] = len(keys) / (time.perf_counter() - t0)
+    for batch_keys in batches:
+        TeacherOutputs.stack_views([reader.view_outputs(i, k) for i, k in batch_keys])
+    res["cache_read_teacher_only_batches_per_s"] = len(batches) / (time.perf_counter() - t0)
 
     # ---- steps side by side on the same plan batches
-    steps = Steps(ds, plan, teacher_model)
+    steps = Steps(ds, plan, teacher_model, batch=args.batch)
     batch = steps.batches[(0, 0)]
     given = steps.teacher(batch[0], batch[1])  # computed once, outside the timing
     from kd_detr.teacher.ray_serving import RayTeacherServer
@@ -167,7 +172,8 @@ def main() -> None:
         "d3etr_inprocess": lambda: steps.d3etr(batch),
         "d3etr_given_teacher": lambda: steps.d3etr(batch, teacher_out=given),
         # read + decode in the step itself (the loader workers overlap it with compute in real runs)
-        "d3etr_cache": lambda: steps.d3etr(batch, teacher_out=reader.teacher_outputs(0, 0)),
+        "d3etr_cache": lambda: steps.d3etr(batch, teacher_out=TeacherOutputs.stack_views(
+            [reader.view_outputs(i, 0) for i in range(args.batch)])),
         "d3etr_ray_served": lambda: steps.d3etr(batch, teacher=server),
     }
     t = {}

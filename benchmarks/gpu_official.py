@@ -66,6 +66,7 @@ from distill_step import Bench  # noqa: E402  (models, recipe, optimiser and ran
 
 from kd_detr.engine.step import batch_losses  # noqa: E402
 from kd_detr.matcher import HungarianMatcher, indices_to_assignment  # noqa: E402
+from kd_detr.teacher import TeacherOutputs  # noqa: E402
 from kd_detr.teacher.cache.attention_codec import StoreConfig, decode_batch, encode_batch  # noqa: E402
 
 OFFICIAL = {"teacher": "cond_detr_r101", "student": "cond_detr_r50", "size": "800x1066", "batches": "2,8",
@@ -110,19 +111,28 @@ class OfficialBench(Bench):
         self.scaler.update()
 
     def prepare_cache(self) -> int:
-        """Outside the timer: the teacher's outputs of the batch and its last-layer GT assignment, encoded as
-        a cache stores them (float32 teacher, as the cache actors run it), kept on the CPU. Returns bytes."""
-        out = self.teacher(self.images, self.mask)
-        idx = HungarianMatcher()({"pred_logits": out.logits[-1], "pred_boxes": out.boxes[-1]}, self.targets)
-        out.gt_assignment = indices_to_assignment(idx, out.num_queries)
-        index = torch.arange(self.images.shape[0], dtype=torch.int64)
-        self.stored = {k: v.cpu() for k, v in encode_batch(out, index, self.store).items()}
-        self.query_embed = out.query_embed.detach().float().cpu()  # stored once per cache
-        return sum(v.numel() * v.element_size() for v in self.stored.values())
+        """Outside the timer: the teacher's outputs of each image of the batch alone and its last-layer GT
+        assignment, encoded as a cache stores them (one entry per image view; float32 teacher, as the cache
+        actors run it), kept on the CPU. Returns bytes."""
+        from kd_detr.teacher.inprocess import image_regions
+
+        self.stored, total = [], 0
+        for b, image in enumerate(image_regions(self.images, self.mask)):
+            out = self.teacher.view(image)
+            idx = HungarianMatcher()({"pred_logits": out.logits[-1], "pred_boxes": out.boxes[-1]},
+                                     self.targets[b:b + 1])
+            out.gt_assignment = indices_to_assignment(idx, out.num_queries)
+            entry = {k: v.cpu() for k, v in encode_batch(out, torch.tensor([b]), self.store).items()}
+            self.stored.append(entry)
+            total += sum(v.numel() * v.element_size() for v in entry.values())
+            self.query_embed = out.query_embed.detach().float().cpu()  # stored once per cache
+        return total
 
     def decode(self):
-        """What the step pays for a cached batch: decode on the CPU, then the move to the device."""
-        return decode_batch(self.stored, self.store, self.query_embed).to(self.args.device)
+        """What the step pays for a cached batch: decode each image's entry on the CPU, stack (the loader
+        workers do both in a run), then the move to the device."""
+        return TeacherOutputs.stack_views([decode_batch(e, self.store, self.query_embed)
+                                           for e in self.stored]).to(self.args.device)
 
     def cache_step(self):
         teacher_out = self.decode()
@@ -238,7 +248,7 @@ def cache_child(cfg: dict) -> dict:
     store = StoreConfig.parse(cfg["attention"])
     config, t_label_map, t_image_size = describe_teacher(spec, dataset.label_map)
     check_teacher_fits(spec, t_label_map, t_image_size, dataset.label_map, config.num_classes, image_size)
-    plan = ViewPlan.for_dataset(dataset, num_views=cfg["views"], batch_size=cfg["batch"], seed=0)
+    plan = ViewPlan.for_dataset(dataset, num_views=cfg["views"], seed=0)
     # the local Ray build_cache would start (2 CPUs), started here to fail fast when it sees no GPU (an actor
     # asking for one would wait forever); build_cache then leaves it running, so its start-up excludes Ray's
     t = time.perf_counter()
@@ -248,7 +258,7 @@ def cache_child(cfg: dict) -> dict:
         gpus = ray.cluster_resources().get("GPU", 0)
         if cfg["gpu"] and gpus < 1:
             raise SystemExit(f"cache build: Ray sees no GPU (cluster resources {ray.cluster_resources()})")
-        summary = build_cache(spec, dataset, plan, work / "cache", store, actors=1, batches_per_shard=8,
+        summary = build_cache(spec, dataset, plan, work / "cache", store, actors=1, images_per_shard=16,
                               progress=False, image_size=image_size, num_gpus=1 if cfg["gpu"] else 0)
     finally:
         shutdown_ray(started)

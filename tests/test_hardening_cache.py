@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from kd_detr.data import CocoDetection, make_policy
-from kd_detr.data.view_plan import PlanBatches, ViewPlan
+from kd_detr.data.view_plan import PlanViews, ViewPlan
 from kd_detr.models import build_model, save_model
 from kd_detr.models.checkpoint import save_official_checkpoint
 from kd_detr.teacher.cache import CacheError, CacheReader, CacheWriter, StoreConfig, encode_batch, verify_cache
@@ -64,7 +64,7 @@ def world(synth_data, tmp_path_factory):
     path = tmp / "teacher.safetensors"
     save_model(teacher, path, label_map=ds.label_map, extra_metadata={"image_size": 64})
     spec = resolve_teacher("cond_detr_r10_tiny", str(path))
-    plan = ViewPlan.for_dataset(ds, num_views=2, batch_size=4, seed=0)
+    plan = ViewPlan.for_dataset(ds, num_views=2, seed=0)
     return data, ds, plan, path, spec
 
 
@@ -72,13 +72,13 @@ def _build(world, root, **kw):
     from kd_detr.teacher.cache.build import build_cache
 
     _, ds, plan, _, spec = world
-    return build_cache(spec, ds, plan, root, StoreConfig.parse("none"), actors=1, batches_per_shard=3,
+    return build_cache(spec, ds, plan, root, StoreConfig.parse("none"), actors=1, images_per_shard=12,
                        progress=False, image_size=64, num_threads=1, **kw)
 
 
 @pytest.fixture(scope="module")
 def built(world, tmp_path_factory, ray_session):
-    """A complete cache of ``world`` (2 views x 6 batches, 3 batches per shard: 4 shards), built once."""
+    """A complete cache of ``world`` (2 views x 24 images, 12 image views per shard: 4 shards), built once."""
     root = tmp_path_factory.mktemp("built") / "cache"
     summary = _build(world, root)
     assert summary["shards_written"] == 4 and verify_cache(root) == []
@@ -196,7 +196,7 @@ def test_writer_resume_drops_a_corrupt_shard(tmp_path, caplog):
 def test_cache_rerun_rebuilds_a_corrupt_shard(world, built, tmp_path, caplog):
     root = _copy(built, tmp_path / "cache")
     shard = root / "shard-00001.safetensors"
-    good = {j: {k: v.clone() for k, v in CacheReader(root).batch(0, j).items()} for j in (3, 4, 5)}  # view 0
+    good = {i: {k: v.clone() for k, v in CacheReader(root).entry(i, 0).items()} for i in range(12, 24)}  # view 0
     _flip_byte(shard)
     assert verify_cache(root)  # corrupt
     with caplog.at_level(logging.WARNING, logger="kd_detr.teacher.cache"):
@@ -207,9 +207,9 @@ def test_cache_rerun_rebuilds_a_corrupt_shard(world, built, tmp_path, caplog):
     entry = {e["file"]: e for e in _manifest(root)["shards"]}["shard-00001.safetensors"]
     assert _sha(shard) == entry["sha256"]  # rewritten (the corrupt bytes are gone) ...
     reader = CacheReader(root)
-    for j, want in good.items():  # ... with the same numbers
-        got = reader.batch(0, j)
-        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), j
+    for i, want in good.items():  # ... with the same numbers
+        got = reader.entry(i, 0)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), i
 
 
 # --------------------------------------------------------------- 3. no paths out of the cache folder
@@ -443,7 +443,7 @@ def _dying_actor(**options):
         def forward(self, images, mask):
             os._exit(1)
 
-        def run_shard(self, name, view, batch_ids):
+        def run_shard(self, name, view, indices):
             os._exit(1)
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
@@ -456,7 +456,8 @@ def test_teacher_actor_dying_on_every_call_ends_serving(world, ray_session, monk
 
     _, ds, plan, _, spec = world
     monkeypatch.setattr(ray_serving, "TeacherActor", _dying_actor())
-    images, mask, _ = PlanBatches(ds, plan)[(0, 0)]
+    views = PlanViews(ds, plan)
+    images, mask, _ = PlanViews.collate([views[(i, 0)] for i in range(4)])
     server = ray_serving.RayTeacherServer(spec, "none", actors=1, prefetch=0, num_threads=1)
     try:
         t0 = time.monotonic()

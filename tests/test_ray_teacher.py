@@ -28,8 +28,8 @@ import torch
 ray = pytest.importorskip("ray")
 
 from kd_detr.data import CocoDetection, make_policy  # noqa: E402
-from kd_detr.data.view_plan import PlanBatches, ViewPlan  # noqa: E402
-from kd_detr.teacher import InProcessTeacher  # noqa: E402
+from kd_detr.data.view_plan import PlanViews, ViewPlan  # noqa: E402
+from kd_detr.teacher import InProcessTeacher, TeacherOutputs  # noqa: E402
 from kd_detr.teacher.loading import load_teacher, resolve_teacher  # noqa: E402
 from kd_detr.models import build_model, save_model  # noqa: E402
 from kd_detr.teacher.ray_serving import RayTeacherServer  # noqa: E402
@@ -57,8 +57,8 @@ def _dataset(synth_data):
 
 @pytest.fixture(scope="module")
 def setup(synth_data, tmp_path_factory, ray_session):
-    """``(spec, dataset, plan, reference)``: ``reference[(k, j)]`` the in-process teacher's outputs
-    (per-head attention, 1 thread) on plan batch ``(k, j)``."""
+    """``(spec, dataset, plan, reference)``: ``reference[(i, k)]`` the in-process teacher's outputs
+    (per-head attention, 1 thread) on view ``k`` of image ``i`` alone."""
     ds = _dataset(synth_data)
     torch.manual_seed(7)
     teacher = build_model("cond_detr_r10_tiny", num_classes=ds.label_map.num_classes, num_queries=10,
@@ -66,25 +66,25 @@ def setup(synth_data, tmp_path_factory, ray_session):
     path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
     save_model(teacher, path, label_map=ds.label_map, extra_metadata={"image_size": 64})
     spec = resolve_teacher("cond_detr_r10_tiny", str(path))
-    plan = ViewPlan.for_dataset(ds, num_views=2, batch_size=4, seed=0)
+    plan = ViewPlan.for_dataset(ds, num_views=2, seed=0)
     model, _, _ = load_teacher(spec, ds.label_map)
     in_proc = InProcessTeacher(model, attn="per_head")
-    batches = PlanBatches(ds, plan)
+    views = PlanViews(ds, plan)
     with _threads(1):
-        reference = {key: in_proc(*batches[key][:2]) for key in plan.all_batches()}
+        reference = {key: in_proc.view(views[key][0]) for key in plan.all_views()}
     return spec, ds, plan, reference
 
 
 def _check_complete(root, ds, plan):
-    """Every (image, view) is stored exactly once, batch (k, j) holds the plan's images, cache verifies."""
+    """Every (image, view) is stored exactly once, each entry holds its image's index, cache verifies."""
     manifest = json.loads((root / "manifest.json").read_text())
     seen = collections.Counter((e["view"], i) for e in manifest["shards"] for i in e["image_ids"])
     want = {(k, i) for k in range(plan.num_views) for i in ds.image_ids}
     assert set(seen) == want and set(seen.values()) == {1}, seen
     reader = CacheReader(root)
-    assert reader.keys() == sorted(plan.all_batches())
-    for k, j in plan.all_batches():
-        assert reader.batch(k, j)["image_index"].tolist() == plan.batch(k, j)
+    assert reader.keys() == sorted(plan.all_views())
+    for i, k in plan.all_views():
+        assert reader.entry(i, k)["image_index"].tolist() == [i]
     assert verify_cache(root) == []
     return reader
 
@@ -115,7 +115,7 @@ def test_cache_full_float32_is_the_in_process_teacher(setup, tmp_path):
     spec, ds, plan, reference = setup
     root = tmp_path / "full"
     store = StoreConfig.parse("full", dtype="float32", heads="per_head")
-    summary = build_cache(spec, ds, plan, root, store, actors=1, batches_per_shard=4, progress=False,
+    summary = build_cache(spec, ds, plan, root, store, actors=1, images_per_shard=12, progress=False,
                           image_size=64, num_threads=1)
     assert summary["shards_total"] == 2 * 2 and summary["shards_written"] == 4 and summary["shards_skipped"] == 0
     assert summary["images"] == 2 * 24 and summary["images_per_s"] > 0
@@ -128,13 +128,13 @@ def test_cache_full_float32_is_the_in_process_teacher(setup, tmp_path):
     assert header["teacher"]["checkpoint_sha256"] == hashlib.sha256(spec.checkpoint.read_bytes()).hexdigest()
     assert header["plan"]["fingerprint"] == plan.fingerprint()
     for key, ref in reference.items():
-        got = reader.teacher_outputs(*key)
+        got = reader.view_outputs(*key)
         for f in FIELDS:
             assert torch.equal(getattr(got, f), getattr(ref, f)), (key, f)
         assert got.feature_size == ref.feature_size
-        assert got.gt_assignment.shape == (len(plan.batch(*key)), 10)
+        assert got.gt_assignment.shape == (1, 10)
     # a rerun finds everything done and computes nothing
-    again = build_cache(spec, ds, plan, root, store, actors=1, batches_per_shard=4, progress=False,
+    again = build_cache(spec, ds, plan, root, store, actors=1, images_per_shard=12, progress=False,
                         image_size=64, num_threads=1)
     assert again["shards_written"] == 0 and again["shards_skipped"] == 4 and again["images"] == 0
     assert again["device"] is None  # recognised from the manifest: no actor was started
@@ -155,10 +155,10 @@ _BUILD_SCRIPT = textwrap.dedent("""
     address, data, teacher, out = sys.argv[1:5]
     ds = CocoDetection(data + "/train2017", data + "/annotations/instances_train2017.json",
                        transforms=make_policy(True, 64), label_map="contiguous", log_report=False)
-    plan = ViewPlan.for_dataset(ds, num_views=2, batch_size=4, seed=0)
+    plan = ViewPlan.for_dataset(ds, num_views=2, seed=0)
     build.build_cache(resolve_teacher("cond_detr_r10_tiny", teacher), ds, plan, out,
                       StoreConfig.parse("full", dtype="float32", heads="per_head"), actors=1,
-                      batches_per_shard=1, address=address, progress=False, image_size=64, num_threads=1)
+                      images_per_shard=4, address=address, progress=False, image_size=64, num_threads=1)
 """)
 
 
@@ -183,10 +183,10 @@ def test_interrupted_build_resumes(setup, synth_data, tmp_path):
         if proc.poll() is None:
             proc.kill()
     before = _shard_state(root)
-    total = 2 * plan.num_batches()
+    total = 2 * 24 // 4
     assert 1 <= len(before) < total
     summary = build_cache(spec, ds, plan, root, StoreConfig.parse("full", dtype="float32", heads="per_head"),
-                          actors=1, batches_per_shard=1, progress=False, image_size=64, num_threads=1)
+                          actors=1, images_per_shard=4, progress=False, image_size=64, num_threads=1)
     assert summary["shards_skipped"] == len(before)
     assert summary["shards_written"] == total - len(before)
     assert summary["images_skipped"] + summary["images"] == 2 * 24
@@ -194,7 +194,7 @@ def test_interrupted_build_resumes(setup, synth_data, tmp_path):
     assert {f: after[f] for f in before} == before  # finished shards untouched
     reader = _check_complete(root, ds, plan)
     for key, ref in reference.items():
-        assert torch.equal(reader.teacher_outputs(*key).cross_attn, ref.cross_attn), key
+        assert torch.equal(reader.view_outputs(*key).cross_attn, ref.cross_attn), key
 
 
 def test_killed_actor_loses_and_duplicates_nothing(setup, tmp_path, slow_writes):
@@ -224,14 +224,14 @@ def test_killed_actor_loses_and_duplicates_nothing(setup, tmp_path, slow_writes)
         record["thread"] = threading.Thread(target=run, daemon=True)
         record["thread"].start()
 
-    summary = build_cache(spec, ds, plan, root, store, actors=2, batches_per_shard=1, progress=False,
+    summary = build_cache(spec, ds, plan, root, store, actors=2, images_per_shard=4, progress=False,
                           image_size=64, num_threads=1, on_actors=kill_one)
     record["thread"].join(timeout=30)
     assert record.get("new_pid") not in (None, record["pid"])  # the actor really died and came back
-    assert summary["shards_written"] == 2 * plan.num_batches() and summary["images"] == 2 * 24
+    assert summary["shards_written"] == 2 * 24 // 4 and summary["images"] == 2 * 24
     reader = _check_complete(root, ds, plan)
     for key, ref in reference.items():
-        got = reader.teacher_outputs(*key)
+        got = reader.view_outputs(*key)
         assert torch.equal(got.logits, ref.logits) and torch.equal(got.boxes, ref.boxes), key
         # top-4 per row, renormalised: exactly the codec applied to the in-process maps
         for name, n in (("self_attn", 10), ("cross_attn", ref.feature_size[0] * ref.feature_size[1])):
@@ -241,8 +241,10 @@ def test_killed_actor_loses_and_duplicates_nothing(setup, tmp_path, slow_writes)
 
 def test_ray_teacher_server_prefetches_in_order(setup):
     spec, ds, plan, reference = setup
-    keys = plan.all_batches()[:4]
-    batches = PlanBatches(ds, plan)
+    views = PlanViews(ds, plan)
+    # four padded batches of recorded views (images of different sizes: each is run alone by the actors)
+    keys = [tuple(plan.all_views()[4 * b + n] for n in range(4)) for b in range(4)]
+    batches = {key: PlanViews.collate([views[v] for v in key]) for key in keys}
     pulled = []
 
     def source():
@@ -252,7 +254,7 @@ def test_ray_teacher_server_prefetches_in_order(setup):
 
     server = RayTeacherServer(spec, "per_head", actors=2, prefetch=2, num_threads=1)
     try:
-        assert torch.equal(server.query_embed, reference[keys[0]].query_embed)
+        assert torch.equal(server.query_embed, reference[keys[0][0]].query_embed)
         assert server.config.num_queries == 10
         results = []
         for i, (images, mask, targets, out) in enumerate(server.prefetching(source())):
@@ -262,13 +264,15 @@ def test_ray_teacher_server_prefetches_in_order(setup):
         assert len(results) == len(keys)
         for key, (images, targets, out) in zip(keys, results):
             assert torch.equal(images, batches[key][0])
-            assert [t["image_id"].item() for t in targets] == [ds.image_ids[i] for i in plan.batch(*key)]
+            assert [t["image_id"].item() for t in targets] == [ds.image_ids[i] for i, _ in key]
+            want = TeacherOutputs.stack_views([reference[v] for v in key])  # each view alone, then stacked
             for f in FIELDS:
-                assert torch.equal(getattr(out, f), getattr(reference[key], f)), (key, f)
-            assert out.feature_size == reference[key].feature_size
+                assert torch.equal(getattr(out, f), getattr(want, f)), (key, f)
+            assert out.feature_size == want.feature_size and torch.equal(out.image_grids, want.image_grids)
         # synchronous use, like InProcessTeacher
         images, mask, _ = batches[keys[0]]
-        assert torch.equal(server(images, mask).logits, reference[keys[0]].logits)
+        want = TeacherOutputs.stack_views([reference[v] for v in keys[0]])
+        assert torch.equal(server(images, mask).logits, want.logits)
     finally:
         server.close()
     assert server.actors == []
