@@ -565,8 +565,9 @@ def _parse_seeds(text: str, option: str) -> list[int]:
 @click.option("--num-train", type=int, default=None, hidden=True)
 @click.option("--num-val", type=int, default=None, hidden=True)
 @click.option("--parallel", type=click.IntRange(min=1), default=None,
-              help="Student runs at a time (cores / N threads each) [default: 1, the published table]; 2 is "
-                   "faster on a 2-core CPU but gives slightly different figures (other thread count).")
+              help="Student runs at a time on a CPU machine, cores / N threads each [default: 2 where there are "
+                   "2 or more cores: the published table; 0.64x the wall time of one after another on 2 cores]. "
+                   "Another value gives slightly different figures (other thread count).")
 @click.option("--no-progress", is_flag=True)
 def quickstart_cmd(out, iters, seed, seeds, train_teacher, teacher_iters, views, actors, num_train, num_val,
                    parallel, no_progress) -> None:

@@ -12,6 +12,7 @@ Every step is resumable: a rerun reuses the data, the teacher, the cache and fin
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -51,6 +52,10 @@ def teacher_train_config(data_dir: Path, out: Path, iters: int, seed: int = 0, p
                        checkpoint_every=1000, progress=progress)
 
 
+# Student runs at a time on a CPU machine with at least this many cores (the published figures' setting).
+QUICKSTART_PARALLEL = 2
+
+
 def run_quickstart(out: Path, iters: int = 2000, seed: int = 0, echo: Callable[[str], None] = print,
                    train_teacher: bool = False, teacher_iters: int = TEACHER_ITERS, views: int = 2, actors: int = 2,
                    num_train: Optional[int] = None, num_val: Optional[int] = None, progress: bool = True,
@@ -64,6 +69,10 @@ def run_quickstart(out: Path, iters: int = 2000, seed: int = 0, echo: Callable[[
     from .compare import CompareConfig, compare, format_table
 
     out = Path(out)
+    if parallel is None:
+        # the two student runs side by side, one thread each: tiny models scale poorly across threads, so on
+        # 2 cores this takes 0.64x the wall time of one after another (benchmarks/compare_parallel.py)
+        parallel = QUICKSTART_PARALLEL if (os.cpu_count() or 1) >= QUICKSTART_PARALLEL else 1
     seeds = list(seeds) if seeds else [seed]
     seed = seeds[0]
     data_params = dict(QUICKSTART_DATA)
@@ -222,7 +231,6 @@ def write_teacher_card(checkpoint: Path, dest: Path, data_dir: Path, data_params
 
 
 def _machine() -> str:
-    import os
     import platform
 
     return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch threads as `kd-detr train` sets them"
