@@ -498,7 +498,7 @@ def test_teacher_actor_that_cannot_load_is_one_line(world, ray_session, tmp_path
     with pytest.raises(TeacherActorError) as e:  # a model name the file does not hold: refused in __init__
         RayTeacherServer(dataclasses.replace(spec, checkpoint=bad, model="cond_detr_r18_tiny"), "none",
                          num_threads=1)
-    assert "could not load the teacher" in str(e.value) and "cond_detr_r18_tiny" in str(e.value)
+    assert "could not start" in str(e.value) and "cond_detr_r18_tiny" in str(e.value)
     assert "\n" not in str(e.value)
 
 

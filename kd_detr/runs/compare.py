@@ -11,6 +11,7 @@ redone on a rerun; an interrupted one resumes; a failed one is reported as faile
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -63,6 +64,11 @@ class CompareConfig:
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):  # from asdict() across a process boundary
             self.data = DataSpec(**self.data)
+        # Ray workers run in the directory of `ray start` (on a cluster, not the user's): every path absolute
+        self.out = _absolute(self.out)
+        self.teacher_checkpoint = _absolute(self.teacher_checkpoint)
+        self.teacher_cache = _absolute(self.teacher_cache)
+        self.data = dataclasses.replace(self.data, **{k: _absolute(v) for k, v in self.data.paths().items()})
         if not self.recipes:
             raise ValueError("--recipes: give at least one recipe")
         if len(set(self.recipes)) != len(self.recipes):
@@ -184,7 +190,10 @@ def run_all(cfg: CompareConfig) -> list[dict[str, Any]]:
         else:  # a CPU machine: `parallel` runs at once, sharing the cores (default: one at a time, all cores)
             total = max(1, int(resources.get("CPU", 1)))
             parallel = max(1, min(cfg.parallel or 1, len(todo), total))
-            cpus = max(1, total // parallel)
+            # a run is one task on one node: never ask for more CPUs than the largest node has (a cluster
+            # of small nodes would leave the task pending forever)
+            largest = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=total)
+            cpus = max(1, min(total // parallel, largest))
             cfg_dict = {**cfg_dict, "threads": cpus}
             log.info("%d run(s) at a time, %d CPU thread(s) each", parallel, cpus)
         task = ray.remote(num_gpus=1 if gpu else 0, num_cpus=cpus, max_retries=0)(run_one)
@@ -192,6 +201,11 @@ def run_all(cfg: CompareConfig) -> list[dict[str, Any]]:
         return done + ray.get(refs)
     finally:
         shutdown_ray(started)
+
+
+def _absolute(path: Optional[str]) -> Optional[str]:
+    """``path`` made absolute against this process's working directory (``None`` stays ``None``)."""
+    return None if path is None else str(Path(path).expanduser().absolute())
 
 
 # --------------------------------------------------------------------------- reading the runs

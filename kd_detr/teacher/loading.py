@@ -49,7 +49,8 @@ def spec_to_dict(spec: TeacherSpec) -> dict[str, Any]:
     """Every field of a :class:`TeacherSpec` as plain data, for other processes (``TeacherSpec.to_dict`` is
     a lossy summary for run records)."""
     d = dataclasses.asdict(spec)
-    d["checkpoint"] = str(spec.checkpoint)
+    # absolute: the other process may run elsewhere (a Ray worker runs in the directory of `ray start`)
+    d["checkpoint"] = str(Path(spec.checkpoint).absolute()) if spec.checkpoint else spec.checkpoint
     return d
 
 

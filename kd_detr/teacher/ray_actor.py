@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -62,8 +63,8 @@ def teacher_actor_error(e: BaseException) -> TeacherActorError:
         lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
         errors = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception)\b", ln)]
         cause = _one_line(errors[-1] if errors else (lines[-1] if lines else type(e).__name__))
-        return TeacherActorError(f"the teacher actor could not load the teacher (last error: {cause}): check the "
-                                 "teacher checkpoint and card")
+        return TeacherActorError(f"the teacher actor could not start (last error: {cause}): check the teacher "
+                                 "checkpoint and card, and that the data and checkpoint paths exist on every Ray node")
     detail = re.search(r"Worker exit detail: (.*?)(?: There are some potential root causes| Some common causes|$)",
                        " ".join(msg.split()))
     last = detail.group(1) if detail else (msg.strip().splitlines()[-1] if msg.strip() else type(e).__name__)
@@ -87,7 +88,8 @@ def plan_job(dataset: CocoDetection, plan: ViewPlan) -> dict[str, Any]:
     (they rebuild both and check the plan's fingerprint)."""
     rep = dataset.report
     return {
-        "dataset": {"img_dir": str(dataset.img_dir), "ann_file": str(dataset.ann_file),
+        # absolute: actors run in the directory of `ray start` on a cluster, not the driver's
+        "dataset": {"img_dir": str(Path(dataset.img_dir).absolute()), "ann_file": str(Path(dataset.ann_file).absolute()),
                     "label_map": dataset.label_map.to_dict(), "strict": bool(dataset.strict),
                     # a data set built with validate_files dropped unreadable images: do the same
                     "validate_files": rep.num_kept_images != rep.num_images},

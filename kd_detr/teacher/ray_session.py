@@ -102,7 +102,15 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
     address = address or env
     if address and address != "local":
         check_ray_reachable(address, source)
-        ray.init(address=address, logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except ConnectionError as e:
+            # the port answers (checked above) but Ray does not let us in: most often token authentication,
+            # which `ray start` turns on when ~/.ray/auth_token exists and which only address "auto" picks up
+            raise ValueError(f"cannot join the Ray cluster at {address} (from {source}): "
+                             f"{' '.join(str(e).split())[:200]}: if the cluster uses token authentication, "
+                             "set RAY_AUTH_MODE=token (and the cluster's token), or use RAY_ADDRESS=auto on its "
+                             "head node") from None
     else:
         # address="local": a new local Ray, never the cluster of an old `ray start` (whose record may be stale)
         quiet = _QuietTokenNotice()
