@@ -272,14 +272,14 @@ def test_cache_and_compare_on_a_two_node_cluster(two_node_cluster, synth_data, t
 
     assert verify_cache(cache) == []
 
-    # 3. compare on the same cluster, distilling from that cache: two recipes side by side, one run per node
-    #    (--parallel 2: one CPU per run. Without it compare asks for one task of all the cluster's CPUs, 2,
-    #    which no 1-CPU node can hold: Ray leaves it pending as infeasible and the command never ends)
+    # 3. compare on the same cluster, distilling from that cache, with the default --parallel and paths relative
+    #    to the command's folder: the runs are Ray tasks on the nodes, whose workers run in the folder of
+    #    `ray start`, and each asks for at most the CPUs of one node (both once made the command fail or hang)
     cmp_out = tmp_path / "cmp"
-    rc, out, pid = _kd_detr(["compare", "--teacher-cache", str(cache), "--student", "cond_detr_r10_tiny",
+    rc, out, pid = _kd_detr(["compare", "--teacher-cache", "cache", "--student", "cond_detr_r10_tiny",
                              "--student-opt", "num_queries=10", "--student-opt", "dim_feedforward=128",
                              "--recipes", "baseline,d3etr", "--budget", "2", "--eval-points", "1", *data,
-                             "--num-workers", "0", "--parallel", "2", "--out", str(cmp_out), "--no-progress",
+                             "--num-workers", "0", "--out", "cmp", "--no-progress",
                              "--set", "train.batch_size=4"], cluster, tmp_path)
     assert rc == 0, out[-4000:]
     assert "| baseline |" in out and "| d3etr |" in out, out[-4000:]
