@@ -14,6 +14,11 @@ import click
 
 from kd_detr.runs.quickstart import TEACHER_ITERS as QUICKSTART_TEACHER_ITERS  # light: no torch at import
 
+# `kd-detr cache`'s storage defaults: kd_detr.teacher.cache.attention_codec.DEFAULT_ATTENTION_SPEC /
+# DEFAULT_CLASSES_SPEC, spelled out here so that `--help` does not import torch (a test asserts they agree)
+DEFAULT_ATTENTION_SPEC = "topk:14"
+DEFAULT_CLASSES_SPEC = "topk:4"
+
 
 def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
@@ -330,11 +335,13 @@ def distill_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_serve, teach
 @click.option("--views", type=int, default=4, show_default=True, help="Recorded augmentation views per image (K).")
 @click.option("--view-seed", type=int, default=0, show_default=True)
 @click.option("--actors", type=int, default=1, show_default=True, help="Ray teacher actors (one GPU each when GPUs exist).")
-@click.option("--attention", default="topk:32", show_default=True, help="none | full | topk:K (keys kept per query row).")
+@click.option("--attention", default=DEFAULT_ATTENTION_SPEC, show_default=True,
+              help="none | full | topk:K[:REST] (keys kept per query row; the others rebuilt from REST = uniform, "
+                   "the row's remaining mass spread evenly (default), or renorm).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--heads", type=click.Choice(["mean", "per_head"]), default="mean", show_default=True,
               help="Store attention maps averaged over heads or per head.")
-@click.option("--classes", default="dense", show_default=True,
+@click.option("--classes", default=DEFAULT_CLASSES_SPEC, show_default=True,
               help="Class logits: dense | topk:K | topk:K:REST (each query's K largest logits; the other "
                    "classes rebuilt from REST = floor | mean_logit | mean_prob, default mean_prob).")
 @click.option("--images-per-shard", type=int, default=32, show_default=True,

@@ -132,3 +132,17 @@ def test_quickstart_runs_the_whole_flow_end_to_end(tmp_path, ray_session):
     # a rerun reuses everything and prints the same table
     res = run(*args)
     assert "[5/5]" in res.output and (qs / "compare" / "comparison.md").read_text() == table
+
+
+def test_cache_storage_defaults_are_the_codecs():
+    """`kd-detr cache --help` spells the defaults out (no torch import); they must be the codec's, which fit the
+    default d3etr recipe's cache in 0.25 MB per view at the official sizes."""
+    from kd_detr import cli
+    from kd_detr.teacher.cache import StoreConfig, bytes_per_view
+    from kd_detr.teacher.cache.attention_codec import DEFAULT_ATTENTION_SPEC, DEFAULT_CLASSES_SPEC
+
+    assert (cli.DEFAULT_ATTENTION_SPEC, cli.DEFAULT_CLASSES_SPEC) == (DEFAULT_ATTENTION_SPEC, DEFAULT_CLASSES_SPEC)
+    store = StoreConfig.parse(DEFAULT_ATTENTION_SPEC, classes=DEFAULT_CLASSES_SPEC)
+    assert store.attn_rest == "uniform" and store.class_rest == "mean_prob"
+    assert bytes_per_view(store) == 244_820 <= 250_000
+    assert bytes_per_view(store) * 3 <= bytes_per_view(StoreConfig.parse("topk:32"))  # a third of the old default

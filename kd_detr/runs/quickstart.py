@@ -248,6 +248,7 @@ def _build_cache(teacher_ckpt: Path, data_dir: Path, cache_dir: Path, views: int
     from kd_detr.data.view_plan import ViewPlan
     from kd_detr.teacher import resolve_teacher
     from kd_detr.teacher.cache import StoreConfig
+    from kd_detr.teacher.cache.attention_codec import DEFAULT_ATTENTION_SPEC, DEFAULT_CLASSES_SPEC
     from kd_detr.teacher.cache.build import build_cache
 
     size = QUICKSTART_DATA["image_size"]
@@ -255,5 +256,6 @@ def _build_cache(teacher_ckpt: Path, data_dir: Path, cache_dir: Path, views: int
                                transforms=kd_data.make_policy(True, size), log_report=False)
     plan = ViewPlan.for_dataset(ds, num_views=views, seed=seed)
     spec = resolve_teacher(TEACHER, str(teacher_ckpt))
-    build_cache(spec, ds, plan, cache_dir, StoreConfig.parse("topk:16"), actors=actors, images_per_shard=64,
+    store = StoreConfig.parse(DEFAULT_ATTENTION_SPEC, classes=DEFAULT_CLASSES_SPEC)  # what `kd-detr cache` stores
+    build_cache(spec, ds, plan, cache_dir, store, actors=actors, images_per_shard=64,
                 progress=progress, image_size=size, num_threads=1)

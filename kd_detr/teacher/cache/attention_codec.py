@@ -5,8 +5,12 @@ fp16 self-attention ≈ 1.1 MB and cross-attention ≈ 3–4 MB, 8x that per hea
 
 * ``none``: not at all (recipes without attention distillation),
 * ``full``: dense, in ``float16`` or ``float32``, averaged over heads (``mean``, ``H = 1``) or per head,
-* ``topk:k``: per query row the ``k`` largest probabilities and their key indices; on load the row is
-  rebuilt densely (zeros elsewhere) and renormalised to sum 1.
+* ``topk:k[:REST]``: per query row the ``k`` largest probabilities and their key indices; on load the row
+  is rebuilt densely with the other keys set by ``REST``: ``uniform`` (the default) spreads the row's
+  remaining mass ``1 - sum(top-k)`` evenly over them, so the row keeps its mass and its tail; ``renorm``
+  sets them to zero and rescales the top-k to sum 1 (what caches did before). Nothing more is stored for
+  either. Measured by ``benchmarks/cache_store_kd.py`` (docs/teacher_cache.md): with ``topk:14`` on the
+  quickstart teacher, ``renorm`` moves the self-attention KD term by 11.5% and ``uniform`` by 0.6%.
 
 Class logits are stored dense (``--classes dense``, the default) or as each query's top-k classes plus
 one value for the others (``--classes topk:k[:rest]``; codec in :mod:`.class_codec`).
@@ -28,11 +32,20 @@ from kd_detr.teacher.outputs import TeacherOutputs
 from .class_codec import (CLASS_REST_SCHEMES, DEFAULT_CLASS_REST, class_bytes, class_keys, decode_class_logits,
                           encode_class_logits)
 
-__all__ = ["DTYPES", "ATTENTION_MODES", "HEAD_MODES", "StoreConfig", "encode_attention", "decode_attention",
+__all__ = ["DTYPES", "ATTENTION_MODES", "ATTENTION_REST_SCHEMES", "DEFAULT_ATTENTION_SPEC", "DEFAULT_CLASSES_SPEC",
+           "HEAD_MODES", "StoreConfig", "encode_attention", "decode_attention",
            "encode_batch", "decode_batch", "batch_keys", "bytes_per_view", "store_section_defaults"]
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 ATTENTION_MODES = ("none", "full", "topk")
+ATTENTION_REST_SCHEMES = ("uniform", "renorm")  # how a topk row's other keys are rebuilt
+DEFAULT_ATTENTION_REST = "uniform"
+
+# What `kd-detr cache` stores unless told otherwise: the default d3etr recipe's cache at the official sizes in
+# 244,820 bytes per view (the issue's budget: 0.25 MB; 0.30x the 806,416 of topk:32 with dense classes), with
+# every KD term within 1% of a dense float32 cache's (benchmarks/cache_store_kd.py, docs/teacher_cache.md).
+DEFAULT_ATTENTION_SPEC = "topk:14"
+DEFAULT_CLASSES_SPEC = "topk:4"
 HEAD_MODES = ("mean", "per_head")
 
 # int16 holds key indices up to 32767: enough for self-attention (300 queries) and for the C5 map of
@@ -55,6 +68,8 @@ class StoreConfig:
             section already has ``classes``, the teacher's class count.
         class_rest: how the non-top-k classes are rebuilt (``floor`` | ``mean_logit`` | ``mean_prob``,
             see :mod:`.class_codec`); ``None`` picks the default scheme; normalised to ``"none"`` when dense.
+        attn_rest: how a ``topk`` attention row's other keys are rebuilt (``uniform`` | ``renorm``, see the
+            module docstring); ``None`` picks ``uniform``; normalised to ``"none"`` unless ``topk``.
     """
 
     dtype: str = "float16"
@@ -63,6 +78,7 @@ class StoreConfig:
     heads: str = "mean"
     class_topk: int = 0
     class_rest: Optional[str] = None
+    attn_rest: Optional[str] = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -74,8 +90,13 @@ class StoreConfig:
         if self.attention == "topk":
             if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1:
                 raise ValueError(f"store attention topk needs k >= 1, got topk={self.topk!r}")
+            if self.attn_rest is None:
+                self.attn_rest = DEFAULT_ATTENTION_REST
+            elif self.attn_rest not in ATTENTION_REST_SCHEMES:
+                raise ValueError(f"store attn_rest must be one of {ATTENTION_REST_SCHEMES}, got {self.attn_rest!r}")
         else:
             self.topk = 0
+            self.attn_rest = "none"
         if isinstance(self.class_topk, bool) or not isinstance(self.class_topk, int) or self.class_topk < 0:
             raise ValueError(f"store class_topk must be 0 (dense) or k >= 1, got {self.class_topk!r}")
         if self.class_topk == 0:
@@ -88,22 +109,26 @@ class StoreConfig:
     @classmethod
     def parse(cls, attention_spec: str, dtype: str = "float16", heads: str = "mean",
               classes: str = "dense") -> "StoreConfig":
-        """``none`` | ``full`` | ``topk:K`` (the ``--attention`` option) and ``dense`` | ``topk:K[:REST]``
+        """``none`` | ``full`` | ``topk:K[:REST]`` (the ``--attention`` option) and ``dense`` | ``topk:K[:REST]``
         (the ``--classes`` option) -> :class:`StoreConfig`."""
         spec = str(attention_spec).strip().lower()
-        usage = f"--attention must be none, full or topk:K (K a positive integer), got {attention_spec!r}"
+        usage = (f"--attention must be none, full or topk:K[:REST] (K a positive integer, REST one of "
+                 f"{', '.join(ATTENTION_REST_SCHEMES)}), got {attention_spec!r}")
         class_topk, class_rest = cls.parse_classes(classes)
         common = dict(dtype=dtype, heads=heads, class_topk=class_topk, class_rest=class_rest)
         if spec in ("none", "full"):
             return cls(attention=spec, topk=0, **common)
         if spec.startswith("topk:"):
+            parts = spec.split(":")
+            if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ATTENTION_REST_SCHEMES):
+                raise ValueError(usage)
             try:
-                k = int(spec[len("topk:"):])
+                k = int(parts[1])
             except ValueError:
                 raise ValueError(usage) from None
             if k < 1:
                 raise ValueError(usage)
-            return cls(attention="topk", topk=k, **common)
+            return cls(attention="topk", topk=k, attn_rest=parts[2] if len(parts) == 3 else None, **common)
         raise ValueError(usage)
 
     @staticmethod
@@ -128,8 +153,8 @@ class StoreConfig:
 
     @property
     def spec(self) -> str:
-        """The ``--attention`` spelling: ``none`` | ``full`` | ``topk:K``."""
-        return f"topk:{self.topk}" if self.attention == "topk" else self.attention
+        """The ``--attention`` spelling: ``none`` | ``full`` | ``topk:K:REST``."""
+        return f"topk:{self.topk}:{self.attn_rest}" if self.attention == "topk" else self.attention
 
     @property
     def classes_spec(self) -> str:
@@ -158,9 +183,11 @@ class StoreConfig:
         """From a manifest ``store`` section; other keys (``layers``, ``queries``, ...) are ignored. A section
         without ``class_topk`` (a cache written before class top-k existed) reads as dense."""
         rest = d.get("class_rest")
+        attn_rest = d.get("attn_rest")
         return cls(dtype=d.get("dtype", "float16"), attention=d.get("attention", "none"),
                    topk=int(d.get("topk") or 0), heads=d.get("heads", "mean"),
-                   class_topk=int(d.get("class_topk") or 0), class_rest=None if rest in (None, "none") else rest)
+                   class_topk=int(d.get("class_topk") or 0), class_rest=None if rest in (None, "none") else rest,
+                   attn_rest=None if attn_rest in (None, "none") else attn_rest)
 
 
 def store_section_defaults(store: Mapping[str, Any]) -> dict[str, Any]:
@@ -170,6 +197,7 @@ def store_section_defaults(store: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(store)
     out.setdefault("class_topk", 0)
     out.setdefault("class_rest", "none")
+    out.setdefault("attn_rest", "renorm" if out.get("attention") == "topk" else "none")  # what topk decoded as
     return out
 
 
@@ -221,9 +249,11 @@ def decode_attention(tensors: Mapping[str, Tensor], cfg: StoreConfig, num_keys: 
                      prefix: str = "attn") -> Optional[Tensor]:
     """Inverse of :func:`encode_attention`: ``[L,B,H',N,K]`` float32 (``K = num_keys``), or ``None``.
 
-    ``topk``: the stored values are scattered into zeros at their key indices and each row is divided
-    by its sum, so it sums to 1 again (a row whose stored values sum to 0 stays 0). ``full`` maps are
-    only cast to float32 (no renormalisation: a float32 cache gives back the teacher's exact numbers).
+    ``topk`` with ``attn_rest = "uniform"``: the stored values at their key indices, and the row's remaining
+    mass ``max(0, 1 - sum(values))`` spread evenly over its other ``K - k`` keys (a row then sums to 1 up to
+    the store dtype's rounding). ``"renorm"``: the values scattered into zeros and each row divided by its
+    sum (a row whose stored values sum to 0 stays 0). ``full`` maps are only cast to float32 (a float32 cache
+    gives back the teacher's exact numbers).
     """
     if cfg.attention == "none":
         return None
@@ -238,6 +268,10 @@ def decode_attention(tensors: Mapping[str, Tensor], cfg: StoreConfig, num_keys: 
         raise ValueError(f"{prefix}: values {tuple(values.shape)} and indices {tuple(indices.shape)} differ")
     if indices.numel() and (int(indices.max()) >= num_keys or int(indices.min()) < 0):
         raise ValueError(f"{prefix}: stored key indices outside [0, {num_keys})")
+    if cfg.attn_rest == "uniform":
+        others = num_keys - values.shape[-1]
+        rest = (1 - values.sum(-1, keepdim=True)).clamp_min(0) / others if others > 0 else values.new_zeros(())
+        return rest.expand(*values.shape[:-1], num_keys).clone().scatter_(-1, indices, values)
     dense = values.new_zeros(*values.shape[:-1], num_keys).scatter_(-1, indices, values)
     total = dense.sum(-1, keepdim=True)
     return dense / torch.where(total > 0, total, torch.ones_like(total))
