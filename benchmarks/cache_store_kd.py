@@ -48,12 +48,13 @@ from kd_detr.teacher.inprocess import image_regions  # noqa: E402
 BUDGET = 250_000  # bytes per view: the target at official sizes
 CONFIGS = (  # (--attention, --classes, --dtype)
     ("full", "dense", "float16"),
-    ("topk:32", "dense", "float16"),  # the CLI default before per-view entries
-    ("topk:16", "dense", "float16"),  # the quickstart's cache before
-    ("topk:14", "topk:4", "float16"),
-    ("topk:12", "topk:4", "float16"),
-    ("topk:8", "topk:4", "float16"),
-    ("topk:8", "topk:2", "float16"),
+    ("topk:32:renorm", "dense", "float16"),  # the CLI default before per-view entries
+    ("topk:16:renorm", "dense", "float16"),  # the quickstart's cache before
+    ("topk:14:renorm", "topk:4", "float16"),
+    ("topk:14:uniform", "topk:4", "float16"),  # the default now
+    ("topk:12:uniform", "topk:4", "float16"),
+    ("topk:8:uniform", "topk:4", "float16"),
+    ("topk:8:uniform", "topk:2", "float16"),
 )
 FAMILIES = {"pred": ".pred_", "self_attn": ".self_attn.", "cross_attn": ".cross_attn."}
 
@@ -125,14 +126,14 @@ def main() -> None:
           f"batch {args.batch}, random {STUDENT} student, recipe d3etr (attention KD on); reference: dense float32 "
           "per-view teacher outputs")
     fams = list(FAMILIES) + ["all KD"]
-    print(f"{'--attention / --classes / dtype':<34}" + "".join(f"{f + ' err all/worst':>24}" for f in fams)
+    print(f"{'--attention / --classes / dtype':<40}" + "".join(f"{f + ' err all/worst':>24}" for f in fams)
           + f"{'bytes/view official':>22}")
     rows = []
     for (a, c, d), cfg, vals in zip(CONFIGS, stores, got):
         e = {f: errs(vals, f) for f in fams}
         b = bytes_per_view(StoreConfig.parse(a, dtype="float16", classes=c))
         rows.append({"attention": a, "classes": c, "dtype": d, "errors": e, "bytes_per_view": b})
-        print(f"{a + ' / ' + c + ' / ' + d:<34}"
+        print(f"{a + ' / ' + c + ' / ' + d:<40}"
               + "".join(f"{100 * e[f][0]:>11.3f}% /{100 * e[f][1]:>8.3f}%" for f in fams)
               + f"{b:>14,d}{' ok' if b <= BUDGET else ' over':>5}")
     print(f"(budget {BUDGET:,d} bytes per view; C5 keys here: {grid[0] * grid[1]} in the last batch, "
