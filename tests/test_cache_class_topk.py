@@ -10,11 +10,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from kd_detr.teacher.cache import CacheError, CacheReader, CacheWriter, StoreConfig, bytes_per_view, cache_info
+from kd_detr.teacher.cache import (CacheError, CacheReader, CacheWriter, StoreConfig, bytes_per_view, cache_info,
+                                   verify_cache)
 from kd_detr.teacher.cache.attention_codec import batch_keys, decode_batch, encode_batch
 from kd_detr.teacher.cache.class_codec import (CLASS_REST_SCHEMES, DEFAULT_CLASS_REST, FLOOR_LOGIT,
                                                class_index_dtype, decode_class_logits, encode_class_logits)
-from test_teacher_cache_store import B, C, H, L, N, S, make_header, make_outputs
+from test_teacher_cache_store import B, C, H, L, N, S, encode_view, make_header, make_outputs, view_outputs
 
 # one query, 5 classes: the top 2 are classes 3 (2.0) and 0 (0.5); the rest are 1, 2, 4
 HAND = torch.tensor([0.5, -3.0, -1.0, 2.0, -6.0]).reshape(1, 1, 1, 5)
@@ -113,15 +114,27 @@ def test_manifest_records_the_field_and_refuses_another_mode(tmp_path):
     cfg = StoreConfig.parse("topk:3", classes="topk:2")
     root = tmp_path / "c"
     w = CacheWriter(root, make_header(cfg))
-    out = make_outputs()
-    w.write_queries(out.query_embed)
-    w.write_shard("shard-00000.safetensors", 0, {0: encode_batch(out, torch.arange(B), cfg)}, list(range(B)))
+    w.write_queries(make_outputs().query_embed)
+    # one entry per image view (B = 1 each), any number of them per shard
+    w.write_shard("shard-00000.safetensors", 0, {i: encode_view(i, 0, cfg) for i in range(B)},
+                  [100 + i for i in range(B)])
     w.close()
+    assert verify_cache(root) == []
     store = json.loads((root / "manifest.json").read_text())["store"]
     assert store["class_topk"] == 2 and store["class_rest"] == DEFAULT_CLASS_REST and store["classes"] == C
-    back = CacheReader(root).teacher_outputs(0, 0)
-    assert back.logits.shape == (L, B, N, C)
-    assert "classes topk:2:" + DEFAULT_CLASS_REST in cache_info(root)
+    reader = CacheReader(root)
+    for i in range(B):
+        raw = reader.entry(i, 0)
+        assert "logits" not in raw and raw["logits.values"].shape == (L, 1, N, 2)
+        back = reader.view_outputs(i, 0)
+        assert back.logits.shape == (L, 1, N, C)
+        # each query keeps its own two largest classes, at their float16 values; the rest is filled in
+        want = view_outputs(i, 0).logits.half().float()
+        top = want.topk(2, dim=-1)
+        assert torch.equal(back.logits.gather(-1, top.indices), top.values)
+        assert torch.equal(back.logits.topk(2, dim=-1).indices.sort(-1).values, top.indices.sort(-1).values)
+    info = cache_info(root)
+    assert "classes topk:2:" + DEFAULT_CLASS_REST in info and "1 shards, 3 image views" in info
     # resuming with dense classes (or another k) is refused, naming the field
     for other in ("dense", "topk:3", "topk:2:floor"):
         with pytest.raises(CacheError, match=r"store\.class_(topk|rest): cache has"):
@@ -134,16 +147,18 @@ def test_old_manifest_without_the_field_reads_as_dense(tmp_path):
     cfg = StoreConfig.parse("none")
     root = tmp_path / "c"
     w = CacheWriter(root, make_header(cfg))
-    out = make_outputs()
-    w.write_queries(out.query_embed)
-    w.write_shard("shard-00000.safetensors", 0, {0: encode_batch(out, torch.arange(B), cfg)}, list(range(B)))
+    w.write_queries(make_outputs().query_embed)
+    w.write_shard("shard-00000.safetensors", 0, {i: encode_view(i, 0, cfg) for i in range(B)},
+                  [100 + i for i in range(B)])
     w.close()
     manifest = json.loads((root / "manifest.json").read_text())
     for key in ("class_topk", "class_rest"):
         del manifest["store"][key]
     (root / "manifest.json").write_text(json.dumps(manifest))
     r = CacheReader(root, expect={"store": {"class_topk": 0}})
-    assert r.store == cfg and torch.equal(r.teacher_outputs(0, 0).logits, out.logits.half().float())
+    assert r.store == cfg
+    for i in range(B):
+        assert torch.equal(r.view_outputs(i, 0).logits, view_outputs(i, 0).logits.half().float())
     assert "classes dense" in cache_info(root)
     w2 = CacheWriter(root, make_header(cfg))  # a dense build resumes it: the headers compare equal
     assert w2.done() == {"shard-00000.safetensors"}
@@ -163,10 +178,16 @@ CLS_TOL = 0.10
 PRED_TOL = 1e-3  # the total prediction KD with the recipe weights (cls 1, L1 5, GIoU 2)
 
 
+def _cache_args(synth_data, teacher, out, *extra):
+    """``kd-detr cache`` of the tiny teacher on the synthetic data: 2 views of 24 images, 16 image views per shard."""
+    return ["cache", "--teacher", "cond_detr_r10_tiny", "--teacher-checkpoint", str(teacher), "--data", str(synth_data),
+            "--image-size", "64", "--out", str(out), "--views", "2", "--actors", "1", "--images-per-shard", "16",
+            "--no-progress", *extra]
+
+
 @pytest.fixture(scope="module")
 def class_caches(synth_data, tmp_path_factory, ray_session):
     from test_d3etr import _save_teacher
-    from test_teacher_serving import _cache_args
 
     from kd_detr.cli import main
 
@@ -189,6 +210,7 @@ def test_topk_cache_distils_close_to_dense(synth_data, class_caches):
     runner = CliRunner()
     info = runner.invoke(main, ["cache", "info", str(tmp / "top4")]).output
     assert f"classes topk:4:{DEFAULT_CLASS_REST}" in info
+    assert "4 shards, 48 image views" in info and "images per view: 0: 24, 1: 24" in info
     assert "classes dense" in runner.invoke(main, ["cache", "info", str(tmp / "dense")]).output
     assert runner.invoke(main, ["cache", "verify", str(tmp / "top4")]).exit_code == 0
     logs = {}
@@ -213,8 +235,6 @@ def test_topk_cache_distils_close_to_dense(synth_data, class_caches):
 
 
 def test_resume_with_another_classes_mode_is_refused(synth_data, class_caches):
-    from test_teacher_serving import _cache_args
-
     from kd_detr.cli import main
 
     tmp, teacher = class_caches

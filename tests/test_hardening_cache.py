@@ -28,13 +28,13 @@ from kd_detr.data import CocoDetection, make_policy
 from kd_detr.data.view_plan import PlanViews, ViewPlan
 from kd_detr.models import build_model, save_model
 from kd_detr.models.checkpoint import save_official_checkpoint
-from kd_detr.teacher.cache import CacheError, CacheReader, CacheWriter, StoreConfig, encode_batch, verify_cache
+from kd_detr.teacher.cache import CacheError, CacheReader, CacheWriter, StoreConfig, verify_cache
 from kd_detr.teacher.cache import store as store_mod
 from kd_detr.teacher.cache.store import IMAGES_FINGERPRINT, CacheLock, dataset_fingerprint, images_problem
 from kd_detr.teacher.loading import check_teacher_fits, describe_teacher, load_teacher, resolve_teacher
 from kd_detr.teacher import ray_session
 
-from test_teacher_cache_store import B, build_cache as build_small, make_header, make_outputs
+from test_teacher_cache_store import build_cache as build_small, encode_view, make_header, make_outputs
 
 
 def _sha(path: Path) -> str:
@@ -142,8 +142,7 @@ def test_lock_is_shared_within_a_process_and_released(tmp_path):
     w2.close()
     w1.close()  # idempotent
     with pytest.raises(CacheError, match="closed"):
-        w1.write_shard("shard-00000.safetensors", 0, {0: encode_batch(make_outputs(), torch.arange(B),
-                                                                      StoreConfig.parse("none"))}, list(range(B)))
+        w1.write_shard("shard-00000.safetensors", 0, {0: encode_view(0, 0, StoreConfig.parse("none"))}, [100])
     # released: another process can take it now
     out = subprocess.run([sys.executable, "-c", _HOLDER, str(root), json.dumps(header)], input="",
                          capture_output=True, text=True, timeout=60)
@@ -183,13 +182,13 @@ def test_writer_resume_drops_a_corrupt_shard(tmp_path, caplog):
     assert [e["file"] for e in _manifest(root)["shards"]] == ["shard-00000.safetensors"]  # dropped on disk too
     warned = [r.getMessage() for r in caplog.records if "shard-00001.safetensors" in r.getMessage()]
     assert warned and "corrupt" in warned[0] and "rebuilt" in warned[0]
-    enc = encode_batch(make_outputs(seed=10), torch.arange(B), cfg)  # what build_small stored there
-    w2.write_shard("shard-00001.safetensors", 1, {0: enc}, list(range(100, 100 + B)))
+    enc = encode_view(0, 1, cfg)  # what build_small stored there
+    w2.write_shard("shard-00001.safetensors", 1, {0: enc}, [100])
     w2.close()
     assert verify_cache(root) == []
     new = {e["file"]: e for e in _manifest(root)["shards"]}["shard-00001.safetensors"]
     assert _sha(root / "shard-00001.safetensors") == new["sha256"] and new["bytes"] == entry["bytes"]
-    got = CacheReader(root).batch(1, 0)
+    got = CacheReader(root).entry(0, 1)
     assert got.keys() == enc.keys() and all(torch.equal(got[k], enc[k]) for k in enc)
 
 
@@ -312,8 +311,8 @@ def test_disk_full_is_one_line_and_keeps_the_manifest(tmp_path, monkeypatch):
     cfg = StoreConfig.parse("none")
     w = CacheWriter(root, make_header(cfg))
     w.write_queries(make_outputs().query_embed)
-    enc = encode_batch(make_outputs(), torch.arange(B), cfg)
-    w.write_shard("shard-00000.safetensors", 0, {0: enc}, list(range(B)))
+    w.write_shard("shard-00000.safetensors", 0, {0: encode_view(0, 0, cfg)}, [100])
+    enc = encode_view(1, 0, cfg)
     before = (root / "manifest.json").read_bytes()
     real_save = store_mod.save_file
 
@@ -324,7 +323,7 @@ def test_disk_full_is_one_line_and_keeps_the_manifest(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store_mod, "save_file", full)
     with pytest.raises(CacheError) as e:
-        w.write_shard("shard-00001.safetensors", 0, {1: enc}, list(range(B)))
+        w.write_shard("shard-00001.safetensors", 0, {1: enc}, [101])
     msg = str(e.value)
     assert str(root / "shard-00001.safetensors") in msg and os.strerror(errno.ENOSPC) in msg
     assert "no space left on device?" in msg and "\n" not in msg
@@ -336,7 +335,7 @@ def test_disk_full_is_one_line_and_keeps_the_manifest(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store_mod, "save_file", full_rust)
     with pytest.raises(CacheError, match=r"shard-00001.safetensors.*No space left on device.*no space left on dev"):
-        w.write_shard("shard-00001.safetensors", 0, {1: enc}, list(range(B)))
+        w.write_shard("shard-00001.safetensors", 0, {1: enc}, [101])
     monkeypatch.setattr(store_mod, "save_file", real_save)
     # the manifest write itself fails
     real_json = store_mod.write_json_atomic
@@ -346,16 +345,16 @@ def test_disk_full_is_one_line_and_keeps_the_manifest(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store_mod, "write_json_atomic", full_json)
     with pytest.raises(CacheError, match=r"manifest.*no space left on device\?"):
-        w.write_shard("shard-00001.safetensors", 0, {1: enc}, list(range(B)))
+        w.write_shard("shard-00001.safetensors", 0, {1: enc}, [101])
     assert w.done() == {"shard-00000.safetensors"}  # not listed in memory either
     monkeypatch.setattr(store_mod, "write_json_atomic", real_json)
     assert (root / "manifest.json").read_bytes() == before
     assert not [p.name for p in root.iterdir() if p.name.endswith(".tmp")]
     assert verify_cache(root) == [] and CacheReader(root).keys() == [(0, 0)]
     # space again: the same shard is written (the unlisted file on disk is simply replaced)
-    w.write_shard("shard-00001.safetensors", 0, {1: enc}, list(range(B)))
+    w.write_shard("shard-00001.safetensors", 0, {1: enc}, [101])
     w.close()
-    assert verify_cache(root) == [] and CacheReader(root).keys() == [(0, 0), (0, 1)]
+    assert verify_cache(root) == [] and CacheReader(root).keys() == [(0, 0), (1, 0)]
 
 
 # ----------------------------------------------------------------------------- 6. Ray address

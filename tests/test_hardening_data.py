@@ -17,7 +17,7 @@ from kd_detr.data import CocoDetection, DataSpec, DatasetError, View, collate_fn
 from kd_detr.data import coco as coco_mod
 from kd_detr.data.coco import read_image
 from kd_detr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_rgb
-from kd_detr.data.view_plan import PlanBatches, ViewPlan
+from kd_detr.data.view_plan import PlanViews, ViewPlan
 
 CATS = [{"id": 1, "name": "dog"}, {"id": 2, "name": "cat"}]
 
@@ -238,10 +238,13 @@ def test_worker_error_is_one_line_naming_the_file(tmp_path):
     _truncated_jpeg(img_dir / "bad.jpg")
     ann = _write_json(tmp_path / "ann.json", [_img(1), _img(2, name="bad.jpg")], [_ann(1, 1), _ann(2, 2)])
     ds = CocoDetection(img_dir, ann, transforms=make_policy(False, 32), check_files=True, log_report=False)
-    loader = DataLoader(ds, batch_size=1, num_workers=1, collate_fn=collate_fn)
+    batches = iter(DataLoader(ds, batch_size=1, num_workers=1, collate_fn=collate_fn))
     with pytest.raises(DatasetError) as e:
-        for _ in loader:
+        for _ in batches:
             pass
+    # the re-raised error's traceback holds the iterator in a reference cycle: left to the garbage collector, its
+    # worker shutdown waits 5 s (in whichever later test the collector runs); shut it down now
+    batches._shutdown_workers()
     msg = str(e.value)
     assert "\n" not in msg, msg
     assert msg.startswith(f"cannot read image file {img_dir / 'bad.jpg'} (image id 2, {ann}): OSError")
@@ -251,29 +254,55 @@ def test_worker_error_is_one_line_naming_the_file(tmp_path):
     assert "Traceback" in e.value.worker_traceback
 
 
-def test_plan_batches_errors_name_the_batch_in_workers(tmp_path):
+def test_plan_views_errors_name_the_view_in_workers(tmp_path):
     img_dir, ann = _setup(tmp_path, n=4)
     ds = CocoDetection(img_dir, ann, transforms=make_policy(True, 32), log_report=False)
-    plan = ViewPlan.for_dataset(ds, num_views=1, batch_size=2)
+    plan = ViewPlan.for_dataset(ds, num_views=2)
 
     class BrokenCache:
         root = tmp_path / "cache"
 
-        def teacher_outputs(self, k, j):
+        def view_outputs(self, i, k):
             raise OSError(f"shard {self.root}/shard-00000.safetensors: unexpected end of file\nmore detail")
 
-    loader = DataLoader(PlanBatches(ds, plan, BrokenCache()), batch_size=None, sampler=[(0, 0)], num_workers=1)
+    # a cached teacher entry that cannot be read names the view, the image and the cache, in one line
+    batches = iter(DataLoader(PlanViews(ds, plan, BrokenCache()), batch_sampler=[[(0, 1), (2, 0)]],
+                              collate_fn=PlanViews.collate, num_workers=1))
     with pytest.raises(DatasetError) as e:
-        next(iter(loader))
+        next(batches)
+    batches._shutdown_workers()  # now, not in a later test (see test_worker_error_is_one_line_naming_the_file)
     msg = str(e.value)
     assert "\n" not in msg
-    assert f"plan batch 0 of view 0 of {tmp_path / 'cache'}" in msg and "shard-00000.safetensors" in msg
+    assert msg.startswith(f"cannot read teacher outputs of view 1 of image 0 of {tmp_path / 'cache'}: OSError")
+    assert "shard-00000.safetensors: unexpected end of file" in msg
+    assert "DataLoader worker process 0" in e.value.worker_traceback
 
-    # a bad image inside a plan batch names the image file
+    # a source without a root is named by its type
+    class NoRoot:
+        def view_outputs(self, i, k):
+            raise KeyError((i, k))
+
+    with pytest.raises(DatasetError, match=r"^cannot read teacher outputs of view 0 of image 3 \(NoRoot\): KeyError"):
+        PlanViews(ds, plan, NoRoot())[(3, 0)]
+
+    # a view the plan does not record names the view and the image
+    with pytest.raises(DatasetError, match=r"^cannot build view 2 of image 1: IndexError: view 2 outside \[0, 2\)"):
+        PlanViews(ds, plan)[(1, 2)]
+
+    # a bad image in a batch of views names the image file, also through a worker
     _truncated_jpeg(img_dir / "1.png")
-    j = next(j for j in range(plan.num_batches()) if 0 in plan.batch(0, j))
     with pytest.raises(DatasetError, match=r"cannot read image file .*1\.png \(image id 1"):
-        PlanBatches(ds, plan)[(0, j)]
+        PlanViews(ds, plan)[(0, 1)]
+    batches = iter(DataLoader(PlanViews(ds, plan), batch_sampler=[[(1, 0), (0, 1)]], collate_fn=PlanViews.collate,
+                              num_workers=1))
+    with pytest.raises(DatasetError) as e:
+        next(batches)
+    batches._shutdown_workers()
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"cannot read image file {img_dir / '1.png'} (image id 1, {ann})")
+    # the other images still load
+    images, mask, targets = PlanViews.collate([PlanViews(ds, plan)[(i, 1)] for i in (1, 2, 3)])
+    assert images.shape[0] == 3 and [int(t["image_id"]) for t in targets] == [2, 3, 4]
 
 
 def test_reraised_dataset_error_keeps_one_line():

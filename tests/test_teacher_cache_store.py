@@ -1,4 +1,5 @@
-"""Teacher cache storage layer: attention codec round trips, writer/reader, integrity, sizes."""
+"""Teacher cache storage layer: attention codec round trips, per-view outputs stacked into a batch, writer/reader
+of one entry per (image, view) (format 2), integrity, sizes."""
 
 from __future__ import annotations
 
@@ -8,20 +9,23 @@ import pickle
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from kd_detr.teacher import TeacherOutputs
 from kd_detr.teacher.cache import (CacheError, CacheReader, CacheWriter, StoreConfig, bytes_per_view, cache_info,
                                    decode_attention, decode_batch, encode_attention, encode_batch, verify_cache)
+from kd_detr.teacher.cache.attention_codec import batch_keys
+from kd_detr.teacher.outputs import embed_grid
 
 L, B, N, C, H = 2, 3, 5, 4, 2
 FS = (3, 4)
 S = FS[0] * FS[1]
 
 
-def make_outputs(seed: int = 0, batch: int = B) -> TeacherOutputs:
+def make_outputs(seed: int = 0, batch: int = B, fs: tuple[int, int] = FS) -> TeacherOutputs:
     g = torch.Generator().manual_seed(seed)
     sa = torch.randn(L, batch, H, N, N, generator=g).softmax(-1)
-    ca_logits = torch.randn(L, batch, H, N, S, generator=g)
+    ca_logits = torch.randn(L, batch, H, N, fs[0] * fs[1], generator=g)
     ca_logits[..., -2:] = float("-inf")  # padded keys: probability 0, as in a padded batch
     return TeacherOutputs(
         logits=torch.randn(L, batch, N, C, generator=g),
@@ -29,7 +33,7 @@ def make_outputs(seed: int = 0, batch: int = B) -> TeacherOutputs:
         self_attn=sa, cross_attn=ca_logits.softmax(-1),
         query_embed=torch.randn(N, 8, generator=g),
         reference_points=torch.rand(batch, N, 2, generator=g),
-        feature_size=FS,
+        feature_size=tuple(fs),
         gt_assignment=torch.randint(-1, 3, (batch, N), generator=g),
     )
 
@@ -44,13 +48,17 @@ def roundtrip(out: TeacherOutputs, cfg: StoreConfig) -> TeacherOutputs:
 
 def test_store_config_parse_and_dict():
     cfg = StoreConfig.parse("topk:32", dtype="float32", heads="per_head")
-    assert (cfg.attention, cfg.topk, cfg.dtype, cfg.heads, cfg.spec) == ("topk", 32, "float32", "per_head", "topk:32")
+    assert (cfg.attention, cfg.topk, cfg.dtype, cfg.heads) == ("topk", 32, "float32", "per_head")
+    assert (cfg.attn_rest, cfg.spec) == ("uniform", "topk:32:uniform")  # the default way to rebuild a row
     assert cfg.attn_mode == "per_head"
     assert StoreConfig.from_dict(cfg.to_dict()) == cfg
+    renorm = StoreConfig.parse("topk:8:renorm")
+    assert (renorm.topk, renorm.attn_rest, renorm.spec) == (8, "renorm", "topk:8:renorm")
+    assert StoreConfig.from_dict(renorm.to_dict()) == renorm and renorm != StoreConfig.parse("topk:8")
     assert StoreConfig.parse("full").attn_mode == "mean"
     assert StoreConfig.parse("none", heads="per_head").attn_mode == "none"
-    assert StoreConfig.parse("full").topk == 0
-    for bad in ("topk", "topk:0", "topk:x", "dense", ""):
+    assert StoreConfig.parse("full").topk == 0 and StoreConfig.parse("full").attn_rest == "none"
+    for bad in ("topk", "topk:0", "topk:x", "topk:3:zero", "topk:3:uniform:x", "dense", ""):
         with pytest.raises(ValueError, match="--attention"):
             StoreConfig.parse(bad)
     with pytest.raises(ValueError):
@@ -91,29 +99,40 @@ def test_full_float16_close():
     assert torch.equal(back.gt_assignment, out.gt_assignment)
 
 
-def test_topk_all_keys_close_after_renormalisation():
+@pytest.mark.parametrize("rest", ["uniform", "renorm"])
+def test_topk_all_keys_close(rest):
     out = make_outputs()
-    cfg = StoreConfig.parse(f"topk:{S}", heads="per_head")  # k = every cross key; self-attention k clips to N
+    cfg = StoreConfig.parse(f"topk:{S}:{rest}", heads="per_head")  # k = every cross key; self-attention k clips to N
     enc = encode_batch(out, torch.arange(B), cfg)
     assert enc["self_attn.values"].shape == (L, B, H, N, N)
     assert enc["cross_attn.indices"].shape == (L, B, H, N, S) and enc["cross_attn.indices"].dtype == torch.int16
     back = decode_batch(enc, cfg, out.query_embed)
     torch.testing.assert_close(back.self_attn, out.self_attn, atol=2e-3, rtol=0)
     torch.testing.assert_close(back.cross_attn, out.cross_attn, atol=2e-3, rtol=0)
-    torch.testing.assert_close(back.cross_attn.sum(-1), torch.ones(L, B, H, N), atol=1e-5, rtol=0)
+    # renorm: rows sum to 1 exactly; uniform (nothing left to spread): up to the float16 rounding of the values
+    atol = 1e-5 if rest == "renorm" else 2e-3
+    torch.testing.assert_close(back.cross_attn.sum(-1), torch.ones(L, B, H, N), atol=atol, rtol=0)
 
 
-def test_topk2_keeps_two_largest_renormalised():
+@pytest.mark.parametrize("rest", ["uniform", "renorm"])
+def test_topk2_keeps_two_largest_hand_checked(rest):
     maps = torch.zeros(1, 1, 1, 2, 4)
     maps[0, 0, 0, 0] = torch.tensor([0.1, 0.4, 0.2, 0.3])
-    # second row: all zero (e.g. a query whose stored values vanish): stays zero, no NaN
-    cfg = StoreConfig.parse("topk:2", dtype="float32")
+    # second row: all zero (e.g. a query whose stored values vanish): no NaN either way
+    cfg = StoreConfig.parse(f"topk:2:{rest}", dtype="float32")
     enc = encode_attention(maps, cfg, "attn")
-    assert set(enc) == {"attn.values", "attn.indices"}
+    assert set(enc) == {"attn.values", "attn.indices"}  # nothing more stored for either scheme
     assert enc["attn.indices"][0, 0, 0, 0].tolist() == [1, 3]
     dense = decode_attention(enc, cfg, 4, "attn")
-    torch.testing.assert_close(dense[0, 0, 0, 0], torch.tensor([0.0, 0.4 / 0.7, 0.0, 0.3 / 0.7]))
-    assert torch.equal(dense[0, 0, 0, 1], torch.zeros(4))
+    assert not dense.isnan().any()
+    if rest == "renorm":  # the two kept, rescaled to sum 1; zeros elsewhere; a zero row stays zero
+        torch.testing.assert_close(dense[0, 0, 0, 0], torch.tensor([0.0, 0.4 / 0.7, 0.0, 0.3 / 0.7]))
+        assert torch.equal(dense[0, 0, 0, 1], torch.zeros(4))
+    else:  # the two kept as they are; the remaining mass 0.3 spread evenly over the two other keys
+        torch.testing.assert_close(dense[0, 0, 0, 0], torch.tensor([0.15, 0.4, 0.15, 0.3]))
+        row = dense[0, 0, 0, 1]
+        kept = enc["attn.indices"][0, 0, 0, 1].long()
+        assert torch.equal(row[kept], torch.zeros(2)) and float(row.sum()) == pytest.approx(1.0)
 
 
 def test_topk_mean_heads_averaged_first():
@@ -139,6 +158,98 @@ def test_none_mode_and_required_gt_assignment():
                      StoreConfig.parse("full"))
 
 
+# ------------------------------------------------------------------------ per-view outputs, stacked
+
+
+def test_embed_grid_hand_checked():
+    maps = torch.arange(1, 7, dtype=torch.float32).reshape(1, 6)  # a 2x3 grid [[1, 2, 3], [4, 5, 6]]
+    assert embed_grid(maps, (2, 3), (3, 4)).tolist() == [[1, 2, 3, 0,
+                                                          4, 5, 6, 0,
+                                                          0, 0, 0, 0]]
+    assert embed_grid(maps, (2, 3), (2, 4)).tolist() == [[1, 2, 3, 0, 4, 5, 6, 0]]
+    assert embed_grid(maps, (2, 3), (3, 3)).tolist() == [[1, 2, 3, 4, 5, 6, 0, 0, 0]]
+    many = torch.rand(2, 3, 5, 6)  # leading dims are kept
+    big = embed_grid(many, (2, 3), (3, 4))
+    assert big.shape == (2, 3, 5, 12)
+    assert torch.equal(big.reshape(2, 3, 5, 3, 4)[..., :2, :3], many.reshape(2, 3, 5, 2, 3))
+    assert float(big.sum()) == pytest.approx(float(many.sum()))
+    assert embed_grid(many, (2, 3), (2, 3)) is many  # the same grid: the maps themselves
+    for size in ((3, 2), (1, 4)):
+        with pytest.raises(ValueError, match="does not fit"):
+            embed_grid(maps, (2, 3), size)
+
+
+def _hand_view(seed: int, fs: tuple[int, int]) -> TeacherOutputs:
+    out = make_outputs(seed=seed, batch=1, fs=fs)
+    out.cross_attn[0, 0, 0, 0] = torch.arange(1, fs[0] * fs[1] + 1, dtype=torch.float32)
+    return out
+
+
+def test_stack_views_embeds_each_image_grid_hand_checked():
+    a, b = _hand_view(1, (2, 3)), _hand_view(2, (3, 2))
+    t = TeacherOutputs.stack_views([a, b])
+    assert t.feature_size == (3, 3)  # the largest h and the largest w
+    assert t.image_grids.dtype == torch.int64 and t.image_grids.tolist() == [[2, 3], [3, 2]]
+    assert t.cross_attn.shape == (L, 2, H, N, 9)
+    assert t.cross_attn[0, 0, 0, 0].tolist() == [1, 2, 3,
+                                                 4, 5, 6,
+                                                 0, 0, 0]
+    assert t.cross_attn[0, 1, 0, 0].tolist() == [1, 2, 0,
+                                                 3, 4, 0,
+                                                 5, 6, 0]
+    assert torch.equal(t.cross_attn[:, 0].reshape(L, H, N, 3, 3)[..., :2, :], a.cross_attn[:, 0].reshape(L, H, N, 2, 3))
+    assert torch.equal(t.cross_attn[:, 1].reshape(L, H, N, 3, 3)[..., :, :2], b.cross_attn[:, 0].reshape(L, H, N, 3, 2))
+    for name in ("logits", "boxes", "self_attn"):
+        assert torch.equal(getattr(t, name), torch.cat([getattr(a, name), getattr(b, name)], 1)), name
+    for name in ("reference_points", "gt_assignment"):
+        assert torch.equal(getattr(t, name), torch.cat([getattr(a, name), getattr(b, name)], 0)), name
+    assert t.query_embed is a.query_embed
+
+    valid = t.cross_attn_valid((3, 3))
+    assert valid.dtype == torch.bool and valid.int().tolist() == [[1, 1, 1, 1, 1, 1, 0, 0, 0],
+                                                                  [1, 1, 0, 1, 1, 0, 1, 1, 0]]
+    assert not t.cross_attn[:, 0][..., ~valid[0]].any() and not t.cross_attn[:, 1][..., ~valid[1]].any()
+    # a student's grid larger than the batch's (e.g. a bigger padded batch): positions and zeros exactly
+    assert t.cross_attn_valid((3, 4)).int().tolist() == [[1, 1, 1, 0, 1, 1, 1, 0, 0, 0, 0, 0],
+                                                         [1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0]]
+    on = t.cross_attn_on((3, 4))
+    assert on.shape == (L, 2, H, N, 12)
+    assert on[0, 0, 0, 0].tolist() == [1, 2, 3, 0, 4, 5, 6, 0, 0, 0, 0, 0]
+    assert on[0, 1, 0, 0].tolist() == [1, 2, 0, 0, 3, 4, 0, 0, 5, 6, 0, 0]
+    assert t.cross_attn_on((3, 3)) is t.cross_attn
+    with pytest.raises(ValueError, match="does not fit"):
+        t.cross_attn_on((2, 2))
+
+    # one view alone: itself, with its grid recorded
+    one = TeacherOutputs.stack_views([a])
+    assert one.feature_size == (2, 3) and one.image_grids.tolist() == [[2, 3]]
+    assert torch.equal(one.cross_attn, a.cross_attn) and torch.equal(one.logits, a.logits)
+    # image_grids travel on the wire
+    back = TeacherOutputs.from_wire(t.to_wire(), t.query_embed)
+    assert torch.equal(back.image_grids, t.image_grids) and back.feature_size == (3, 3)
+    # no attention maps: still stacked, grids recorded
+    plain = [TeacherOutputs(**{**v.__dict__, "cross_attn": None, "self_attn": None}) for v in (a, b)]
+    s = TeacherOutputs.stack_views(plain)
+    assert s.cross_attn is None and s.self_attn is None and s.cross_attn_on((3, 4)) is None
+    assert s.image_grids.tolist() == [[2, 3], [3, 2]]
+
+
+def test_stack_views_refusals_and_padded_batch_outputs():
+    with pytest.raises(ValueError, match="at least one"):
+        TeacherOutputs.stack_views([])
+    with pytest.raises(ValueError, match="single-image outputs, got batch 3"):
+        TeacherOutputs.stack_views([make_outputs(batch=1), make_outputs(batch=3)])
+    a = make_outputs(seed=1, batch=1)
+    with pytest.raises(ValueError, match="some views have self_attn"):
+        TeacherOutputs.stack_views([a, TeacherOutputs(**{**a.__dict__, "self_attn": None})])
+    # outputs of a padded batch (no image_grids): every position counts; another grid cannot be compared
+    padded = make_outputs()
+    assert padded.image_grids is None and padded.cross_attn_valid(FS) is None
+    assert padded.cross_attn_on(FS) is padded.cross_attn
+    with pytest.raises(ValueError, match="cannot be compared"):
+        padded.cross_attn_on((4, 4))
+
+
 # ------------------------------------------------------------------------------------ writer/reader
 
 
@@ -148,73 +259,157 @@ def make_header(cfg: StoreConfig, sha: str = "ab" * 32, num_views: int = 2) -> d
                     "checkpoint_sha256": sha, "card": None},
         "dataset": {"annotations": "ann.json", "annotations_sha256": "cd" * 32, "images": 6,
                     "image_size": [64, 64], "label_map": None},
-        "plan": {"num_views": num_views, "batch_size": B, "seed": 0, "policy": {"name": "resize"},
-                 "fingerprint": "fp" * 8},
+        "plan": {"num_views": num_views, "seed": 0, "policy": {"name": "resize"}, "fingerprint": "fp" * 8},
         "store": {**cfg.to_dict(), "layers": L, "queries": N, "classes": C},
     }
 
 
+# The small cache of build_cache: view 0 of images 0, 1, 4 (handed to the writer unsorted) in shard 0, view 1
+# of image 0 in shard 1; each view has a C5 grid of its own (views of different sizes).
+GRIDS = {0: FS, 1: (2, 3), 4: (4, 2)}
+SHARDS = (("shard-00000.safetensors", 0, (4, 0, 1)), ("shard-00001.safetensors", 1, (0,)))
+
+
+def view_outputs(i: int, k: int) -> TeacherOutputs:
+    """The teacher outputs that build_cache stores for view ``k`` of image ``i`` (``B = 1``)."""
+    return make_outputs(seed=10 * k + i, batch=1, fs=GRIDS.get(i, FS))
+
+
+def encode_view(i: int, k: int, cfg: StoreConfig) -> dict:
+    """The stored tensors of view ``k`` of image ``i`` (``image_index [i]``)."""
+    return encode_batch(view_outputs(i, k), torch.tensor([i]), cfg)
+
+
 def build_cache(root, cfg=None):
-    """Two shards: view 0 batches {0, 1} and view 1 batch {0}."""
+    """Two shards: view 0 of images {0, 1, 4} and view 1 of image {0} (image ids 100 + i).
+    Returns ``(writer, {(i, k): TeacherOutputs}, query_embed)``."""
     cfg = cfg or StoreConfig.parse("topk:3")
     w = CacheWriter(root, make_header(cfg))
     q = make_outputs().query_embed
     w.write_queries(q)
     originals = {}
-    for name, view, js in (("shard-00000.safetensors", 0, [0, 1]), ("shard-00001.safetensors", 1, [0])):
-        batches = {}
-        for j in js:
-            out = make_outputs(seed=10 * view + j)
-            originals[(view, j)] = out
-            batches[j] = encode_batch(out, torch.arange(B) + 3 * j, cfg)
-        w.write_shard(name, view, batches, image_ids=list(range(100, 100 + B * len(js))))
+    for name, view, images in SHARDS:
+        entries = {}
+        for i in images:
+            originals[(i, view)] = view_outputs(i, view)
+            entries[i] = encode_batch(originals[(i, view)], torch.tensor([i]), cfg)
+        w.write_shard(name, view, entries, image_ids=[100 + i for i in sorted(images)])
     return w, originals, q
+
+
+def _manifest(root) -> dict:
+    return json.loads((root / "manifest.json").read_text())
 
 
 def test_write_and_read_back(tmp_path):
     cfg = StoreConfig.parse("full", dtype="float32", heads="per_head")
-    w, originals, q = build_cache(tmp_path / "c", cfg)
+    root = tmp_path / "c"
+    w, originals, q = build_cache(root, cfg)
     assert w.done() == {"shard-00000.safetensors", "shard-00001.safetensors"}
-    r = CacheReader(tmp_path / "c")
-    assert r.keys() == [(0, 0), (0, 1), (1, 0)] and r.has(0, 1) and not r.has(1, 1)
-    assert r.missing([(0, 0), (1, 1), (2, 0)]) == [(1, 1), (2, 0)]
+    assert w.done_views() == {(0, 0), (1, 0), (4, 0), (0, 1)}
+    r = CacheReader(root)
+    assert r.keys() == [(0, 0), (0, 1), (1, 0), (4, 0)]  # (image, view), sorted
+    assert r.has(4, 0) and r.has(0, 1) and not r.has(1, 1) and not r.has(2, 0) and not r.has(0, 4)
+    assert r.missing([(0, 0), (1, 1), (2, 0), (4, 0)]) == [(1, 1), (2, 0)]
     assert torch.equal(r.queries(), q)
-    for (view, j), out in originals.items():
-        raw = r.batch(view, j)
-        assert torch.equal(raw["image_index"], torch.arange(B) + 3 * j)
-        t = r.teacher_outputs(view, j)
-        assert torch.equal(t.cross_attn, out.cross_attn) and torch.equal(t.logits, out.logits)
-        assert t.feature_size == FS and torch.equal(t.gt_assignment, out.gt_assignment)
-    with pytest.raises(CacheError, match=r"incomplete.*batch 1 of view 1"):
-        r.batch(1, 1)
-    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
-    assert [e["file"] for e in m["shards"]] == ["shard-00000.safetensors", "shard-00001.safetensors"]
-    assert m["shards"][0]["batches"] == [0, 1] and m["shards"][0]["image_ids"] == list(range(100, 106))
-    assert verify_cache(tmp_path / "c") == []
+    for (i, k), out in originals.items():
+        raw = r.entry(i, k)
+        assert set(raw) == set(batch_keys(cfg)) and raw["image_index"].tolist() == [i]
+        t = r.view_outputs(i, k)
+        assert t.logits.shape == (L, 1, N, C) and t.feature_size == GRIDS[i] and t.image_grids is None
+        for name in ("logits", "boxes", "self_attn", "cross_attn", "reference_points", "gt_assignment"):
+            a, b = getattr(t, name), getattr(out, name)
+            assert a.dtype == b.dtype and torch.equal(a, b), (i, k, name)  # full float32: bit-identical
+        assert torch.equal(t.query_embed, q)
+    # a batch of any composition stacks the stored views like the teacher's own per-view outputs
+    keys = [(4, 0), (0, 1), (1, 0)]
+    got = TeacherOutputs.stack_views([r.view_outputs(i, k) for i, k in keys])
+    want = TeacherOutputs.stack_views([originals[key] for key in keys])
+    assert got.feature_size == want.feature_size == (4, 4)
+    assert got.image_grids.tolist() == [[4, 2], [3, 4], [2, 3]]
+    assert torch.equal(got.cross_attn, want.cross_attn) and torch.equal(got.logits, want.logits)
+    with pytest.raises(CacheError, match=r"incomplete.*no view 1 of image 1 .*kd-detr cache"):
+        r.entry(1, 1)
+    with pytest.raises(CacheError, match=r"incomplete.*no view 0 of image 2 "):
+        r.view_outputs(2, 0)
+
+    m = _manifest(root)
+    assert m["format_version"] == 2 and "batch_size" not in m["plan"]
+    e0, e1 = m["shards"]
+    assert set(e0) == {"file", "sha256", "bytes", "view", "images", "image_ids"}
+    assert (e0["file"], e0["view"], e0["images"], e0["image_ids"]) == ("shard-00000.safetensors", 0, [0, 1, 4],
+                                                                       [100, 101, 104])
+    assert (e1["file"], e1["view"], e1["images"], e1["image_ids"]) == ("shard-00001.safetensors", 1, [0], [100])
+    # shard tensors are named i{i}.{key}; the header records the view and its images
+    with safe_open(str(root / "shard-00000.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == {f"i{i}.{key}" for i in (0, 1, 4) for key in batch_keys(cfg)}
+        meta = f.metadata()
+        assert meta["view"] == "0" and json.loads(meta["images"]) == [0, 1, 4]
+    assert verify_cache(root) == []
     # writing queries again: same tensor is fine, another one is refused
     w.write_queries(q.clone())
     with pytest.raises(CacheError, match="queries"):
         w.write_queries(q + 1)
 
 
-def test_manifest_lists_only_complete_shards(tmp_path):
+def test_writer_refuses_bad_entries_and_duplicate_views(tmp_path):
     cfg = StoreConfig.parse("none")
-    w = CacheWriter(tmp_path / "c", make_header(cfg))
-    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
-    assert m["shards"] == [] and m["format"] == "kd-detr-teacher-cache"
-    # a batch lacking a required key is refused before anything is written
-    enc = encode_batch(make_outputs(), torch.arange(B), cfg)
-    with pytest.raises(ValueError, match="gt_assignment"):
+    root = tmp_path / "c"
+    w = CacheWriter(root, make_header(cfg))
+    m = _manifest(root)
+    assert m["shards"] == [] and m["format"] == "kd-detr-teacher-cache" and m["format_version"] == 2
+    enc = encode_view(0, 0, cfg)
+    # refused before anything is written: a missing key, ...
+    with pytest.raises(ValueError, match=r"view 0 of image 0 lacks \['gt_assignment'\]"):
         w.write_shard("shard-00000.safetensors", 0, {0: {k: v for k, v in enc.items() if k != "gt_assignment"}},
-                      list(range(B)))
-    assert not (tmp_path / "c" / "shard-00000.safetensors").exists()
-    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["shards"] == []
-    w.write_shard("shard-00000.safetensors", 0, {0: enc}, list(range(B)))
+                      [100])
+    # ... an entry that is not one view alone of its own image (another image, a padded batch of 3), ...
+    with pytest.raises(ValueError, match=r"image 1 holds image_index \[0\]"):
+        w.write_shard("shard-00000.safetensors", 0, {1: enc}, [101])
+    with pytest.raises(ValueError, match=r"image 0 holds image_index \[0, 1, 2\]"):
+        w.write_shard("shard-00000.safetensors", 0, {0: encode_batch(make_outputs(), torch.arange(B), cfg)}, [100])
+    # ... image ids that do not match the entries, no entries, a bad name
+    with pytest.raises(ValueError, match="2 image_ids for 1 image views"):
+        w.write_shard("shard-00000.safetensors", 0, {0: enc}, [100, 101])
+    with pytest.raises(ValueError, match="no image views"):
+        w.write_shard("shard-00000.safetensors", 0, {}, [])
+    with pytest.raises(ValueError, match="plain"):
+        w.write_shard("../shard-00000.safetensors", 0, {0: enc}, [100])
+    assert not (root / "shard-00000.safetensors").exists() and _manifest(root)["shards"] == []
+
+    w.write_shard("shard-00000.safetensors", 0, {0: enc}, [100])
     with pytest.raises(CacheError, match="write-once"):
-        w.write_shard("shard-00000.safetensors", 0, {0: enc}, list(range(B)))
-    with pytest.raises(CacheError, match="already in"):
-        w.write_shard("shard-00001.safetensors", 0, {0: enc}, list(range(B)))
-    assert len(json.loads((tmp_path / "c" / "manifest.json").read_text())["shards"]) == 1
+        w.write_shard("shard-00000.safetensors", 0, {0: enc}, [100])
+    # the same (image, view) twice is refused, naming the shard that has it
+    with pytest.raises(CacheError, match=r"view 0 of images \[0\] is already in \['shard-00000.safetensors'\]"):
+        w.write_shard("shard-00001.safetensors", 0, {0: enc, 1: encode_view(1, 0, cfg)}, [100, 101])
+    assert not (root / "shard-00001.safetensors").exists()
+    # the same image in another view, another image in the same view: fine
+    w.write_shard("shard-00001.safetensors", 1, {0: encode_view(0, 1, cfg)}, [100])
+    w.write_shard("shard-00002.safetensors", 0, {1: encode_view(1, 0, cfg)}, [101])
+    assert len(_manifest(root)["shards"]) == 3 and w.done_views() == {(0, 0), (0, 1), (1, 0)}
+    assert CacheReader(root).keys() == [(0, 0), (0, 1), (1, 0)]
+
+
+def test_version_1_manifest_is_refused_with_the_rebuild_message(tmp_path):
+    root = tmp_path / "c"
+    build_cache(root)[0].close()
+    m = _manifest(root)
+    m["format_version"] = 1  # what a format-1 cache looks like: batches of a fixed batch size
+    m["plan"]["batch_size"] = 4
+    for entry in m["shards"]:
+        entry["batches"] = entry.pop("images")
+    (root / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CacheError) as e:
+        CacheReader(root)
+    msg = str(e.value)
+    assert "cache format version 1, this kd-detr reads version 2" in msg
+    assert "per padded batch" in msg and "any batch size" in msg
+    assert msg.endswith("rebuild the cache with `kd-detr cache`") and "\n" not in msg
+    problems = verify_cache(root)
+    assert len(problems) == 1 and "per padded batch" in problems[0] and "rebuild" in problems[0]
+    with pytest.raises(CacheError, match=r"per padded batch.*rebuild the cache"):
+        CacheWriter(root, make_header(StoreConfig.parse("topk:3")))  # no resume of a version-1 cache either
 
 
 def test_reader_expect_mismatch(tmp_path):
@@ -232,8 +427,9 @@ def test_missing_manifest_and_bad_format(tmp_path):
     with pytest.raises(CacheError, match="kd-detr cache"):
         CacheReader(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "kd-detr-teacher-cache", "format_version": 99}))
-    with pytest.raises(CacheError, match="version"):
+    with pytest.raises(CacheError, match="version 99") as e:
         CacheReader(tmp_path)
+    assert "padded batch" not in str(e.value)  # the version-1 explanation is for version 1 only
     assert verify_cache(tmp_path) and "version" in verify_cache(tmp_path)[0]
 
 
@@ -246,10 +442,10 @@ def test_corrupt_shard_detected(tmp_path):
     problems = verify_cache(tmp_path / "c")
     assert len(problems) == 1 and "shard-00001.safetensors" in problems[0] and "SHA-256" in problems[0]
     r = CacheReader(tmp_path / "c")
-    r.batch(0, 0)  # the other shard is fine
+    r.entry(0, 0)  # the other shard is fine
     with pytest.raises(CacheError, match="shard-00001.safetensors"):
-        r.batch(1, 0)
-    CacheReader(tmp_path / "c", verify_shards=False).batch(1, 0)  # trusting the file reads it
+        r.entry(0, 1)
+    CacheReader(tmp_path / "c", verify_shards=False).entry(0, 1)  # trusting the file reads it
 
 
 def test_missing_shard_detected(tmp_path):
@@ -258,16 +454,43 @@ def test_missing_shard_detected(tmp_path):
     problems = verify_cache(tmp_path / "c")
     assert len(problems) == 1 and "shard-00000.safetensors" in problems[0] and "missing" in problems[0]
     with pytest.raises(CacheError, match="shard-00000.safetensors"):
-        CacheReader(tmp_path / "c").batch(0, 1)
+        CacheReader(tmp_path / "c").entry(4, 0)
+    CacheReader(tmp_path / "c").entry(0, 1)  # the other shard is fine
+
+
+def test_every_listed_image_view_is_checked(tmp_path):
+    root = tmp_path / "c"
+    build_cache(root)[0].close()
+    good = (root / "manifest.json").read_text()
+    # the manifest lists an image whose tensors the (intact) shard does not hold
+    m = json.loads(good)
+    m["shards"][0]["images"].append(7)
+    m["shards"][0]["image_ids"].append(107)
+    (root / "manifest.json").write_text(json.dumps(m))
+    problems = verify_cache(root)
+    assert len(problems) == 1 and problems[0].startswith("shard-00000.safetensors: view 0 of image 7 lacks [")
+    r = CacheReader(root)
+    assert r.has(7, 0)
+    with pytest.raises(CacheError, match=r"shard-00000.safetensors has no tensors for view 0 of image 7"):
+        r.entry(7, 0)
+    # an image view listed in two shards: which copy would be right?
+    m = json.loads(good)
+    m["shards"][1]["view"] = 0
+    (root / "manifest.json").write_text(json.dumps(m))
+    for problems in ([str(pytest.raises(CacheError, CacheReader, root).value)], verify_cache(root)):
+        assert len(problems) == 1
+        assert ("view 0 of image 0 is listed in both shard-00000.safetensors and shard-00001.safetensors"
+                in problems[0])
 
 
 def test_resume_and_header_mismatch(tmp_path):
     cfg = StoreConfig.parse("topk:3")
     root = tmp_path / "c"
-    build_cache(root, cfg)
+    build_cache(root, cfg)[0].close()
     w = CacheWriter(root, make_header(cfg))
     assert w.done() == {"shard-00000.safetensors", "shard-00001.safetensors"}
-    assert w.done_batches() == {(0, 0), (0, 1), (1, 0)}
+    assert w.done_views() == {(0, 0), (1, 0), (4, 0), (0, 1)}
+    w.close()
     with pytest.raises(CacheError) as e:
         CacheWriter(root, make_header(cfg, sha="ef" * 32, num_views=4))
     msg = str(e.value)
@@ -282,15 +505,15 @@ def test_orphan_shard_not_done_and_rewritten(tmp_path):
     root = tmp_path / "c"
     w = CacheWriter(root, make_header(cfg))
     w.write_queries(make_outputs().query_embed)
-    enc = encode_batch(make_outputs(), torch.arange(B), cfg)
-    w.write_shard("shard-00000.safetensors", 0, {0: enc}, list(range(B)))
+    w.write_shard("shard-00000.safetensors", 0, {0: encode_view(0, 0, cfg)}, [100])
     (root / "shard-00001.safetensors").write_bytes(b"half-written garbage")  # crash before the manifest write
+    w.close()
     w2 = CacheWriter(root, make_header(cfg))
-    assert w2.done() == {"shard-00000.safetensors"}
-    assert not CacheReader(root).has(0, 1)
-    entry = w2.write_shard("shard-00001.safetensors", 0, {1: enc}, list(range(B)))
-    assert entry["bytes"] == (root / "shard-00001.safetensors").stat().st_size
-    assert CacheReader(root).has(0, 1) and verify_cache(root) == []
+    assert w2.done() == {"shard-00000.safetensors"} and w2.done_views() == {(0, 0)}
+    assert not CacheReader(root).has(1, 0)
+    entry = w2.write_shard("shard-00001.safetensors", 0, {1: encode_view(1, 0, cfg)}, [101])
+    assert entry["bytes"] == (root / "shard-00001.safetensors").stat().st_size and entry["images"] == [1]
+    assert CacheReader(root).has(1, 0) and verify_cache(root) == []
 
 
 def test_writer_refuses_foreign_folder(tmp_path):
@@ -302,19 +525,21 @@ def test_writer_refuses_foreign_folder(tmp_path):
 def test_reader_pickles(tmp_path):
     _, originals, _ = build_cache(tmp_path / "c")
     r = CacheReader(tmp_path / "c")
-    r.batch(0, 0)  # opens a handle: must not break pickling
+    r.entry(0, 0)  # opens a handle: must not break pickling
     r2 = pickle.loads(pickle.dumps(r))
-    t = r2.teacher_outputs(1, 0)
-    assert t.cross_attn.shape == (L, B, 1, N, S)
-    assert torch.equal(t.gt_assignment, originals[(1, 0)].gt_assignment)
-    copy.deepcopy(r).batch(0, 1)
+    t = r2.view_outputs(4, 0)
+    assert t.cross_attn.shape == (L, 1, 1, N, 8) and t.feature_size == (4, 2)
+    assert torch.equal(t.gt_assignment, originals[(4, 0)].gt_assignment)
+    assert torch.equal(copy.deepcopy(r).entry(1, 0)["image_index"], torch.tensor([1]))
 
 
 def test_cache_info(tmp_path):
     build_cache(tmp_path / "c")
     info = cache_info(tmp_path / "c")
     assert "topk:3" in info and "float16" in info and "mean" in info
-    assert "2 shards" in info and "3 batches" in info and "9 image views" in info
+    assert "K=2 views per image" in info and "B=" not in info
+    assert "2 shards, 4 image views" in info and "images per view: 0: 3, 1: 1" in info
+    assert "batches" not in info
     assert "per image view" in info and "bytes" in info
 
 

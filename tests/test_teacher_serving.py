@@ -14,8 +14,8 @@ from test_d3etr import _distill_args, _log, _save_teacher
 
 def _cache_args(synth_data, teacher, out, *extra):
     return ["cache", "--teacher", "cond_detr_r10_tiny", "--teacher-checkpoint", str(teacher), "--data", str(synth_data),
-            "--image-size", "64", "--out", str(out), "--views", "2", "--batch-size", "4", "--actors", "1",
-            "--batches-per-shard", "2", "--no-progress", *extra]
+            "--image-size", "64", "--out", str(out), "--views", "2", "--actors", "1",
+            "--images-per-shard", "8", "--no-progress", *extra]
 
 
 def _losses(run):
@@ -94,10 +94,10 @@ def test_mismatching_or_damaged_caches_are_refused(synth_data, cached, tmp_path)
     res = runner.invoke(main, _distill_args(synth_data, tmp_path / "r1", other / "teacher.safetensors",
                                             "--teacher-cache", str(tmp / "full32"), "--set", "train.max_iters=1"))
     assert res.exit_code != 0 and "teacher:" in res.output
-    # another batch size than the cache's plan
+    # any batch size reads the cache (one entry per image view): here 3, which divides nothing of the build
     res = runner.invoke(main, _distill_args(synth_data, tmp_path / "r2", teacher, "--teacher-cache", str(tmp / "full32"),
-                                            "--set", "train.batch_size=2", "--set", "train.max_iters=1"))
-    assert res.exit_code != 0 and "batch_size" in res.output
+                                            "--set", "train.batch_size=3", "--set", "train.max_iters=1"))
+    assert res.exit_code == 0, res.output
     # other K
     res = runner.invoke(main, _distill_args(synth_data, tmp_path / "r3", teacher, "--teacher-cache", str(tmp / "full32"),
                                             "--views", "3", "--set", "train.max_iters=1"))

@@ -92,7 +92,7 @@ class ViewPlan:
             # one row of K uniform draws per image; argsort gives each image its own permutation of the views
             draws = _rng(run_seed, cycle, 2).random((self.num_images, self.num_views))
             self._epoch_views = {key: np.argsort(draws, axis=1)}  # keep one cycle: epochs come in order
-        return self._epoch_views[key][:, pos]
+        return self._epoch_views[key][:, pos].copy()
 
     def to_dict(self) -> dict[str, Any]:
         return {"num_views": self.num_views, "seed": self.seed, "policy": self.policy.to_dict(),
