@@ -68,8 +68,13 @@ def test_torchrun_train_cli(synth_data, tmp_path):
     assert (out / "metrics.json").exists()
 
 
-def test_torchrun_distill_cli_with_projection(synth_data, tmp_path):
-    """Two-process D3ETR with a narrower teacher: the trainable query projection lives outside DDP."""
+def test_torchrun_distill_cli_with_projection(synth_data, tmp_path, ray_session):
+    """Two-process D3ETR with a narrower teacher (the trainable query projection lives outside DDP), once with
+    the teacher in each process and once from a teacher cache built without any batch size: both log the same
+    numbers (one cache entry per image view serves any number of processes at any batch size)."""
+    from click.testing import CliRunner
+
+    from kd_detr.cli import main
     from kd_detr.data import CocoDetection
     from kd_detr.engine.checkpointing import find_resume_point, load_training_state
     from kd_detr.models import save_model
@@ -78,16 +83,31 @@ def test_torchrun_distill_cli_with_projection(synth_data, tmp_path):
     torch.manual_seed(0)
     teacher = build_model("cond_detr_r10_tiny", num_classes=ds.label_map.num_classes, num_queries=8, d_model=64,
                           dim_feedforward=64)
-    save_model(teacher, tmp_path / "teacher.safetensors", label_map=ds.label_map, extra_metadata={"image_size": 64})
-    out = tmp_path / "run"
-    torchrun("-m", "kd_detr", "distill", "--teacher", "cond_detr_r10_tiny", "--teacher-checkpoint",
-             str(tmp_path / "teacher.safetensors"), "--student", "cond_detr_r10_tiny", "--student-opt",
-             "num_queries=6", "--data", str(synth_data), "--image-size", "64", "--num-workers", "0",
-             "--output-dir", str(out), "--no-progress", "--set", "train.batch_size=2", "--set", "train.max_iters=2",
-             "--set", "train.log_every=1", "--set", "train.eval_max_images=4",
-             "--set", 'distill.fixed_group.query_projection="linear"')
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in log if "loss" in r] == [1, 2]
+    ckpt = tmp_path / "teacher.safetensors"
+    save_model(teacher, ckpt, label_map=ds.label_map, extra_metadata={"image_size": 64})
+    cache = tmp_path / "cache"
+    res = CliRunner().invoke(main, ["cache", "--teacher", "cond_detr_r10_tiny", "--teacher-checkpoint", str(ckpt),
+                                    "--data", str(synth_data), "--image-size", "64", "--out", str(cache), "--views",
+                                    "2", "--actors", "1", "--attention", "full", "--classes", "dense", "--dtype",
+                                    "float32", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    common = ["-m", "kd_detr", "distill", "--teacher", "cond_detr_r10_tiny", "--teacher-checkpoint", str(ckpt),
+              "--student", "cond_detr_r10_tiny", "--student-opt", "num_queries=6", "--data", str(synth_data),
+              "--image-size", "64", "--num-workers", "0", "--no-progress", "--set", "train.batch_size=2",
+              "--set", "train.max_iters=2", "--set", "train.log_every=1", "--set", "train.eval_max_images=4",
+              "--set", "train.eval_every_epochs=0", "--set", 'distill.fixed_group.query_projection="linear"']
+    logs = {}
+    for name, extra in (("inprocess", ["--views", "2"]), ("cache", ["--teacher-cache", str(cache)])):
+        out = tmp_path / name
+        torchrun(*common, "--output-dir", str(out), *extra)
+        logs[name] = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        logs[name] = [r for r in logs[name] if "loss" in r]
+    log = logs["cache"]
+    assert [r["iteration"] for r in log] == [1, 2]
     assert "distill.fixed.pred_cls.l1" in log[0]
-    state = load_training_state(find_resume_point("auto", out))
+    for a, b in zip(logs["inprocess"], log):
+        for key, value in a.items():
+            if isinstance(value, float) and not key.endswith("_time") and key not in ("eta_s", "peak_mem_mb"):
+                assert abs(b[key] - value) <= 1e-5 * max(1.0, abs(value)), (a["iteration"], key, value, b[key])
+    state = load_training_state(find_resume_point("auto", tmp_path / "cache"))
     assert state["extra"]["distill_projection"]["weight"].shape == (128, 64)

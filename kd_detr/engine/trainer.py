@@ -253,6 +253,12 @@ class Trainer:
         self.methods = [m.to(self.device) for m in build_methods(
             self.recipe.sections, self.raw_model.config, self.criterion,
             teacher=self._prepare_teacher if self.distils else None)]
+        if self.dist.enabled:
+            # each rank drew its own init (seed + rank); the gradients are averaged (after_backward), so the
+            # modules must start equal too, like DDP's broadcast of the student: rank 0's
+            for mod in self.extra_modules().values():
+                for t in [*mod.parameters(), *mod.buffers()]:
+                    torch.distributed.broadcast(t.data, src=0)
         wanted = [m.teacher_attention() for m in self.methods if m.uses_teacher]
         if not wanted:
             return

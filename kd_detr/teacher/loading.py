@@ -248,7 +248,17 @@ def load_teacher(spec: TeacherSpec, data_label_map: Optional[LabelMap]
     kd-detr ``.safetensors`` files carry their architecture, label map and image size; official and
     Hugging Face files carry none, so they come from the card (``coco91``: class slot = COCO id).
     A card whose ``num_classes`` differs from its checkpoint's is refused (naming both).
+
+    The global RNG is left as it was (building the model would draw initial weights from it): loading a
+    teacher must not change what a run draws next, or an in-process teacher would give a run other numbers
+    (e.g. another init of a method's projection) than a cached or Ray-served one.
     """
+    with torch.random.fork_rng(devices=[]):
+        return _load_teacher(spec, data_label_map)
+
+
+def _load_teacher(spec: TeacherSpec, data_label_map: Optional[LabelMap]
+                  ) -> tuple[torch.nn.Module, LabelMap, Optional[int]]:
     fmt = _file_format(spec.checkpoint, spec.format)
     if fmt == "hf_folder":
         from kd_detr.models.hf.adapter import HFDetector
