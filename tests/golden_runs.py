@@ -76,7 +76,7 @@ def run_all(tmp: Path, data: Path, names=None) -> dict[str, list[dict]]:
     if "d3etr_cache" in names and not (cache / "manifest.json").exists():
         _invoke(["cache", "--teacher", "cond_detr_r10_tiny", "--teacher-checkpoint", str(teacher), "--data", str(data),
                  "--image-size", "64", "--out", str(cache), "--views", "2", "--actors", "1",
-                 "--images-per-shard", "8", "--attention", "full", "--dtype", "float32", "--no-progress"])
+                 "--images-per-shard", "8", "--attention", "full", "--dtype", "float32", "--classes", "dense", "--no-progress"])
     logs = {}
     for name in names:
         recipe, extra = RUNS[name]
