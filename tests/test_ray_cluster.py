@@ -3,7 +3,7 @@
 
 The cluster is started the way a user starts one, with the ``ray`` CLI of this interpreter: ``ray start
 --head`` (node ``node1``: 1 CPU) and ``ray start --address HEAD`` (node ``node2``: 1 CPU and a ``node2``
-resource). Both run in a private ``--temp-dir`` (``/tmp/kdrc-*``: Ray's socket paths must stay short) with
+resource). Both run in a private ``--temp-dir`` (``kdrc-*`` in ``$KD_DETR_RAY_TMP``, default the system temp folder: Ray's socket paths must stay short) with
 their own ports, so they neither see nor disturb another Ray on the machine (the shared local Ray of the
 other tests may still be running in this very process). Everything the test's commands connect with comes
 from the environment: ``RAY_ADDRESS`` (the head), and token authentication with a token of this test
@@ -197,7 +197,7 @@ def two_node_cluster():
     checked for leftover processes at teardown."""
     if not RAY.is_file():
         pytest.skip(f"no ray CLI beside {sys.executable}")
-    temp_dir = Path(tempfile.mkdtemp(prefix="kdrc-", dir="/tmp"))  # short: Ray's socket paths are limited
+    temp_dir = Path(tempfile.mkdtemp(prefix="kdrc-", dir=os.environ.get("KD_DETR_RAY_TMP")))  # short: Ray's socket paths are limited
     token = temp_dir / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
@@ -288,6 +288,6 @@ def test_cache_and_compare_on_a_two_node_cluster(two_node_cluster, synth_data, t
     assert "| baseline |" in (cmp_out / "comparison.md").read_text()
     for recipe in rows:
         assert (cmp_out / "runs" / recipe / "seed0" / "metrics.json").is_file()
-    # compare's driver joined this cluster (a local Ray of its own would log under /tmp/ray, not here)
+    # compare's driver joined this cluster (a local Ray of its own would log in Ray's default temp folder, not here)
     drivers = list(cluster.temp_dir.glob(f"session_*/logs/python-core-driver-*_{pid}.log"))
     assert drivers, f"kd-detr compare (pid {pid}) left no driver log in {cluster.temp_dir}: it did not join the cluster"
