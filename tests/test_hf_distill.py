@@ -91,8 +91,9 @@ def test_cross_family_distillation_in_process_from_cache_and_ray(synth_data, tea
 
     cache = tmp_path / "cache"
     res = runner.invoke(main, ["cache", "--teacher", f"hf:{teacher_folder}", "--data", str(synth_data),
-                               "--image-size", "64", "--out", str(cache), "--views", "2", "--batch-size", "4",
-                               "--actors", "1", "--batches-per-shard", "2", "--dtype", "float32", "--no-progress"])
+                               "--image-size", "64", "--out", str(cache), "--views", "2",
+                               "--actors", "1", "--images-per-shard", "8", "--dtype", "float32", "--attention", "full",
+                               "--classes", "dense", "--no-progress"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     teacher = json.loads((cache / "manifest.json").read_text())["teacher"]
     import transformers

@@ -67,7 +67,7 @@ def test_no_ray_process_outlives_cache_compare_and_ray_served_distillation(synth
                "dim_feedforward=128", "--num-workers", "0"]
     commands = {
         "kd-detr cache": ["cache", *teacher_args, *common, "--out", str(tmp_path / "cache"), "--views", "1",
-                          "--batch-size", "4", "--actors", "1"],
+                          "--actors", "1"],
         "kd-detr compare": ["compare", *teacher_args, *student, *common, "--recipes", "baseline", "--budget", "1",
                             "--eval-points", "1", "--out", str(tmp_path / "cmp"), "--set", "train.batch_size=4"],
         "kd-detr distill --teacher-serve ray": [

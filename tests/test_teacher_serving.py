@@ -28,9 +28,10 @@ def cached(synth_data, tmp_path_factory, ray_session):
     teacher = _save_teacher(tmp, synth_data)
     runner = CliRunner()
     res = runner.invoke(main, _cache_args(synth_data, teacher, tmp / "full32", "--attention", "full",
-                                          "--dtype", "float32"))
+                                          "--dtype", "float32", "--classes", "dense"))
     assert res.exit_code == 0, res.output + repr(res.exception)
-    res = runner.invoke(main, _cache_args(synth_data, teacher, tmp / "topk", "--attention", "topk:8"))
+    res = runner.invoke(main, _cache_args(synth_data, teacher, tmp / "topk", "--attention", "topk:8",
+                                          "--classes", "dense"))
     assert res.exit_code == 0, res.output + repr(res.exception)
     return tmp, teacher
 
