@@ -34,7 +34,7 @@ def main() -> None:
     generate_synthetic(data, progress=False, **qs.QUICKSTART_DATA)
     teacher = load_card(str(qs.shipped_card())).checkpoint_path()
     cache = work / "cache"
-    qs._build_cache(teacher, data, cache, views=2, actors=2, seed=0, progress=False)
+    qs.build_quickstart_cache(teacher, data, cache, views=2, actors=2, seed=0, progress=False)
     results = {}
     for parallel in (1, 2):
         out = work / f"parallel{parallel}_{args.iters}"

@@ -64,9 +64,9 @@ def run_quickstart(out: Path, iters: int = 2000, seed: int = 0, echo: Callable[[
     data is always the teacher's, generated with ``QUICKSTART_DATA["seed"]``). ``seeds`` (e.g. ``[0, 1, 2]``)
     runs every recipe once per seed from the one cache whose views ``seeds[0]`` seeds, and the table gives
     mean ± std and the paired gain per seed; the run of ``seeds[0]`` is the single-seed quickstart's."""
-    from kd_detr.data import DataSpec, generate_synthetic
+    from kd_detr.data import generate_synthetic
 
-    from .compare import CompareConfig, compare, format_table
+    from .compare import compare, format_table
 
     out = Path(out)
     if parallel is None:
@@ -91,24 +91,33 @@ def run_quickstart(out: Path, iters: int = 2000, seed: int = 0, echo: Callable[[
     cache_dir = out / "cache"
     echo(f"[3/5] caching the teacher's decoder outputs ({views} views per image, Ray actors: {actors}) in {cache_dir}")
     t = time.perf_counter()
-    _build_cache(teacher_ckpt, data_dir, cache_dir, views, actors, seed, progress)
+    build_quickstart_cache(teacher_ckpt, data_dir, cache_dir, views, actors, seed, progress)
     echo(f"      {time.perf_counter() - t:.0f} s")
 
     per_seed = f", seeds {','.join(map(str, seeds))}" if len(seeds) > 1 else ""
     echo(f"[4/5] distilling {STUDENT} {STUDENT_OPTS}: baseline and d3etr, {iters} iterations each{per_seed}, "
          "from the cache")
-    cfg = CompareConfig(student=STUDENT, student_overrides=dict(STUDENT_OPTS), recipes=["baseline", "d3etr"],
-                        out=str(out / "compare"), budget=iters, teacher=TEACHER, teacher_checkpoint=str(teacher_ckpt),
-                        teacher_cache=str(cache_dir), seeds=seeds,
-                        data=DataSpec(str(data_dir), image_size=data_params["image_size"]), num_workers=1,
-                        eval_points=3,
-                        overrides=student_overrides(iters), progress=progress, parallel=parallel)
+    cfg = compare_config(out, teacher_ckpt, cache_dir, iters, seeds, parallel, progress)
     rows, files = compare(cfg)
     echo("[5/5] comparison (COCOeval on the validation images):")
     echo(format_table(rows, len(seeds)))
     echo(f"plots: {files['ap_plot']} and {files['loss_plot']}; table: {files['markdown']} and {files['csv']}; "
          f"total {time.perf_counter() - t0:.0f} s")
     return {r["recipe"]: r for r in rows}
+
+
+def compare_config(out: Path, teacher_ckpt: Path, cache_dir: Path, iters: int, seeds: Sequence[int], parallel: int,
+                   progress: bool = True, recipes: Sequence[str] = ("baseline", "d3etr"), compare_dir: str = "compare"):
+    """The quickstart's ``kd-detr compare`` of ``recipes`` from the cache ``cache_dir`` into ``out/compare_dir``."""
+    from kd_detr.data import DataSpec
+
+    from .compare import CompareConfig
+
+    return CompareConfig(student=STUDENT, student_overrides=dict(STUDENT_OPTS), recipes=list(recipes),
+                         out=str(out / compare_dir), budget=iters, teacher=TEACHER,
+                         teacher_checkpoint=str(teacher_ckpt), teacher_cache=str(cache_dir), seeds=list(seeds),
+                         data=DataSpec(str(out / "data"), image_size=QUICKSTART_DATA["image_size"]), num_workers=1,
+                         eval_points=3, overrides=student_overrides(iters), progress=progress, parallel=parallel)
 
 
 def student_overrides(iters: int) -> list[str]:
@@ -242,8 +251,10 @@ def _num_images(ann_file: Path) -> int:
     return len(json.loads(ann_file.read_text())["images"])
 
 
-def _build_cache(teacher_ckpt: Path, data_dir: Path, cache_dir: Path, views: int, actors: int, seed: int,
-                 progress: bool) -> None:
+def build_quickstart_cache(teacher_ckpt: Path, data_dir: Path, cache_dir: Path, views: int, actors: int, seed: int,
+                 progress: bool, store=None) -> dict:
+    """The quickstart's teacher cache (``store``: a :class:`~kd_detr.teacher.cache.StoreConfig`, default what
+    ``kd-detr cache`` stores by default); returns the build summary."""
     from kd_detr import data as kd_data
     from kd_detr.data.view_plan import ViewPlan
     from kd_detr.teacher import resolve_teacher
@@ -256,6 +267,7 @@ def _build_cache(teacher_ckpt: Path, data_dir: Path, cache_dir: Path, views: int
                                transforms=kd_data.make_policy(True, size), log_report=False)
     plan = ViewPlan.for_dataset(ds, num_views=views, seed=seed)
     spec = resolve_teacher(TEACHER, str(teacher_ckpt))
-    store = StoreConfig.parse(DEFAULT_ATTENTION_SPEC, classes=DEFAULT_CLASSES_SPEC)  # what `kd-detr cache` stores
-    build_cache(spec, ds, plan, cache_dir, store, actors=actors, images_per_shard=64,
+    if store is None:
+        store = StoreConfig.parse(DEFAULT_ATTENTION_SPEC, classes=DEFAULT_CLASSES_SPEC)  # what `kd-detr cache` stores
+    return build_cache(spec, ds, plan, cache_dir, store, actors=actors, images_per_shard=64,
                 progress=progress, image_size=size, num_threads=1)
