@@ -42,6 +42,7 @@ from kd_detr import data as kd_data  # noqa: E402
 from kd_detr.criterion import SetCriterion  # noqa: E402
 from kd_detr.engine.recipe import load_recipe  # noqa: E402
 from kd_detr.methods.d3etr import D3ETRLoss  # noqa: E402
+from kd_detr.runs.quickstart import QUICKSTART_DATA  # noqa: E402
 from kd_detr.models import DetectorRequest, build_model, load_model  # noqa: E402
 from kd_detr.teacher import TeacherOutputs  # noqa: E402
 from kd_detr.teacher.cache import StoreConfig, bytes_per_view, decode_batch, encode_batch  # noqa: E402
@@ -84,9 +85,8 @@ def main() -> None:
 
     # ---- data: the quickstart generator settings (teachers/quickstart_teacher.toml [training.data])
     work = Path(tempfile.mkdtemp(prefix="kd_detr_class_topk_"))
-    root = kd_data.generate_synthetic(work / "data", num_train=args.images, num_val=1, image_size=args.size,
-                                      seed=args.data_seed, objects_per_image=(1, 4), clutter=0.3,
-                                      min_object_size=20, class_colours=True, progress=False)
+    root = kd_data.generate_synthetic(work / "data", progress=False, **dict(
+        QUICKSTART_DATA, num_train=args.images, num_val=1, image_size=args.size, seed=args.data_seed))
     ds = kd_data.CocoDetection(root / "train2017", root / "annotations" / "instances_train2017.json",
                                transforms=kd_data.make_policy(False, args.size), log_report=False)
 
