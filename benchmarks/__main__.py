@@ -98,12 +98,20 @@ class Steps:
 
 
 def section_bytes(res: dict) -> None:
-    from kd_detr.teacher.cache import bytes_per_view
+    """Bytes per view at official sizes (6 layers, 300 queries, 91 classes, 800x1066) for each storage mode:
+    predictions only and with attention, dense and top-k classes; the default is ``kd-detr cache``'s."""
+    from kd_detr.teacher.cache import StoreConfig, bytes_per_view
+    from kd_detr.teacher.cache.attention_codec import DEFAULT_ATTENTION_SPEC, DEFAULT_CLASSES_SPEC
 
-    for spec in ("none", "topk:8", "topk:32", "full"):
-        res[f"cache_bytes_per_view[{spec}]"] = bytes_per_view(spec)
-    res["cache_bytes_per_view[full per_head]"] = bytes_per_view(
-        __import__("kd_detr.teacher.cache", fromlist=["StoreConfig"]).StoreConfig.parse("full", heads="per_head"))
+    old = bytes_per_view(StoreConfig.parse("topk:32"))  # format 1's default: dense fp16 classes, topk:32
+    modes = [(a, c) for c in ("dense", DEFAULT_CLASSES_SPEC) for a in ("none", "topk:8", DEFAULT_ATTENTION_SPEC,
+                                                                        "topk:32", "full")]
+    for attention, classes in modes:
+        n = bytes_per_view(StoreConfig.parse(attention, classes=classes))
+        res[f"cache_bytes_per_view[attention {attention}, classes {classes}]"] = n
+    default = bytes_per_view(StoreConfig.parse(DEFAULT_ATTENTION_SPEC, classes=DEFAULT_CLASSES_SPEC))
+    res["cache_bytes_per_view[default] / [topk:32 dense classes]"] = default / old
+    res["cache_bytes_per_view[full per_head]"] = bytes_per_view(StoreConfig.parse("full", heads="per_head"))
 
 
 def main() -> None:
