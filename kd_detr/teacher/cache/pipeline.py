@@ -121,7 +121,9 @@ def quiet_ray_data() -> Iterator[None]:
         setattr(ctx, n, False)
     logger = logging.getLogger("ray.data")
     level = logger.level
-    logger.setLevel(logging.ERROR)  # also its notice that the progress bars are off
+    # CRITICAL: also its notice that the progress bars are off and its tracebacks of a failed stage (the build
+    # raises that failure itself, as one line for a teacher actor that keeps dying)
+    logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
