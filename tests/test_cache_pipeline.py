@@ -19,6 +19,7 @@ import time
 
 import pytest
 import torch
+from safetensors import safe_open
 
 ray = pytest.importorskip("ray")
 
@@ -82,10 +83,13 @@ def test_stream_cache_equals_the_actor_pool_cache(world, stream_cache, tmp_path)
         assert ea.keys() == eb.keys(), key
         for name in ea:
             assert ea[name].dtype == eb[name].dtype and torch.equal(ea[name], eb[name]), (key, name)
-    assert (root / "queries.safetensors").read_bytes() == (tmp_path / "pool" / "queries.safetensors").read_bytes()
+    # (the files' bytes may differ: safetensors orders the header's metadata keys at random)
+    qa, qb = (safe_open(str(r / "queries.safetensors"), framework="pt") for r in (root, tmp_path / "pool"))
+    assert torch.equal(qa.get_tensor("query_embed"), qb.get_tensor("query_embed")) and qa.metadata() == qb.metadata()
     ma, mb = (json.loads((r / "manifest.json").read_text()) for r in (root, tmp_path / "pool"))
     assert {k: v for k, v in ma.items() if k != "shards"} == {k: v for k, v in mb.items() if k != "shards"}
-    assert sorted((e["file"], e["sha256"]) for e in ma["shards"]) == sorted((e["file"], e["sha256"]) for e in mb["shards"])
+    strip = lambda m: sorted((e["file"], e["view"], e["images"], e["image_ids"]) for e in m["shards"])  # noqa: E731
+    assert strip(ma) == strip(mb)
 
 
 def test_stream_resumes_a_partial_cache(world, stream_cache, tmp_path):
@@ -104,8 +108,10 @@ def test_stream_resumes_a_partial_cache(world, stream_cache, tmp_path):
     after = _shards(root)
     assert {f: after[f] for f in before} == before  # finished shards untouched
     assert sorted(after) == sorted(_shards(stream_cache[0])) and verify_cache(root) == []
-    for name in dropped:  # the same bytes as the uninterrupted build
-        assert (root / name).read_bytes() == (stream_cache[0] / name).read_bytes()
+    a, b = CacheReader(root), CacheReader(stream_cache[0])
+    for key in b.keys():  # the same numbers as the uninterrupted build
+        ea, eb = a.entry(*key), b.entry(*key)
+        assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea), key
     again = _build(world, root, pipeline="stream")  # complete: recognised without Ray Data or an actor
     assert again["shards_skipped"] == 4 and again["images"] == 0 and again["device"] is None
 
