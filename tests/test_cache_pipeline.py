@@ -120,7 +120,8 @@ def test_options_are_checked_before_any_work(world, tmp_path):
     root = tmp_path / "cache"
     with pytest.raises(ValueError, match=r"teacher_batch_size must be an integer >= 1 \(--teacher-batch-size\), got 0"):
         _build(world, root, pipeline="stream", teacher_batch_size=0)
-    with pytest.raises(ValueError, match=r"pipeline must be one of auto, stream, actor_pool \(--pipeline\), got 'fast'"):
+    with pytest.raises(ValueError, match=r"pipeline must be one of auto, stream, actor_pool \(--pipeline\), "
+                                         r"got 'fast'"):
         _build(world, root, pipeline="fast")
     with pytest.raises(ValueError, match=r"on_actors needs pipeline='actor_pool'"):
         _build(world, root, pipeline="stream", on_actors=lambda actors: None)
@@ -159,8 +160,8 @@ def test_no_ray_process_outlives_a_stream_build(synth_data, tmp_path):
     teacher = _save_teacher(tmp_path, synth_data)
     before = _ray_processes()
     res = _run(["cache", "--teacher", "cond_detr_r10_tiny", "--teacher-checkpoint", str(teacher), "--data",
-                str(synth_data), "--image-size", "64", "--no-progress", "--out", str(tmp_path / "cache"), "--views", "1",
-                "--actors", "1", "--pipeline", "stream", "--teacher-batch-size", "4"], tmp_path)
+                str(synth_data), "--image-size", "64", "--no-progress", "--out", str(tmp_path / "cache"),
+                "--views", "1", "--actors", "1", "--pipeline", "stream", "--teacher-batch-size", "4"], tmp_path)
     assert res.returncode == 0, f"{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
     assert re.search(r"pipeline stream, [\d.]+ img/s, teacher actors \d+% busy", res.stdout), res.stdout
     _assert_no_new_ray(before, "kd-detr cache --pipeline stream")

@@ -35,7 +35,8 @@ from .loading import TeacherSpec, load_teacher, spec_from_dict, spec_to_dict
 from .ray_session import from_numpy, to_numpy, torch_threads, wire_to_numpy
 from .inprocess import InProcessTeacher
 
-__all__ = ["TeacherWorker", "TeacherActor", "load_plan_data", "replay_view", "TeacherActorError", "teacher_actor_error", "teacher_job", "plan_job",
+__all__ = ["TeacherWorker", "TeacherActor", "load_plan_data", "replay_view", "TeacherActorError", "teacher_actor_error",
+           "teacher_job", "plan_job",
            "MAX_RESTARTS", "MAX_TASK_RETRIES", "ACTOR_OPTIONS"]
 
 # A dead teacher process is restarted this many times (and a call it was running retried as often) before
@@ -193,8 +194,9 @@ def load_plan_data(data: dict[str, Any]) -> tuple[CocoDetection, ViewPlan]:
     d, p = data["dataset"], data["plan"]
     # the views come from the plan's policy (replayed with get_view)
     policy = AugmentationPolicy.from_dict(p["policy"])
-    dataset = CocoDetection(d["img_dir"], d["ann_file"], transforms=policy, label_map=LabelMap.from_dict(d["label_map"]),
-                            strict=d["strict"], validate_files=d["validate_files"], log_report=False)
+    dataset = CocoDetection(d["img_dir"], d["ann_file"], transforms=policy,
+                            label_map=LabelMap.from_dict(d["label_map"]), strict=d["strict"],
+                            validate_files=d["validate_files"], log_report=False)
     plan = ViewPlan.for_dataset(dataset, p["num_views"], p["seed"])
     if plan.fingerprint() != p["fingerprint"]:
         # e.g. the annotation file changed between the driver and this worker, or another node
@@ -204,7 +206,8 @@ def load_plan_data(data: dict[str, Any]) -> tuple[CocoDetection, ViewPlan]:
     return dataset, plan
 
 
-def replay_view(dataset: CocoDetection, plan: ViewPlan, index: int, view: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def replay_view(dataset: CocoDetection, plan: ViewPlan, index: int,
+                view: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """View ``view`` of image ``index`` replayed with the plan: ``(image [3,H,W] float32, target)`` (the one
     decode + replay of both cache builds)."""
     return dataset.get_view(int(index), plan.view(int(index), int(view)))

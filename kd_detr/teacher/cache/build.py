@@ -1,10 +1,17 @@
 """``kd-detr cache``: compute a teacher's outputs on a view plan with Ray actors and store them.
 
 The driver splits the plan's image views into shards (``images_per_shard`` consecutive images of one view,
-``shard-00000.safetensors``, ... in a fixed order: view 0 of every image first), hands the shards that the
-manifest does not list yet to a :class:`ray.util.ActorPool` of :data:`~kd_detr.teacher.ray_actor.TeacherActor` s and writes each
-result with the one :class:`~kd_detr.teacher.cache.store.CacheWriter` as it arrives (actors only
-compute; a single writer keeps the manifest consistent).
+``shard-00000.safetensors``, ... in a fixed order: view 0 of every image first) and computes the shards that
+the manifest does not list yet with one of two pipelines (``pipeline=``, :data:`PIPELINES`):
+
+* ``actor_pool``: a :class:`ray.util.ActorPool` of :data:`~kd_detr.teacher.ray_actor.TeacherActor` s, each
+  replaying and running whole shards;
+* ``stream``: :mod:`~kd_detr.teacher.cache.pipeline`, a Ray Data pipeline of decode tasks feeding a pool of
+  teacher actors (``teacher_batch_size`` views per call); the driver collects each shard's views.
+
+Either way the driver writes each shard, whole, with the one :class:`~kd_detr.teacher.cache.store.CacheWriter`
+(actors only compute; a single writer keeps the manifest consistent), and both compute every entry with the
+same :func:`~kd_detr.teacher.ray_actor.replay_view` and :meth:`~kd_detr.teacher.ray_actor.TeacherWorker.view_entry`.
 
 * **Resumable**: a shard is listed in the manifest only once complete; a rerun verifies the listed
   shards (SHA-256), skips the good ones and computes the rest (an interrupted build loses at most the
@@ -12,8 +19,9 @@ compute; a single writer keeps the manifest consistent).
 * **One build per folder**: the build holds the folder's lock (:class:`~kd_detr.teacher.cache.store.CacheLock`)
   from its start; a second build into the same folder fails at once, before starting Ray.
 * **Fault tolerant**: actors are created with a few restarts (:data:`~kd_detr.teacher.ray_actor.MAX_RESTARTS`),
-  so an actor process that dies is restarted (reloading data and teacher) and its pending shard is computed
-  again; results are pure functions of (plan, teacher, view, images), so nothing is lost or duplicated.
+  so an actor process that dies is restarted (reloading data and teacher) and its pending shard (or teacher
+  batch) is computed again; results are pure functions of (plan, teacher, view, images), so nothing is lost or
+  duplicated.
   An actor that keeps dying ends the build with :class:`~kd_detr.teacher.ray_actor.TeacherActorError`.
 * **Identical to the in-process teacher**: an actor replays view ``k`` of image ``i`` with the plan and runs
   :meth:`~kd_detr.teacher.inprocess.InProcessTeacher.view` on it alone, as the in-process and Ray teachers
@@ -165,7 +173,8 @@ def build_cache(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, out: 
     if pipeline not in PIPELINES:
         raise ValueError(f"pipeline must be one of {', '.join(PIPELINES)} (--pipeline), got {pipeline!r}")
     if isinstance(teacher_batch_size, bool) or not isinstance(teacher_batch_size, int) or teacher_batch_size < 1:
-        raise ValueError(f"teacher_batch_size must be an integer >= 1 (--teacher-batch-size), got {teacher_batch_size!r}")
+        raise ValueError(f"teacher_batch_size must be an integer >= 1 (--teacher-batch-size), "
+                         f"got {teacher_batch_size!r}")
     if on_actors is not None and pipeline == "stream":
         raise ValueError("on_actors needs pipeline='actor_pool': the stream pipeline's teacher actors are Ray "
                          "Data's, there are no actor handles to give")

@@ -25,7 +25,6 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import ray
-import torch
 
 from ..ray_actor import ACTOR_OPTIONS, TeacherWorker, _node_id, load_plan_data, replay_view, teacher_actor_error
 from ..ray_session import from_numpy
