@@ -35,9 +35,8 @@ from .loading import TeacherSpec, load_teacher, spec_from_dict, spec_to_dict
 from .ray_session import from_numpy, to_numpy, torch_threads, wire_to_numpy
 from .inprocess import InProcessTeacher
 
-__all__ = ["TeacherWorker", "TeacherActor", "load_plan_data", "replay_view", "TeacherActorError", "teacher_actor_error",
-           "teacher_job", "plan_job",
-           "MAX_RESTARTS", "MAX_TASK_RETRIES", "ACTOR_OPTIONS"]
+__all__ = ["TeacherWorker", "TeacherActor", "load_plan_data", "replay_view", "node_id", "TeacherActorError",
+           "teacher_actor_error", "teacher_job", "plan_job", "MAX_RESTARTS", "MAX_TASK_RETRIES", "ACTOR_OPTIONS"]
 
 # A dead teacher process is restarted this many times (and a call it was running retried as often) before
 # the run gives up: enough for a preempted node or a one-off OOM kill, few enough that a teacher which
@@ -183,7 +182,7 @@ class TeacherWorker:
         that computed it (hex id; ``""`` outside Ray), so the build can report the work done per node:
         ``(name, entries, node, busy seconds)``."""
         entries, busy = self.compute(view, indices)
-        return name, entries, _node_id(), busy
+        return name, entries, node_id(), busy
 
 
 def load_plan_data(data: dict[str, Any]) -> tuple[CocoDetection, ViewPlan]:
@@ -213,7 +212,7 @@ def replay_view(dataset: CocoDetection, plan: ViewPlan, index: int,
     return dataset.get_view(int(index), plan.view(int(index), int(view)))
 
 
-def _node_id() -> str:
+def node_id() -> str:
     """The hex id of the Ray node this process runs on (``""`` when Ray is not initialised)."""
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import ray
 
-from ..ray_actor import ACTOR_OPTIONS, TeacherWorker, _node_id, load_plan_data, replay_view, teacher_actor_error
+from ..ray_actor import ACTOR_OPTIONS, TeacherWorker, load_plan_data, node_id, replay_view, teacher_actor_error
 from ..ray_session import from_numpy
 
 __all__ = ["decode_views", "TeacherStage", "run_stream", "quiet_ray_data", "DECODE_CPUS", "TEACHER_CPUS"]
@@ -85,7 +85,7 @@ class TeacherStage:
 
     def __init__(self, job: dict[str, Any], store: dict[str, Any]):
         self.worker = TeacherWorker(job, None, store)
-        self.node = _node_id()
+        self.node = node_id()
         self.ready_at = time.time()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
