@@ -7,7 +7,9 @@ anything) and writes them to ``--json``:
   the matching share of the d3etr step; peak memory d3etr / (baseline + teacher);
 * cache bytes per image view per storage mode at the official sizes (R50/R101: 800x1066, 300 queries,
   6 layers, 91 classes) and how much of the d3etr attention loss a ``topk`` cache keeps;
-* cache build images/s with 1 and 2 Ray actors; cache read throughput (batches/s in the loader);
+* cache build images/s (also with the start-up) and teacher actor busy fraction, the stream pipeline (Ray
+  Data) vs the actor pool, with 1 and 2 actors, side by side (``--cache-build-only``: just that table);
+  cache read throughput (batches/s in the loader);
 * MS-DETR and Co-DETR step time vs baseline.
 
 Tiny models on generated data on the CPU (about 5-10 minutes on 2 cores); on a GPU add
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -114,6 +117,49 @@ def section_bytes(res: dict) -> None:
     res["cache_bytes_per_view[full per_head]"] = bytes_per_view(StoreConfig.parse("full", heads="per_head"))
 
 
+def section_cache_build(res: dict, spec, ds, plan, work: Path, args) -> list[dict]:
+    """Cache build throughput, the stream pipeline (Ray Data) vs the actor pool, 1 and 2 teacher actors, on the
+    same plan and store: images/s of the compute (from the first actor ready), images/s with the start-up
+    (Ray Data, actors loading the teacher), and how busy the teacher actors were. Rounds are interleaved (load
+    from other processes hits every configuration alike) and the best round of each is kept. ``work/cache1``
+    (actor pool, 1 actor) is the cache the read benchmarks use."""
+    import shutil
+
+    from kd_detr.teacher.cache import StoreConfig
+    from kd_detr.teacher.cache.build import build_cache
+
+    best: dict[tuple[str, int], dict] = {}
+    for r in range(args.build_rounds):
+        for actors in (1, 2):
+            for pipeline in ("actor_pool", "stream"):
+                out = work / (f"cache{actors}" if pipeline == "actor_pool" else f"cache{actors}_{pipeline}")
+                shutil.rmtree(out, ignore_errors=True)
+                s = build_cache(spec, ds, plan, out, StoreConfig.parse("topk:32"), actors=actors,
+                                images_per_shard=2 * args.batch, progress=False, image_size=args.size,
+                                num_threads=max(1, 2 // actors), pipeline=pipeline, teacher_batch_size=args.batch)
+                b = {"pipeline": pipeline, "actors": actors, "images_per_s": s["images_per_s"],
+                     "with_startup": s["images"] / (s["startup_s"] + s["seconds"]), "startup_s": s["startup_s"],
+                     "busy": s["actor_busy"]}
+                if (pipeline, actors) not in best or b["images_per_s"] > best[pipeline, actors]["images_per_s"]:
+                    best[pipeline, actors] = b
+    for (pipeline, actors), b in best.items():
+        res[f"cache_build_images_per_s[{pipeline}, {actors} actor]"] = b["images_per_s"]
+        res[f"cache_build_images_per_s incl. start-up[{pipeline}, {actors} actor]"] = b["with_startup"]
+        res[f"cache_build_actor_busy[{pipeline}, {actors} actor]"] = b["busy"]
+    return list(best.values())
+
+
+def _print_cache_builds(builds: list[dict], plan, args) -> None:
+    print(f"## cache build ({plan.num_images} images x {plan.num_views} views = {plan.num_images * plan.num_views} "
+          f"image views, {args.size}px, teacher {TEACHER[0]}, topk:32, CPU, {os.cpu_count()} cores; stream teacher "
+          f"batch {args.batch}; best of {args.build_rounds} interleaved rounds)")
+    print("| pipeline | actors | img/s | img/s incl. start-up | start-up s | actor busy |")
+    print("|---|---|---|---|---|---|")
+    for b in builds:
+        print(f"| {b['pipeline']} | {b['actors']} | {b['images_per_s']:.1f} | {b['with_startup']:.1f} | "
+              f"{b['startup_s']:.1f} | {100 * b['busy']:.0f}% |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
@@ -122,12 +168,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="fewer rounds and images (a smoke run)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--cache-build-only", action="store_true",
+                    help="only the cache build comparison (stream vs actor_pool, 1 and 2 actors)")
+    ap.add_argument("--build-rounds", type=int, default=2, help="cache builds per configuration (the best is kept)")
     ap.add_argument("--official", action="store_true",
                     help="also run benchmarks/distill_step.py for cond_detr_r101 -> cond_detr_r50 at 800x1066 "
                          "(batch 8 on a GPU, 2 on the CPU)")
     args = ap.parse_args()
     if args.quick:
-        args.rounds, args.images = 2, 32
+        args.rounds, args.images, args.build_rounds = 2, 32, 1
     torch.set_num_threads(2)
     res: dict = {"device": "cpu", "threads": torch.get_num_threads(), "size": args.size, "batch": args.batch}
     work = Path(tempfile.mkdtemp(prefix="kd_detr_bench_"))
@@ -146,14 +195,14 @@ def main() -> None:
 
     from kd_detr.teacher import resolve_teacher
     from kd_detr.teacher.cache import CacheReader, StoreConfig
-    from kd_detr.teacher.cache.build import build_cache
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     spec = resolve_teacher(TEACHER[0], str(teacher_path))
-    for actors in (1, 2):
-        s = build_cache(spec, ds, plan, work / f"cache{actors}", StoreConfig.parse("topk:32"), actors=actors,
-                        images_per_shard=2 * args.batch, progress=False, image_size=args.size, num_threads=max(1, 2 // actors))
-        res[f"cache_build_images_per_s[{actors} actor]"] = s["images_per_s"]
+    builds = section_cache_build(res, spec, ds, plan, work, args)
+    if args.cache_build_only:
+        ray.shutdown()
+        _print_cache_builds(builds, plan, args)
+        return
     section_bytes(res)
     reader = CacheReader(work / "cache1")
     keys = plan.all_views()
@@ -256,6 +305,7 @@ def main() -> None:
           f"teacher {TEACHER[0]} -> student {STUDENT[0]}, median of {args.rounds} rounds)")
     for k, v in res.items():
         print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    _print_cache_builds(builds, plan, args)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
 

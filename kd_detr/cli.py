@@ -348,11 +348,16 @@ def distill_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_serve, teach
               help="Image views per shard file (keep it when resuming). The cache holds one entry per image view: "
                    "students read it at any batch size.")
 @click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
+@click.option("--pipeline", type=click.Choice(["auto", "stream", "actor_pool"]), default="auto", show_default=True,
+              help="stream: Ray Data decode tasks feeding the teacher actors; actor_pool: each actor decodes its "
+                   "own shards; auto: stream when the cluster has GPUs, else actor_pool (faster on CPUs).")
+@click.option("--teacher-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Image views per teacher-stage call of the stream pipeline (each still runs alone).")
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
 def cache_group(ctx, teacher, teacher_checkpoint, data, train_ann, train_images, image_size, label_map, out, views,
-                view_seed, actors, attention, dtype, heads, classes, images_per_shard, address,
-                no_progress):
+                view_seed, actors, attention, dtype, heads, classes, images_per_shard, address, pipeline,
+                teacher_batch_size, no_progress):
     """Precompute a teacher's decoder outputs on K recorded views per image into a safetensors cache.
 
     Resumable: rerunning skips finished shards. `kd-detr cache verify CACHE` checks it, `kd-detr cache
@@ -378,8 +383,14 @@ def cache_group(ctx, teacher, teacher_checkpoint, data, train_ann, train_images,
     check_teacher_fits(spec, t_label_map, t_image_size, dataset.label_map, config.num_classes, image_size)
     plan = ViewPlan.for_dataset(dataset, num_views=views, seed=view_seed)
     summary = build_cache(spec, dataset, plan, out, store, actors=actors, images_per_shard=images_per_shard,
-                          address=address, progress=not no_progress, image_size=image_size)
-    click.echo(f"cache {out}: {summary}")
+                          address=address, progress=not no_progress, image_size=image_size, pipeline=pipeline,
+                          teacher_batch_size=teacher_batch_size)
+    if summary["images"]:
+        done = (f"pipeline {summary['pipeline']}, {summary['images_per_s']:.1f} img/s, teacher actors "
+                f"{100 * summary['actor_busy']:.0f}% busy")
+    else:
+        done = "complete, nothing to compute"
+    click.echo(f"cache {out}: {done}; {summary}")
 
 
 @cache_group.command("verify")

@@ -480,7 +480,7 @@ def test_teacher_actor_dying_on_every_call_ends_the_cache_build(world, ray_sessi
     monkeypatch.setattr(build, "TeacherActor", _dying_actor(max_restarts=0, max_task_retries=0))
     root = tmp_path / "cache"
     with pytest.raises(TeacherActorError, match=r"teacher actor died \d+ times \(last error: .*OOM killer"):
-        _build(world, root)
+        _build(world, root, pipeline="actor_pool")  # stream: test_cache_pipeline.py
     assert _manifest(root)["shards"] == [] and verify_cache(root) == []  # consistent, resumable
     CacheWriter(root, {k: v for k, v in _manifest(root).items() if k != "shards"}).close()  # lock released
 

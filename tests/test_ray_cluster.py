@@ -1,5 +1,5 @@
-"""A two-node Ray cluster on this machine: `kd-detr cache` uses both nodes, the cache verifies, and
-`kd-detr compare` runs its recipes on the same cluster.
+"""A two-node Ray cluster on this machine: `kd-detr cache` (the stream pipeline) uses both nodes, the cache
+verifies, and `kd-detr compare` runs its recipes on the same cluster.
 
 The cluster is started the way a user starts one, with the ``ray`` CLI of this interpreter: ``ray start
 --head`` (node ``node1``: 1 CPU) and ``ray start --address HEAD`` (node ``node2``: 1 CPU and a ``node2``
@@ -256,13 +256,15 @@ def test_cache_and_compare_on_a_two_node_cluster(two_node_cluster, synth_data, t
     teacher = _save_teacher(tmp_path, synth_data)
     data = ["--data", str(synth_data), "--image-size", "64"]
 
-    # 1. the teacher cache: 2 actors of 1 CPU on a cluster of two 1-CPU nodes, so one actor on each node;
-    #    24 images x 1 view in 6 shards, and the pool hands each idle actor a shard first
+    # 1. the teacher cache with the stream pipeline (Ray Data): 2 teacher actors of 0.75 CPU on a cluster of two
+    #    1-CPU nodes, so one actor on each node, each beside the decode tasks' quarter CPU; 24 images x 1 view in
+    #    6 shards, teacher batches of 2 views, so both actors get work
     cache = tmp_path / "cache"
     rc, out, _ = _kd_detr(["cache", "--teacher", "cond_detr_r10_tiny", "--teacher-checkpoint", str(teacher), *data,
                            "--out", str(cache), "--views", "1", "--actors", "2", "--images-per-shard", "4",
-                           "--no-progress"], cluster, tmp_path)
+                           "--pipeline", "stream", "--teacher-batch-size", "2", "--no-progress"], cluster, tmp_path)
     assert rc == 0, out[-4000:]
+    assert "pipeline stream" in out, out[-4000:]
     by_node = _images_by_node(out)
     assert set(by_node) == set(cluster.nodes.values()), (by_node, cluster.nodes)  # teacher work on each node
     assert all(n > 0 for n in by_node.values()) and sum(by_node.values()) == 24, by_node

@@ -158,7 +158,8 @@ _BUILD_SCRIPT = textwrap.dedent("""
     plan = ViewPlan.for_dataset(ds, num_views=2, seed=0)
     build.build_cache(resolve_teacher("cond_detr_r10_tiny", teacher), ds, plan, out,
                       StoreConfig.parse("full", dtype="float32", heads="per_head"), actors=1,
-                      images_per_shard=4, address=address, progress=False, image_size=64, num_threads=1)
+                      images_per_shard=4, address=address, progress=False, image_size=64, num_threads=1,
+                      pipeline="actor_pool")
 """)
 
 
@@ -186,7 +187,8 @@ def test_interrupted_build_resumes(setup, synth_data, tmp_path):
     total = 2 * 24 // 4
     assert 1 <= len(before) < total
     summary = build_cache(spec, ds, plan, root, StoreConfig.parse("full", dtype="float32", heads="per_head"),
-                          actors=1, images_per_shard=4, progress=False, image_size=64, num_threads=1)
+                          actors=1, images_per_shard=4, progress=False, image_size=64, num_threads=1,
+                          pipeline="actor_pool")
     assert summary["shards_skipped"] == len(before)
     assert summary["shards_written"] == total - len(before)
     assert summary["images_skipped"] + summary["images"] == 2 * 24
@@ -225,7 +227,7 @@ def test_killed_actor_loses_and_duplicates_nothing(setup, tmp_path, slow_writes)
         record["thread"].start()
 
     summary = build_cache(spec, ds, plan, root, store, actors=2, images_per_shard=4, progress=False,
-                          image_size=64, num_threads=1, on_actors=kill_one)
+                          image_size=64, num_threads=1, pipeline="actor_pool", on_actors=kill_one)
     record["thread"].join(timeout=30)
     assert record.get("new_pid") not in (None, record["pid"])  # the actor really died and came back
     assert summary["shards_written"] == 2 * 24 // 4 and summary["images"] == 2 * 24

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,8 +35,8 @@ from .loading import TeacherSpec, load_teacher, spec_from_dict, spec_to_dict
 from .ray_session import from_numpy, to_numpy, torch_threads, wire_to_numpy
 from .inprocess import InProcessTeacher
 
-__all__ = ["TeacherWorker", "TeacherActor", "TeacherActorError", "teacher_actor_error", "teacher_job", "plan_job",
-           "MAX_RESTARTS", "MAX_TASK_RETRIES", "ACTOR_OPTIONS"]
+__all__ = ["TeacherWorker", "TeacherActor", "load_plan_data", "replay_view", "node_id", "TeacherActorError",
+           "teacher_actor_error", "teacher_job", "plan_job", "MAX_RESTARTS", "MAX_TASK_RETRIES", "ACTOR_OPTIONS"]
 
 # A dead teacher process is restarted this many times (and a call it was running retried as often) before
 # the run gives up: enough for a preempted node or a one-off OOM kill, few enough that a teacher which
@@ -104,7 +105,8 @@ class TeacherWorker:
     Args:
         job: :func:`teacher_job`.
         data: :func:`plan_job`, for building cache shards (:meth:`run_shard`); ``None`` for serving.
-        store: the cache's :meth:`StoreConfig.to_dict`, with ``data``.
+        store: the cache's :meth:`StoreConfig.to_dict`, with ``data`` (or alone: a stream build's teacher stage,
+            which gets its views replayed by another stage, :meth:`view_entry`).
     """
 
     def __init__(self, job: dict[str, Any], data: Optional[dict[str, Any]] = None,
@@ -113,22 +115,11 @@ class TeacherWorker:
         label_map = LabelMap.from_dict(job["label_map"]) if job["label_map"] is not None else None
         self.dataset = self.plan = self.store = None
         if data is not None:
+            self.dataset, self.plan = load_plan_data(data)
+            label_map = self.dataset.label_map
+        if store is not None:
             from .cache.attention_codec import StoreConfig
-            from .cache.store import CacheError
 
-            d, p = data["dataset"], data["plan"]
-            label_map = LabelMap.from_dict(d["label_map"])
-            # the views come from the plan's policy (replayed with get_view)
-            policy = AugmentationPolicy.from_dict(p["policy"])
-            dataset = CocoDetection(d["img_dir"], d["ann_file"], transforms=policy, label_map=label_map,
-                                    strict=d["strict"], validate_files=d["validate_files"], log_report=False)
-            self.plan = ViewPlan.for_dataset(dataset, p["num_views"], p["seed"])
-            if self.plan.fingerprint() != p["fingerprint"]:
-                # e.g. the annotation file changed between the driver and this worker, or another node
-                # sees other files: its views would not be the driver's
-                raise CacheError(f"teacher actor rebuilt a different view plan from {d['ann_file']} "
-                                 f"(fingerprint {self.plan.fingerprint()[:12]} != {p['fingerprint'][:12]})")
-            self.dataset = dataset
             self.store = StoreConfig.from_dict(store)
         self.device = torch.device(job["device"])
         model, _, _ = load_teacher(spec_from_dict(job["spec"]), label_map)
@@ -158,31 +149,70 @@ class TeacherWorker:
         return wire_to_numpy(out.to_wire())
 
     @torch.no_grad()
-    def compute(self, view: int, indices: list[int]) -> dict[int, dict[str, np.ndarray]]:
-        """Cache: teacher outputs of view ``view`` of the images ``indices``, each run alone: ``{i:
-        encode_batch(...)}`` as numpy. ``gt_assignment [1,Nt]`` is the teacher's last-layer Hungarian matching
-        to the view's targets; ``image_index [1]`` is ``i``."""
+    def view_entry(self, image: torch.Tensor, target: dict[str, torch.Tensor], index: int) -> dict[str, np.ndarray]:
+        """Cache: the stored entry of one replayed view (``image [3,H,W]`` float32 and its ``target``, from
+        :func:`replay_view`) of image ``index``, the view run alone: ``encode_batch(...)`` as numpy.
+        ``gt_assignment [1,Nt]`` is the teacher's last-layer Hungarian matching to the view's targets;
+        ``image_index [1]`` is ``index``. The one implementation of both cache builds (actor pool, stream)."""
         from .cache.attention_codec import encode_batch
 
+        res = self.teacher.view(image.to(self.device))
+        tgt = [{k: v.to(self.device) for k, v in target.items()}]
+        idx = self.matcher({"pred_logits": res.logits[-1], "pred_boxes": res.boxes[-1]}, tgt)
+        res.gt_assignment = indices_to_assignment(idx, res.num_queries)
+        return wire_to_numpy(encode_batch(res, torch.tensor([int(index)], dtype=torch.int64), self.store))
+
+    def compute(self, view: int, indices: list[int]) -> tuple[dict[int, dict[str, np.ndarray]], float]:
+        """Cache: ``({i: view_entry(...)}, busy seconds)`` for view ``view`` of the images ``indices``, each
+        replayed (:func:`replay_view`) and run alone; busy seconds: the time spent in :meth:`view_entry`
+        (teacher forward, matching, encoding), which the build reports as the actors' busy fraction."""
         if self.dataset is None:
             raise RuntimeError("this teacher actor serves batches; it was not given a view plan to cache")
-        out = {}
+        out, busy = {}, 0.0
         for i in indices:
-            image, target = self.dataset.get_view(int(i), self.plan.view(int(i), view))
-            res = self.teacher.view(image.to(self.device))
-            tgt = [{k: v.to(self.device) for k, v in target.items()}]
-            idx = self.matcher({"pred_logits": res.logits[-1], "pred_boxes": res.boxes[-1]}, tgt)
-            res.gt_assignment = indices_to_assignment(idx, res.num_queries)
-            out[int(i)] = wire_to_numpy(encode_batch(res, torch.tensor([int(i)], dtype=torch.int64), self.store))
-        return out
+            image, target = replay_view(self.dataset, self.plan, int(i), view)
+            t0 = time.perf_counter()
+            out[int(i)] = self.view_entry(image, target, int(i))
+            busy += time.perf_counter() - t0
+        return out, busy
 
-    def run_shard(self, name: str, view: int, indices: list[int]) -> tuple[str, dict[int, dict[str, np.ndarray]], str]:
+    def run_shard(self, name: str, view: int,
+                  indices: list[int]) -> tuple[str, dict[int, dict[str, np.ndarray]], str, float]:
         """:meth:`compute` tagged with the shard name (``ActorPool`` returns results unordered) and the Ray node
-        that computed it (hex id; ``""`` outside Ray), so the build can report the work done per node."""
-        return name, self.compute(view, indices), _node_id()
+        that computed it (hex id; ``""`` outside Ray), so the build can report the work done per node:
+        ``(name, entries, node, busy seconds)``."""
+        entries, busy = self.compute(view, indices)
+        return name, entries, node_id(), busy
 
 
-def _node_id() -> str:
+def load_plan_data(data: dict[str, Any]) -> tuple[CocoDetection, ViewPlan]:
+    """The training set and view plan of a :func:`plan_job`, rebuilt in a worker process; a plan whose
+    fingerprint is not the driver's raises :class:`~kd_detr.teacher.cache.store.CacheError`."""
+    from .cache.store import CacheError
+
+    d, p = data["dataset"], data["plan"]
+    # the views come from the plan's policy (replayed with get_view)
+    policy = AugmentationPolicy.from_dict(p["policy"])
+    dataset = CocoDetection(d["img_dir"], d["ann_file"], transforms=policy,
+                            label_map=LabelMap.from_dict(d["label_map"]), strict=d["strict"],
+                            validate_files=d["validate_files"], log_report=False)
+    plan = ViewPlan.for_dataset(dataset, p["num_views"], p["seed"])
+    if plan.fingerprint() != p["fingerprint"]:
+        # e.g. the annotation file changed between the driver and this worker, or another node
+        # sees other files: its views would not be the driver's
+        raise CacheError(f"teacher worker rebuilt a different view plan from {d['ann_file']} "
+                         f"(fingerprint {plan.fingerprint()[:12]} != {p['fingerprint'][:12]})")
+    return dataset, plan
+
+
+def replay_view(dataset: CocoDetection, plan: ViewPlan, index: int,
+                view: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """View ``view`` of image ``index`` replayed with the plan: ``(image [3,H,W] float32, target)`` (the one
+    decode + replay of both cache builds)."""
+    return dataset.get_view(int(index), plan.view(int(index), int(view)))
+
+
+def node_id() -> str:
     """The hex id of the Ray node this process runs on (``""`` when Ray is not initialised)."""
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 

@@ -1,0 +1,203 @@
+"""The streaming cache build: a Ray Data pipeline of a CPU stage and a teacher stage, the driver the one writer.
+
+``from_items`` (one row per pending image view: ``shard``, ``view``, ``index``) -> :func:`decode_views` (Ray
+tasks: decode + replay each view with the plan, :func:`~kd_detr.teacher.ray_actor.replay_view`) ->
+:class:`TeacherStage` (an actor pool, ``actors`` actors of one GPU each when the cluster has GPUs, batches of
+``teacher_batch_size`` views; each view still runs alone, :meth:`~kd_detr.teacher.ray_actor.TeacherWorker.view_entry`)
+-> the driver (:func:`run_stream`), which groups the rows per shard and writes a shard once all its views are in.
+
+So decoding overlaps the teacher, and the teacher actors never wait for a JPEG; the numbers are the actor
+pool's (same replay, same entry function, same thread count). The driver writes every shard whole, so the
+build stays resumable and a killed driver loses nothing written. Teacher actors get
+:data:`~kd_detr.teacher.ray_actor.ACTOR_OPTIONS` (restarts, retried calls); once those are used up, Ray Data
+fails the dataset and the build raises the one-line :class:`~kd_detr.teacher.ray_actor.TeacherActorError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+import time
+import warnings
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import ray
+
+from ..ray_actor import ACTOR_OPTIONS, TeacherWorker, load_plan_data, node_id, replay_view, teacher_actor_error
+from ..ray_session import from_numpy
+
+__all__ = ["decode_views", "TeacherStage", "run_stream", "quiet_ray_data", "DECODE_CPUS", "TEACHER_CPUS"]
+
+# Logical CPUs (Ray's bookkeeping; the real threads are set by num_threads): a decode task takes a quarter,
+# a teacher actor the rest of one CPU, so a 1-CPU node holds one actor and a decode task beside it (with
+# whole CPUs the actors would take every CPU of a small cluster and the decode tasks would never start),
+# and two actors never share a 1-CPU node (as with the actor pool's one CPU each).
+DECODE_CPUS = 0.25
+TEACHER_CPUS = 1.0 - DECODE_CPUS
+
+_TARGET = "target."  # column prefix of a view's target tensors
+_ENTRY = "entry."  # column prefix of a view's stored tensors
+
+_plan_data: dict[str, Any] = {}  # plan fingerprint -> (dataset, plan), per worker process (tasks reuse workers)
+
+
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    """A column of arrays of possibly different shapes (Ray Data stores it as a variable-shaped tensor column)."""
+    if arrays and all(a.shape == arrays[0].shape for a in arrays):
+        return np.stack(arrays)
+    col = np.empty(len(arrays), dtype=object)
+    col[:] = arrays
+    return col
+
+
+def decode_views(batch: dict[str, np.ndarray], data: dict[str, Any]) -> dict[str, np.ndarray]:
+    """CPU stage: replay each row's view. In: ``shard``, ``view``, ``index`` ``[B]``; out: those and ``image``
+    (``[3,H,W]`` float32 per row) and ``target.<key>`` (the view's target tensors, e.g. ``boxes [n,4]``)."""
+    key = data["plan"]["fingerprint"]
+    if key not in _plan_data:  # rebuilt once per worker process, not per batch
+        _plan_data.clear()
+        _plan_data[key] = load_plan_data(data)
+    dataset, plan = _plan_data[key]
+    images, targets = [], []
+    for i, k in zip(batch["index"], batch["view"]):
+        image, target = replay_view(dataset, plan, int(i), int(k))
+        images.append(image.numpy())
+        targets.append({name: t.numpy() for name, t in target.items()})
+    out = {"shard": batch["shard"], "view": batch["view"], "index": batch["index"], "image": _ragged(images)}
+    for name in targets[0] if targets else ():
+        out[_TARGET + name] = _ragged([t[name] for t in targets])
+    return out
+
+
+class TeacherStage:
+    """Teacher stage (one per actor of the pool): each view of a batch run alone through
+    :meth:`TeacherWorker.view_entry`. Out per row: ``shard``, ``view``, ``index``, ``entry.<key>`` (the stored
+    tensors), ``node`` (Ray node id, hex), ``busy_s`` (seconds in ``view_entry``) and ``ready_at`` (wall-clock
+    time this actor had its teacher loaded: where the driver starts counting compute time).
+
+    Args:
+        job: :func:`~kd_detr.teacher.ray_actor.teacher_job`.
+        store: the cache's :meth:`StoreConfig.to_dict`.
+    """
+
+    def __init__(self, job: dict[str, Any], store: dict[str, Any]):
+        self.worker = TeacherWorker(job, None, store)
+        self.node = node_id()
+        self.ready_at = time.time()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        targets = [k for k in batch if k.startswith(_TARGET)]
+        entries, busy = [], []
+        for j, i in enumerate(batch["index"]):
+            image = from_numpy(np.asarray(batch["image"][j]))
+            target = {k[len(_TARGET):]: from_numpy(np.asarray(batch[k][j])) for k in targets}
+            t0 = time.perf_counter()
+            entries.append(self.worker.view_entry(image, target, int(i)))
+            busy.append(time.perf_counter() - t0)
+        n = len(entries)
+        out = {"shard": batch["shard"], "view": batch["view"], "index": batch["index"],
+               "node": np.array([self.node] * n), "busy_s": np.array(busy, dtype=np.float64),
+               "ready_at": np.full(n, self.ready_at, dtype=np.float64)}
+        for name in entries[0] if entries else ():
+            out[_ENTRY + name] = _ragged([e[name] for e in entries])
+        return out
+
+
+@contextlib.contextmanager
+def quiet_ray_data() -> Iterator[None]:
+    """Ray Data without its progress bars and console lines for the block (the build's own bar reports
+    images/s and actor busy); the driver's previous settings are put back afterwards."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    names = ("enable_progress_bars", "enable_operator_progress_bars", "verbose_progress",
+             "print_on_execution_start", "enable_rich_progress_bars", "use_ray_tqdm")
+    old = {n: getattr(ctx, n) for n in names if hasattr(ctx, n)}
+    for n in old:
+        setattr(ctx, n, False)
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    # CRITICAL: also its notice that the progress bars are off and its tracebacks of a failed stage (the build
+    # raises that failure itself, as one line for a teacher actor that keeps dying)
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for n, v in old.items():
+            setattr(ctx, n, v)
+        logger.setLevel(level)
+
+
+def run_stream(rows: list[dict[str, Any]], data: dict[str, Any], job: dict[str, Any], store: dict[str, Any], *,
+               actors: int, teacher_batch_size: int, num_gpus: float,
+               on_row: Callable[[dict[str, Any]], None]) -> tuple[float, float]:
+    """Run the pipeline on ``rows`` (``{"shard", "view", "index"}``, in shard order) and hand every computed
+    row to ``on_row`` (in the driver, as it arrives): ``{"shard", "view", "index", "node", "busy_s", "ready_at",
+    "entry": {key: array}}``.
+
+    Args:
+        data: :func:`~kd_detr.teacher.ray_actor.plan_job`; job: :func:`~kd_detr.teacher.ray_actor.teacher_job`.
+        num_gpus: GPUs per teacher actor (0: CPU).
+
+    Returns:
+        ``(first_ready, busy_s)``: the wall-clock time (``time.time()``) the first teacher actor was ready,
+        ``nan`` if no row came back, and the seconds all actors spent computing entries.
+
+    Raises:
+        TeacherActorError: a teacher actor died more often than its restarts allow (or could not load).
+    """
+    from ray.data import ActorPoolStrategy
+
+    first_ready, busy = math.inf, 0.0
+    with quiet_ray_data():
+        # blocks of about one teacher batch: a decode task per block, rows of the first shards first
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / teacher_batch_size)))
+        ds = ds.map_batches(decode_views, fn_kwargs={"data": data}, batch_size=teacher_batch_size,
+                            batch_format="numpy", num_cpus=DECODE_CPUS,
+                            **_task_pool(2 * actors))  # enough to keep each actor fed, few worker processes
+        res = {"num_gpus": num_gpus} if num_gpus > 0 else {}
+        with warnings.catch_warnings():
+            # Ray Data's own default is endless restarts (a stage that keeps dying would hang the build); Ray
+            # 2.5x deprecates passing them this way but has no other (pyproject keeps Ray below 2.64)
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+            ds = ds.map_batches(TeacherStage, fn_constructor_kwargs={"job": job, "store": store},
+                                compute=ActorPoolStrategy(size=actors), batch_size=teacher_batch_size,
+                                batch_format="numpy", num_cpus=TEACHER_CPUS, **res, **ACTOR_OPTIONS)
+        try:
+            for row in ds.iter_rows():
+                first_ready = min(first_ready, float(row["ready_at"]))
+                busy += float(row["busy_s"])
+                on_row({"shard": str(row["shard"]), "view": int(row["view"]), "index": int(row["index"]),
+                        "node": str(row["node"]), "busy_s": float(row["busy_s"]), "ready_at": float(row["ready_at"]),
+                        "entry": {k[len(_ENTRY):]: np.asarray(v) for k, v in row.items() if k.startswith(_ENTRY)}})
+        except Exception as e:  # noqa: BLE001 - Ray Data wraps the actor's death in its own errors
+            actor_error = _actor_error(e)
+            if actor_error is None:
+                raise
+            raise teacher_actor_error(actor_error) from None
+    return (first_ready if first_ready < math.inf else math.nan), busy
+
+
+def _task_pool(size: int) -> dict[str, Any]:
+    """``map_batches`` arguments capping a task stage at ``size`` concurrent tasks (``TaskPoolStrategy(size=)``
+    where this Ray has it, else the older ``concurrency=``)."""
+    pool = getattr(ray.data, "TaskPoolStrategy", None)
+    if pool is not None and "size" in inspect.signature(pool.__init__).parameters:
+        return {"compute": pool(size=size)}
+    return {"concurrency": size}
+
+
+def _actor_error(e: BaseException) -> Optional[BaseException]:
+    """The ``RayActorError`` behind an exception Ray Data raised (it wraps them), else ``None``."""
+    from ray.exceptions import RayActorError
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, RayActorError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
