@@ -41,9 +41,11 @@ from kd_detr.methods import build_methods  # noqa: E402
 from kd_detr.methods.d3etr import D3ETRLoss  # noqa: E402
 from kd_detr.models import DetectorRequest, build_model, save_model  # noqa: E402
 from kd_detr.teacher import InProcessTeacher, TeacherOutputs  # noqa: E402
+from kd_detr.teacher.cache.attention_codec import DEFAULT_ATTENTION_SPEC, DEFAULT_CLASSES_SPEC  # noqa: E402
 
 TEACHER = ("cond_detr_r18_tiny", {"dec_layers": 2, "num_queries": 30})  # same depth/queries as the student
 STUDENT = ("cond_detr_r10_tiny", {})
+DEFAULT_STORE = (DEFAULT_ATTENTION_SPEC, DEFAULT_CLASSES_SPEC)  # the cache the builds write and the reads use
 
 
 def _median_time(fn, rounds: int, warmup: int = 1) -> float:
@@ -104,7 +106,6 @@ def section_bytes(res: dict) -> None:
     """Bytes per view at official sizes (6 layers, 300 queries, 91 classes, 800x1066) for each storage mode:
     predictions only and with attention, dense and top-k classes; the default is ``kd-detr cache``'s."""
     from kd_detr.teacher.cache import StoreConfig, bytes_per_view
-    from kd_detr.teacher.cache.attention_codec import DEFAULT_ATTENTION_SPEC, DEFAULT_CLASSES_SPEC
 
     old = bytes_per_view(StoreConfig.parse("topk:32"))  # format 1's default: dense fp16 classes, topk:32
     modes = [(a, c) for c in ("dense", DEFAULT_CLASSES_SPEC) for a in ("none", "topk:8", DEFAULT_ATTENTION_SPEC,
@@ -128,13 +129,14 @@ def section_cache_build(res: dict, spec, ds, plan, work: Path, args) -> list[dic
     from kd_detr.teacher.cache import StoreConfig
     from kd_detr.teacher.cache.build import build_cache
 
+    store = StoreConfig.parse(DEFAULT_STORE[0], classes=DEFAULT_STORE[1])  # what `kd-detr cache` stores by default
     best: dict[tuple[str, int], dict] = {}
     for r in range(args.build_rounds):
         for actors in (1, 2):
             for pipeline in ("actor_pool", "stream"):
                 out = work / (f"cache{actors}" if pipeline == "actor_pool" else f"cache{actors}_{pipeline}")
                 shutil.rmtree(out, ignore_errors=True)
-                s = build_cache(spec, ds, plan, out, StoreConfig.parse("topk:32"), actors=actors,
+                s = build_cache(spec, ds, plan, out, store, actors=actors,
                                 images_per_shard=2 * args.batch, progress=False, image_size=args.size,
                                 num_threads=max(1, 2 // actors), pipeline=pipeline, teacher_batch_size=args.batch)
                 b = {"pipeline": pipeline, "actors": actors, "images_per_s": s["images_per_s"],
@@ -151,7 +153,7 @@ def section_cache_build(res: dict, spec, ds, plan, work: Path, args) -> list[dic
 
 def _print_cache_builds(builds: list[dict], plan, args) -> None:
     print(f"## cache build ({plan.num_images} images x {plan.num_views} views = {plan.num_images * plan.num_views} "
-          f"image views, {args.size}px, teacher {TEACHER[0]}, topk:32, CPU, {os.cpu_count()} cores; stream teacher "
+          f"image views, {args.size}px, teacher {TEACHER[0]}, --attention {DEFAULT_STORE[0]} --classes {DEFAULT_STORE[1]}, CPU, {os.cpu_count()} cores; stream teacher "
           f"batch {args.batch}; best of {args.build_rounds} interleaved rounds)")
     print("| pipeline | actors | img/s | img/s incl. start-up | start-up s | actor busy |")
     print("|---|---|---|---|---|---|")

@@ -12,8 +12,8 @@ autocast + GradScaler, as ``kd-detr`` trains with ``--amp``), the official optim
 * d3etr step with the teacher in process (teacher forward + student with the auxiliary group + GT and KD
   losses + backward + AdamW);
 * d3etr step from a teacher cache: the teacher's outputs (with its last-layer GT assignment) are computed
-  once outside the timer and encoded on the CPU with the cache codec as ``kd-detr cache --attention topk:32``
-  stores them; inside the timer they are decoded (on the CPU, as the loader does), moved to the device and
+  once outside the timer and encoded on the CPU with the cache codec as ``kd-detr cache`` stores them by
+  default (``--attention topk:14 --classes topk:4``); inside the timer they are decoded (on the CPU, as the loader does), moved to the device and
   used by the step. The decode alone is also reported (real runs overlap it in loader workers);
 * peak GPU memory of each (``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, 2 runs of
   the phase): d3etr in process with everything resident; baseline and from-cache with the teacher moved off
@@ -23,9 +23,10 @@ autocast + GradScaler, as ``kd-detr`` trains with ``--amp``), the official optim
 
 Then the real cache builder (``kd_detr/teacher/cache/build.py``, as ``kd-detr cache`` calls it) with 1 Ray
 actor on the GPU, on a generated data set (``--cache-images`` square 800 px images at the official-size
-preset, ``--cache-views`` views each, batch 2, ``topk:32``), in a subprocess with a hard timeout; its
-images/s (image views per second of compute + write, Ray and actor start-up excluded) comes from the
-builder's return value. **Ray must be installed** for this part (``pip install ray``); without it the script
+preset, ``--cache-views`` views each, the default storage, ``--pipeline`` (default ``auto``: the streaming
+Ray Data pipeline when Ray sees a GPU) with ``--cache-batch`` views per teacher call), in a subprocess with a
+hard timeout; its images/s (image views per second of compute + write, Ray and actor start-up excluded) and
+the teacher actor's busy fraction come from the builder's return value. **Ray Data must be installed** for this part (``pip install "ray[data]"``); without it the script
 stops at once unless ``--cache-images 0``.
 
 Budget: everything (imports, CUDA start-up, model builds, warm-up, memory, cache build) fits in
@@ -67,7 +68,8 @@ from distill_step import Bench  # noqa: E402  (models, recipe, optimiser and ran
 from kd_detr.engine.step import batch_losses  # noqa: E402
 from kd_detr.matcher import HungarianMatcher, indices_to_assignment  # noqa: E402
 from kd_detr.teacher import TeacherOutputs  # noqa: E402
-from kd_detr.teacher.cache.attention_codec import StoreConfig, decode_batch, encode_batch  # noqa: E402
+from kd_detr.teacher.cache.attention_codec import (DEFAULT_ATTENTION_SPEC, DEFAULT_CLASSES_SPEC,  # noqa: E402
+                                                   StoreConfig, decode_batch, encode_batch)
 
 OFFICIAL = {"teacher": "cond_detr_r101", "student": "cond_detr_r50", "size": "800x1066", "batches": "2,8",
             "cache_images": 64, "cache_image_size": 0}
@@ -93,7 +95,7 @@ class OfficialBench(Bench):
     def __init__(self, args):
         super().__init__(args)
         self.scaler = torch.amp.GradScaler("cuda") if args.amp else None
-        self.store = StoreConfig.parse(args.attention)
+        self.store = StoreConfig.parse(args.attention, classes=args.classes)
         self.stored: dict[str, torch.Tensor] = {}
         self.query_embed: torch.Tensor | None = None
 
@@ -167,7 +169,7 @@ def bench_batch(args, batch: int, deadline: float) -> dict:
     phases = {"baseline": b.baseline_step, "teacher": b.teacher_forward, "d3etr": b.d3etr_step,
               "cache": b.cache_step, "decode": b.decode}
     cache_bytes = b.prepare_cache()
-    say(f"batch {batch}: models built, teacher outputs encoded ({cache_bytes / 2**10:.0f} KiB as {args.attention})")
+    say(f"batch {batch}: models built, teacher outputs encoded ({cache_bytes / 2**10:.0f} KiB as --attention {args.attention} --classes {args.classes})")
     for _ in range(args.warmup):
         for fn in phases.values():
             b.timed(fn)
@@ -243,9 +245,10 @@ def cache_child(cfg: dict) -> dict:
     ckpt = work / "teacher.safetensors"
     save_model(build_model(cfg["teacher"], num_classes=dataset.label_map.num_classes), ckpt,
                label_map=dataset.label_map, extra_metadata={"image_size": image_size})
-    # as `kd-detr cache --teacher T --teacher-checkpoint CKPT --attention topk:32 --actors 1 --views V --batch-size 2`
+    # as `kd-detr cache --teacher T --teacher-checkpoint CKPT --attention A --classes C --actors 1 --views V
+    #      --pipeline P --teacher-batch-size B`
     spec = resolve_teacher(cfg["teacher"], str(ckpt))
-    store = StoreConfig.parse(cfg["attention"])
+    store = StoreConfig.parse(cfg["attention"], classes=cfg["classes"])
     config, t_label_map, t_image_size = describe_teacher(spec, dataset.label_map)
     check_teacher_fits(spec, t_label_map, t_image_size, dataset.label_map, config.num_classes, image_size)
     plan = ViewPlan.for_dataset(dataset, num_views=cfg["views"], seed=0)
@@ -259,17 +262,19 @@ def cache_child(cfg: dict) -> dict:
         if cfg["gpu"] and gpus < 1:
             raise SystemExit(f"cache build: Ray sees no GPU (cluster resources {ray.cluster_resources()})")
         summary = build_cache(spec, dataset, plan, work / "cache", store, actors=1, images_per_shard=16,
-                              progress=False, image_size=image_size, num_gpus=1 if cfg["gpu"] else 0)
+                              progress=False, image_size=image_size, num_gpus=1 if cfg["gpu"] else 0,
+                              pipeline=cfg["pipeline"], teacher_batch_size=cfg["batch"])
     finally:
         shutdown_ray(started)
     return {"generate_s": gen_s, "ray_init_s": ray_init_s, "dataset_images": cfg["images"], "views": cfg["views"],
-            "batch": cfg["batch"], "image_size": image_size or "official", "attention": cfg["attention"], **summary}
+            "batch": cfg["batch"], "image_size": image_size or "official", "attention": f'{cfg["attention"]}, classes {cfg["classes"]}', **summary}
 
 
 def run_cache_build(args, timeout: float) -> dict:
     work = Path(tempfile.mkdtemp(prefix="kd_detr_gpu_official_"))
     cfg = {"work": str(work), "teacher": args.teacher, "images": args.cache_images, "views": args.cache_views,
            "batch": args.cache_batch, "image_size": args.cache_image_size, "attention": args.attention,
+           "classes": args.classes, "pipeline": args.pipeline,
            "gpu": args.device.startswith("cuda")}
     env = dict(os.environ)
     if args.device.startswith("cuda:") and "CUDA_VISIBLE_DEVICES" not in env:
@@ -324,14 +329,15 @@ def report(res: dict) -> str:
         lines += ["", "peak GPU memory: not measured (not a CUDA device)"]
     cb = res.get("cache_build")
     if cb is not None:
-        lines += ["", "| cache build (1 actor) | image views | image size | attention | device | images/s | "
-                  "compute + write | actor start-up |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| cache build (1 actor) | image views | image size | storage | device | pipeline | images/s | "
+                  "actor busy | compute + write | start-up |", "|---|---|---|---|---|---|---|---|---|---|"]
         if "error" in cb or "skipped" in cb:
-            lines.append(f"| {c['teacher']} | {cb.get('error') or cb.get('skipped')} |||||||")
+            lines.append(f"| {c['teacher']} | {cb.get('error') or cb.get('skipped')} |||||||||")
         else:
             lines.append(f"| {c['teacher']}, batch {cb['batch']} | {cb['images']} ({cb['views']} views x "
                          f"{cb['dataset_images']}) | {cb['image_size']} | {cb['attention']} | {cb['device']} | "
-                         f"{cb['images_per_s']:.2f} | {cb['seconds']:.1f} s | {cb['startup_s']:.1f} s |")
+                         f"{cb['pipeline']} | {cb['images_per_s']:.2f} | {100 * cb['actor_busy']:.0f}% | "
+                         f"{cb['seconds']:.1f} s | {cb['startup_s']:.1f} s |")
     lines += ["", f"wall time {res['wall_s']:.0f} s of a {c['time_budget_s']:.0f} s budget"]
     return "\n".join(lines)
 
@@ -348,7 +354,10 @@ def main() -> None:
     ap.add_argument("--student", default=None, help="default cond_detr_r50 (--smoke cond_detr_r10_tiny)")
     ap.add_argument("--recipe", default="d3etr")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
-    ap.add_argument("--attention", default="topk:32", help="cache attention codec (kd-detr cache --attention)")
+    ap.add_argument("--attention", default=DEFAULT_ATTENTION_SPEC, help="cache attention codec (kd-detr cache --attention)")
+    ap.add_argument("--classes", default=DEFAULT_CLASSES_SPEC, help="cache class storage (kd-detr cache --classes)")
+    ap.add_argument("--pipeline", default="auto", choices=("auto", "stream", "actor_pool"),
+                    help="cache build pipeline (kd-detr cache --pipeline; auto: stream when Ray sees a GPU)")
     ap.add_argument("--rounds", type=int, default=10, help="timed rounds per batch size (fewer if the budget is near)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds per batch size")
     ap.add_argument("--time-budget-s", type=float, default=450.0, help="whole run, imports included (default 450)")
@@ -357,7 +366,8 @@ def main() -> None:
     ap.add_argument("--cache-images", type=int, default=None,
                     help="generated images for the cache build (default 64; --smoke 16); 0 skips it (and Ray)")
     ap.add_argument("--cache-views", type=int, default=2, help="recorded views per image in the cache (default 2)")
-    ap.add_argument("--cache-batch", type=int, default=2, help="cache plan batch size (kd-detr cache default 2)")
+    ap.add_argument("--cache-batch", type=int, default=8,
+                    help="views per teacher call in the cache build (kd-detr cache --teacher-batch-size, default 8)")
     ap.add_argument("--cache-image-size", type=int, default=None,
                     help="image-size preset of the cache data, 0 = official 800/1333 (default; --smoke 128)")
     ap.add_argument("--no-amp", action="store_true", help="float32 on CUDA too")
@@ -378,7 +388,7 @@ def main() -> None:
         print("warning: the official models on a CPU take far longer than the time budget; use --smoke",
               file=sys.stderr)
     if args.cache_images and importlib.util.find_spec("ray") is None:
-        sys.exit("gpu_official.py: the cache build part needs Ray (pip install ray), or skip it with --cache-images 0")
+        sys.exit("gpu_official.py: the cache build part needs Ray Data (pip install 'ray[data]'), or skip it with --cache-images 0")
     args.hw = tuple(int(x) for x in args.size.lower().split("x"))
     args.amp = args.device.startswith("cuda") and not args.no_amp
     batches = [int(x) for x in args.batches.split(",")]
