@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import ray
 
-from ..ray_actor import ACTOR_OPTIONS, TeacherWorker, load_plan_data, node_id, replay_view, teacher_actor_error
+from ..ray_actor import (ACTOR_OPTIONS, TeacherActorError, TeacherWorker, load_plan_data, node_id, replay_view,
+                         teacher_actor_error)
 from ..ray_session import from_numpy
 
 __all__ = ["decode_views", "TeacherStage", "run_stream", "quiet_ray_data", "DECODE_CPUS", "TEACHER_CPUS"]
@@ -37,6 +38,7 @@ __all__ = ["decode_views", "TeacherStage", "run_stream", "quiet_ray_data", "DECO
 # and two actors never share a 1-CPU node (as with the actor pool's one CPU each).
 DECODE_CPUS = 0.25
 TEACHER_CPUS = 1.0 - DECODE_CPUS
+WAIT_FOR_ACTORS_S = 600  # every teacher actor must have loaded its teacher within this, else the build fails
 
 _TARGET = "target."  # column prefix of a view's target tensors
 _ENTRY = "entry."  # column prefix of a view's stored tensors
@@ -118,6 +120,12 @@ def quiet_ray_data() -> Iterator[None]:
     old = {n: getattr(ctx, n) for n in names if hasattr(ctx, n)}
     for n in old:
         setattr(ctx, n, False)
+    if hasattr(ctx, "wait_for_min_actors_s"):
+        # Ray Data's default starts the pool asynchronously: the first actor up takes every view while the
+        # others still load (on a cluster, a slower node's actor may never get work). Start once all are up;
+        # a pool the cluster cannot place fails after this instead of waiting forever.
+        old["wait_for_min_actors_s"] = ctx.wait_for_min_actors_s
+        ctx.wait_for_min_actors_s = WAIT_FOR_ACTORS_S
     logger = logging.getLogger("ray.data")
     level = logger.level
     # CRITICAL: also its notice that the progress bars are off and its tracebacks of a failed stage (the build
@@ -174,7 +182,11 @@ def run_stream(rows: list[dict[str, Any]], data: dict[str, Any], job: dict[str, 
                         "node": str(row["node"]), "busy_s": float(row["busy_s"]), "ready_at": float(row["ready_at"]),
                         "entry": {k[len(_ENTRY):]: np.asarray(v) for k, v in row.items() if k.startswith(_ENTRY)}})
         except Exception as e:  # noqa: BLE001 - Ray Data wraps the actor's death in its own errors
-            actor_error = _actor_error(e)
+            if _in_chain(e, ray.exceptions.GetTimeoutError) is not None:
+                raise TeacherActorError(f"the {actors} teacher actor(s) did not all start within {WAIT_FOR_ACTORS_S}"
+                                        " s: the cluster lacks the CPUs/GPUs for --actors, or loading the teacher "
+                                        "hangs") from None
+            actor_error = _in_chain(e, ray.exceptions.RayActorError)
             if actor_error is None:
                 raise
             raise teacher_actor_error(actor_error) from None
@@ -190,14 +202,12 @@ def _task_pool(size: int) -> dict[str, Any]:
     return {"concurrency": size}
 
 
-def _actor_error(e: BaseException) -> Optional[BaseException]:
-    """The ``RayActorError`` behind an exception Ray Data raised (it wraps them), else ``None``."""
-    from ray.exceptions import RayActorError
-
+def _in_chain(e: Optional[BaseException], kind: type) -> Optional[BaseException]:
+    """The exception of type ``kind`` behind ``e`` (Ray Data wraps the errors of its stages), else ``None``."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, RayActorError):
+        if isinstance(e, kind):
             return e
         e = e.__cause__ or e.__context__
     return None
