@@ -152,6 +152,18 @@ def test_teacher_stage_dying_on_every_call_ends_the_stream_build(world, ray_sess
     assert manifest["shards"] == [] and verify_cache(root) == []  # consistent, resumable
 
 
+def test_a_pool_the_cluster_cannot_place_fails_in_one_line(world, ray_session, monkeypatch, tmp_path):
+    """A GPU teacher actor on this CPU-only Ray never starts: the build stops after WAIT_FOR_ACTORS_S with one
+    line naming --actors (Ray Data alone would wait for the actor forever)."""
+    monkeypatch.setattr(pipeline, "WAIT_FOR_ACTORS_S", 3)
+    root = tmp_path / "cache"
+    t0 = time.monotonic()
+    with pytest.raises(TeacherActorError, match=r"did not all start within 3 s: .*--actors") as e:
+        _build(world, root, pipeline="stream", num_gpus=1)
+    assert time.monotonic() - t0 < 90 and "\n" not in str(e.value)
+    assert json.loads((root / "manifest.json").read_text())["shards"] == []  # nothing half-written
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
 def test_no_ray_process_outlives_a_stream_build(synth_data, tmp_path):
     from test_d3etr import _save_teacher
