@@ -8,7 +8,9 @@ AP within 0.3 of the dense cache's. This script builds ``OUT/cache_dense`` (``--
 --dtype float32``: every number the teacher produced, on the same view plan) and trains ``d3etr`` from it with
 exactly the quickstart's settings (``OUT/compare_dense``), then prints the AP of both per seed, the difference,
 and each cache's bytes per view. The compact runs are the quickstart's own (``OUT/compare``; a seed not run
-yet is run here). About 6 minutes per seed on 2 CPU cores (one d3etr run, plus the cache build once).
+yet is run here), or with ``--d3etr-only`` d3etr alone in ``OUT/compare_compact`` (no baseline runs). Both caches
+hold the views of ``--cache-seed`` (default 0, the views of the quickstart's default cache), whatever the run
+seeds. About 6 minutes per seed on 2 CPU cores (one d3etr run, plus the cache build once).
 """
 
 from __future__ import annotations
@@ -40,7 +42,12 @@ def bytes_per_view(cache: Path) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="the quickstart's --out folder")
-    ap.add_argument("--seeds", default="0", help="comma-separated seeds (the cache's views are those of the first)")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds of the student runs")
+    ap.add_argument("--cache-seed", type=int, default=0,
+                    help="seed of the views in both caches: the seed the quickstart in --out was run with")
+    ap.add_argument("--d3etr-only", action="store_true",
+                    help="run the compact cache's d3etr alone, in OUT/compare_compact, instead of the quickstart's "
+                         "baseline + d3etr comparison in OUT/compare")
     ap.add_argument("--iters", type=int, default=2000, help="the quickstart's --iters")
     ap.add_argument("--views", type=int, default=2, help="the quickstart's --views")
     ap.add_argument("--json", type=Path, help="also write the figures here")
@@ -52,16 +59,22 @@ def main(argv=None) -> int:
         print(f"{out}: no quickstart there (data/, cache/): run `kd-detr quickstart --out {args.out}` first",
               file=sys.stderr)
         return 2
+    compact_seed = json.loads((compact / "manifest.json").read_text())["plan"]["seed"]
+    if compact_seed != args.cache_seed:
+        print(f"{compact}: its views are those of seed {compact_seed}, not --cache-seed {args.cache_seed}; "
+              f"pass --cache-seed {compact_seed} so that both caches hold the same views", file=sys.stderr)
+        return 2
     teacher_ckpt = load_card(str(shipped_card())).checkpoint_path()
     parallel = QUICKSTART_PARALLEL if (os.cpu_count() or 1) >= QUICKSTART_PARALLEL else 1
 
     dense = out / "cache_dense"
-    summary = build_quickstart_cache(teacher_ckpt, out / "data", dense, args.views, 2, seeds[0], progress=True,
+    summary = build_quickstart_cache(teacher_ckpt, out / "data", dense, args.views, 2, args.cache_seed, progress=True,
                            store=StoreConfig.parse("full", dtype="float32", classes="dense"))
     print(f"dense cache {dense}: {summary['images']} views computed, {summary['images_skipped']} already there")
 
     runs = {}
-    for name, cache, recipes, folder in (("compact", compact, ("baseline", "d3etr"), "compare"),
+    compact_runs = (("d3etr",), "compare_compact") if args.d3etr_only else (("baseline", "d3etr"), "compare")
+    for name, cache, recipes, folder in (("compact", compact, *compact_runs),
                                          ("dense", dense, ("d3etr",), "compare_dense")):
         rows, _ = compare(compare_config(out, teacher_ckpt, cache, args.iters, seeds, parallel, recipes=recipes,
                                          compare_dir=folder))
