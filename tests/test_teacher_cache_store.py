@@ -516,6 +516,21 @@ def test_orphan_shard_not_done_and_rewritten(tmp_path):
     assert CacheReader(root).has(1, 0) and verify_cache(root) == []
 
 
+def test_reader_entries_of_images_sharing_a_name_prefix(tmp_path):
+    # images 1, 11 and 12 in one shard: the tensors of image 1 are "i1.*", not also "i11.*" / "i12.*"
+    cfg = StoreConfig.parse("topk:3")
+    w = CacheWriter(tmp_path / "c", {**make_header(cfg), "dataset": {**make_header(cfg)["dataset"], "images": 13}})
+    w.write_queries(make_outputs().query_embed)
+    originals = {i: make_outputs(seed=i, batch=1) for i in (12, 1, 11)}
+    w.write_shard("shard-00000.safetensors", 0, {i: encode_batch(o, torch.tensor([i]), cfg)
+                                                 for i, o in originals.items()}, image_ids=[1, 11, 12])
+    r = CacheReader(tmp_path / "c")
+    for i in (1, 11, 12):
+        raw = r.entry(i, 0)
+        assert set(raw) == set(batch_keys(cfg)) and raw["image_index"].tolist() == [i]
+        assert torch.equal(r.view_outputs(i, 0).boxes, originals[i].boxes.half().float())
+
+
 def test_writer_refuses_foreign_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(CacheError, match="not empty"):

@@ -640,6 +640,9 @@ class CacheReader:
         self.verify_shards = verify_shards
         self._index = _view_index(self._manifest, self.root)
         self._handles: dict[str, Any] = {}
+        # per open shard: image prefix "i{i}." -> its tensor names (a shard's key list is scanned once, not
+        # once per view read)
+        self._names: dict[str, dict[str, list[str]]] = {}
         self._verified: set[str] = set()
         self._queries: Optional[Tensor] = None
 
@@ -648,6 +651,7 @@ class CacheReader:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_handles"] = {}
+        state["_names"] = {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -696,7 +700,10 @@ class CacheReader:
             handle = safe_open(str(path), framework="pt")
         except Exception as e:  # safetensors raises its own error types for a bad header
             raise CacheError(f"cannot open teacher cache shard {path}: {e}") from None
-        self._handles[name] = handle
+        names: dict[str, list[str]] = {}
+        for key in handle.keys():
+            names.setdefault(key[:key.find(".") + 1], []).append(key)
+        self._handles[name], self._names[name] = handle, names
         return handle
 
     def entry(self, i: int, k: int) -> dict[str, Tensor]:
@@ -707,7 +714,7 @@ class CacheReader:
                              f"(run `kd-detr cache` again to finish it)")
         handle = self._open(entry)
         prefix = f"i{int(i)}."
-        names = [name for name in handle.keys() if name.startswith(prefix)]
+        names = self._names[entry["file"]].get(prefix, ())
         if not names:
             raise CacheError(f"teacher cache shard {self.root / entry['file']} has no tensors for view {k} "
                              f"of image {i} although {MANIFEST} lists it")
@@ -730,6 +737,7 @@ class CacheReader:
 
     def close(self) -> None:
         self._handles.clear()
+        self._names.clear()
 
 
 # ----------------------------------------------------------------------------------- verify and info
