@@ -66,6 +66,10 @@ def main(ctx: click.Context, verbose: bool) -> None:
     """kd-detr: knowledge distillation for DETR-style object detectors."""
     ctx.obj = {"verbose": verbose}
     _setup_logging(verbose)
+    from kd_detr.dependencies import untested_warnings
+
+    for line in untested_warnings():
+        logging.getLogger("kd_detr").warning(line)
 
 
 # --------------------------------------------------------------------------- models / convert

@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "progress": 0,
     "zoo": 0,
     "schema": 0,
+    "dependencies": 0,
     # 1: data sets, transforms, collation.
     "data": 1,
     # 2: detector building blocks and their evaluation.

@@ -28,7 +28,8 @@ def library_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version(), "platform": platform.platform()}
-    for name in ("kd-detr", "torch", "torchvision", "numpy", "scipy", "pycocotools", "safetensors", "ray"):
+    for name in ("kd-detr", "torch", "torchvision", "numpy", "scipy", "pycocotools", "safetensors", "ray",
+                 "transformers"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
