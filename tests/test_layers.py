@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     ROOT: -1,
     # 0: utilities, no kd_detr imports beyond each other.
     "atomic": 0,
+    "folder_lock": 0,
     "progress": 0,
     "zoo": 0,
     "schema": 0,

@@ -462,17 +462,19 @@ def test_every_listed_image_view_is_checked(tmp_path):
     root = tmp_path / "c"
     build_cache(root)[0].close()
     good = (root / "manifest.json").read_text()
-    # the manifest lists an image whose tensors the (intact) shard does not hold
+    # the manifest lists an image whose tensors the (intact) shard does not hold: its header's images disagree
     m = json.loads(good)
-    m["shards"][0]["images"].append(7)
-    m["shards"][0]["image_ids"].append(107)
+    m["shards"][0]["images"].append(5)
+    m["shards"][0]["image_ids"].append(105)
     (root / "manifest.json").write_text(json.dumps(m))
     problems = verify_cache(root)
-    assert len(problems) == 1 and problems[0].startswith("shard-00000.safetensors: view 0 of image 7 lacks [")
+    assert len(problems) == 2
+    assert problems[0] == "shard-00000.safetensors: its header says images [0, 1, 4] (the manifest: [0, 1, 4, 5])"
+    assert problems[1].startswith("shard-00000.safetensors: view 0 of image 5 lacks [")
     r = CacheReader(root)
-    assert r.has(7, 0)
-    with pytest.raises(CacheError, match=r"shard-00000.safetensors has no tensors for view 0 of image 7"):
-        r.entry(7, 0)
+    assert r.has(5, 0)
+    with pytest.raises(CacheError, match=r"shard-00000.safetensors: its header says images \[0, 1, 4\] .*refused"):
+        r.entry(5, 0)
     # an image view listed in two shards: which copy would be right?
     m = json.loads(good)
     m["shards"][1]["view"] = 0

@@ -21,7 +21,6 @@ refused with a message saying so.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from kd_detr.atomic import atomic_write, write_json_atomic
+from kd_detr.folder_lock import LOCK_NAME, FolderLock, LockBusy, LockFileRefused, LockUnsupported
 
 log = logging.getLogger("kd_detr.train")
 
@@ -350,69 +350,51 @@ class OutputDirInUse(OSError):
     """Another run holds the output dir's lock."""
 
 
+class OutputDirLockRefused(OSError):
+    """The output dir's ``.lock`` is not a regular file (a link to another file, ...): refused, not written."""
+
+
 class OutputDirLock:
-    """An exclusive, non-blocking ``flock`` on ``<output_dir>/.lock`` held for a whole run (the OS drops it
-    when the process ends, crash included); the file holds the holder's pid. A lock that created the
-    output dir removes it again on release when the run left nothing else in it."""
+    """The run's :class:`~kd_detr.folder_lock.FolderLock` on ``<output_dir>/.lock``, held for a whole run (the OS
+    drops it when the process ends, crash included); the file holds the holder's pid. A lock that created the
+    output dir removes it again on release when the run left nothing else in it. A ``.lock`` that is not a
+    regular file (e.g. a symbolic link to another file) is refused, naming it: nothing is written through it."""
 
     def __init__(self, output_dir: str | os.PathLike):
         self.out = Path(output_dir)
-        self.path = self.out / ".lock"
-        self._fd: int | None = None
+        self.path = self.out / LOCK_NAME
+        self._lock: FolderLock | None = None
         self._created_dir = False
 
     def acquire(self) -> "OutputDirLock":
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no locking
-            return self
         self._created_dir = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                try:
-                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-                finally:
-                    os.close(fd)
-                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise OutputDirInUse(f"another kd-detr run is using --output-dir {self.out} (pid {holder}); "
-                                         "wait for it or choose another --output-dir") from None
-                log.warning("could not lock --output-dir %s (%s): nothing stops a second run from using it",
-                            self.out, e.strerror or e)
-                return self
-            try:  # the holder before us may have removed the file (see release): lock the one in place
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
+        lock = FolderLock(self.out)
+        try:
+            lock.acquire()
+        except LockBusy as e:
+            raise OutputDirInUse(f"another kd-detr run is using --output-dir {self.out} (pid {e.holder}); "
+                                 "wait for it or choose another --output-dir") from None
+        except LockFileRefused as e:
+            raise OutputDirLockRefused(f"--output-dir: {e}") from None
+        except LockUnsupported as e:
+            log.warning("could not lock --output-dir %s (%s): nothing stops a second run from using it", self.out, e)
+            return self
+        self._lock = lock if lock.locked else None
         return self
 
     def release(self) -> None:
-        if self._fd is None:
+        lock, self._lock = self._lock, None
+        if lock is None:
             return
-        import fcntl
-
-        fd, self._fd = self._fd, None
-        try:
-            os.ftruncate(fd, 0)
-            if self._created_dir and [p.name for p in self.out.iterdir()] == [self.path.name]:
-                # nothing was written (e.g. a bad option): leave no empty output dir behind
-                self.path.unlink(missing_ok=True)
-                try:
-                    self.out.rmdir()
-                except OSError:
-                    pass
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+        # nothing was written (e.g. a bad option): leave no empty output dir behind
+        empty = self._created_dir and [p.name for p in self.out.iterdir()] == [self.path.name]
+        lock.release(remove_file=empty)
+        if empty:
+            try:
+                self.out.rmdir()
+            except OSError:
+                pass
 
     def __enter__(self) -> "OutputDirLock":
         return self.acquire()

@@ -468,7 +468,7 @@ class Trainer:
         if self.main:  # the ranks of one DDP run share the dir: the main rank locks it for them
             try:
                 lock.acquire()
-            except checkpointing.OutputDirInUse as e:
+            except (checkpointing.OutputDirInUse, checkpointing.OutputDirLockRefused) as e:
                 busy = e
         if self.dist.enabled:  # every rank stops when the dir is busy (not only the main one)
             message = [str(busy) if busy is not None else None]

@@ -30,13 +30,13 @@ Consistency rules:
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import threading
+from dataclasses import dataclass, field
 from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
@@ -47,6 +47,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from kd_detr.atomic import atomic_write, remove_stale_temp_files, write_json_atomic
+from kd_detr.folder_lock import LOCK_NAME, FolderLock, FolderLockError, LockBusy, LockFileRefused, LockUnsupported
 from kd_detr.teacher.outputs import TeacherOutputs
 
 from .attention_codec import StoreConfig, batch_keys, decode_batch, store_section_defaults
@@ -54,14 +55,15 @@ from .attention_codec import StoreConfig, batch_keys, decode_batch, store_sectio
 log = logging.getLogger("kd_detr.teacher.cache")
 
 __all__ = ["CACHE_FORMAT", "FORMAT_VERSION", "MANIFEST", "QUERIES", "LOCK", "IMAGES_FINGERPRINT", "CacheError",
-           "CacheLock", "CacheWriter", "CacheReader", "verify_cache", "cache_info", "sha256_file",
+           "CacheLock", "CacheWriter", "CacheReader", "verify_cache", "verify_report", "VerifyReport", "missing_views",
+           "cache_info", "sha256_file",
            "dataset_fingerprint", "images_problem"]
 
 CACHE_FORMAT = "kd-detr-teacher-cache"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 QUERIES = "queries.safetensors"
-LOCK = ".lock"
+LOCK = LOCK_NAME
 IMAGES_FINGERPRINT = "images_fingerprint"  # key of the manifest's dataset section
 HEADER_SECTIONS = ("teacher", "dataset", "plan", "store")
 
@@ -245,13 +247,34 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         # a cache written before the store gained a field reads as that field's "as before" value (e.g. no
         # class_topk: dense class logits), so it still compares equal to a build or run asking for that
         manifest["store"] = store_section_defaults(manifest["store"])
+    for what, section, key in (("plan.num_views", "plan", "num_views"), ("dataset.images", "dataset", "images")):
+        if isinstance(manifest[section], Mapping) and key in manifest[section]:
+            _integer(manifest[section][key], what, path)
     for i, entry in enumerate(manifest["shards"]):
         if not isinstance(entry, Mapping) or any(k not in entry for k in ("file", "sha256", "bytes", "view",
                                                                            "images", "image_ids")):
             raise CacheError(f"{path}: shard entry {i} lacks file/sha256/bytes/view/images/image_ids: {entry!r}")
         _inside(root, entry["file"], f"shard entry {i}", path)
+        where = f"shard entry {i} ({entry['file']})"
+        _integer(entry["view"], f"{where}: view", path)
+        _integer(entry["bytes"], f"{where}: bytes", path)
+        for key in ("images", "image_ids"):
+            if not isinstance(entry[key], list):
+                raise CacheError(f"{path}: {where}: {key} must be a list of integers, got {entry[key]!r}: "
+                                 "rebuild the cache with `kd-detr cache`")
+            for value in entry[key]:
+                _integer(value, f"{where}: {key}", path)
     _inside(root, QUERIES, "the queries file", path)
     return manifest
+
+
+def _integer(value: Any, what: str, manifest_path: Path) -> int:
+    """``value`` when it is a JSON integer (not a bool, float or string), else a one-line :class:`CacheError`
+    naming the manifest and the field: counts, views and image ids are used as indices."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CacheError(f"{manifest_path}: {what} must be an integer, got {value!r}: the manifest was edited or "
+                         "damaged; rebuild the cache with `kd-detr cache`")
+    return value
 
 
 def _view_index(manifest: Mapping[str, Any], where: Path) -> dict[tuple[int, int], dict[str, Any]]:
@@ -295,34 +318,23 @@ def _check_adoptable(root: Path) -> None:
                          f"found {sorted(foreign)[:5]}): choose an empty or new folder")
 
 
-def _acquire(root: Path):
-    """Open ``root/.lock`` and take an exclusive non-blocking ``flock``; write this pid into it."""
-    path = root / LOCK
+def _acquire(root: Path) -> FolderLock:
+    """Take the folder lock (:class:`~kd_detr.folder_lock.FolderLock`: exclusive, non-blocking, this pid written
+    into ``root/.lock``, never through a link), then remove the temporary files a killed build left."""
+    lock = FolderLock(root)
     try:
-        f = open(path, "a+")
-    except OSError as e:
-        raise CacheError(f"cannot create the cache lock file {path}: {e.strerror}: check the permissions of "
-                         f"{root}") from None
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        try:
-            f.seek(0)
-            pid = f.read().strip() or "unknown"
-        except OSError:
-            pid = "unknown"
-        f.close()
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise CacheError(f"another kd-detr cache build is writing {root} (pid {pid}): wait for it, "
-                             f"or use another --out") from None
-        raise CacheError(f"cannot lock {path}: {e.strerror} (the file system may not support locks): "
-                         f"build into a folder on a local disk") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
+        lock.acquire()
+    except LockBusy as e:
+        raise CacheError(f"another kd-detr cache build is writing {root} (pid {e.holder}): wait for it, "
+                         f"or use another --out") from None
+    except LockFileRefused as e:
+        raise CacheError(f"teacher cache {root}: {e}") from None
+    except LockUnsupported as e:
+        raise CacheError(f"{e}: build into a folder on a local disk") from None
+    except FolderLockError as e:
+        raise CacheError(str(e)) from None
     _remove_stale_temps(root)
-    return f
+    return lock
 
 
 # temporary files of a write killed mid-way: atomic_write's ``.<name>.<8 chars>.tmp`` and safetensors'
@@ -337,12 +349,14 @@ def _remove_stale_temps(root: Path) -> None:
         log.info("teacher cache %s: removed %s, left by an interrupted write", root, p.name)
 
 
-_held: dict[str, list] = {}  # real path of a cache folder -> [its open, locked .lock file, holders in this process]
+_held: dict[str, list] = {}  # real path of a cache folder -> [its FolderLock, holders in this process]
 _held_guard = threading.Lock()
 
 
 class CacheLock:
-    """The exclusive ``fcntl.flock`` on ``<cache>/.lock`` that makes a cache folder single-writer.
+    """The exclusive folder lock (:class:`~kd_detr.folder_lock.FolderLock`, the one a training run takes on its
+    output dir) on ``<cache>/.lock`` that makes a cache folder single-writer. A ``.lock`` that is not a regular
+    file (a link to another file, ...) is refused naming it: nothing is written through it.
 
     Taken without waiting: while another process holds it, :class:`CacheError` says at once
     ``another kd-detr cache build is writing X (pid N)``. The kernel drops it when the holder exits
@@ -380,7 +394,7 @@ class CacheLock:
             held[1] -= 1
             if held[1] <= 0:
                 del _held[key]
-                held[0].close()  # closing the file drops the flock
+                held[0].release()
 
     def __enter__(self) -> "CacheLock":
         return self
@@ -700,6 +714,12 @@ class CacheReader:
             handle = safe_open(str(path), framework="pt")
         except Exception as e:  # safetensors raises its own error types for a bad header
             raise CacheError(f"cannot open teacher cache shard {path}: {e}") from None
+        # the manifest says which view a shard holds, the shard's own header says it too: a manifest whose
+        # entries were swapped would otherwise serve the teacher's outputs of another augmented view
+        mismatch = _header_mismatch(handle.metadata() or {}, entry, self._manifest)
+        if mismatch:
+            raise CacheError(f"teacher cache shard {path}: {mismatch}; refused (the manifest does not describe "
+                             f"this shard): rebuild the cache with `kd-detr cache`")
         names: dict[str, list[str]] = {}
         for key in handle.keys():
             names.setdefault(key[:key.find(".") + 1], []).append(key)
@@ -743,26 +763,125 @@ class CacheReader:
 # ----------------------------------------------------------------------------------- verify and info
 
 
-def verify_cache(root: str | os.PathLike) -> list[str]:
-    """Check a cache folder without a teacher: a list of problems (empty = fine).
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _header_mismatch(meta: Mapping[str, str], entry: Mapping[str, Any], manifest: Mapping[str, Any]) -> str:
+    """What differs between a shard's own header metadata and its manifest entry ("" when they agree): format,
+    view, plan fingerprint, and the images (a shard written by :meth:`CacheWriter.write_shard` records them)."""
+    fingerprint = str(manifest["plan"].get("fingerprint", ""))
+    have = {"format": meta.get("format"), "view": meta.get("view"), "plan": meta.get("plan_fingerprint")}
+    want = {"format": CACHE_FORMAT, "view": str(entry["view"]), "plan": fingerprint}
+    diff = [f"{k} {have[k]!r} (the manifest: {want[k]!r})" for k in have if have[k] != want[k]]
+    if "images" in meta:
+        try:
+            images = [int(i) for i in json.loads(meta["images"])]
+        except (ValueError, TypeError):
+            images = None
+        listed = [int(i) for i in entry["images"]]
+        if images != listed:
+            diff.append(f"images {_short(meta['images'])} (the manifest: {_short(json.dumps(listed))})")
+    return f"its header says {', '.join(diff)}" if diff else ""
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_report` found: integrity ``problems`` (empty: none), completeness (``present`` of
+    ``total`` image views, the first ``missing`` ``(image, view)``), and ``unchecked``: what was not checked
+    and how to check it."""
+
+    root: Path
+    problems: list[str] = field(default_factory=list)
+    present: int = 0
+    total: int = 0
+    missing: list[tuple[int, int]] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.total > 0 and self.present == self.total
+
+    def completeness(self) -> str:
+        """``complete (M views)`` or ``incomplete: N of M views present (first missing: ...); ...``."""
+        if self.complete:
+            return f"complete ({self.total} image views)"
+        first = ", ".join(f"view {k} of image {i}" for i, k in self.missing[:3])
+        return (f"incomplete: {self.present} of {self.total} image views present"
+                + (f" (first missing: {first})" if first else "")
+                + "; finish it: rerun `kd-detr cache` with the same options")
+
+
+def _expected_views(manifest: Mapping[str, Any]) -> tuple[int, int]:
+    """``(images, views per image)`` the manifest's plan covers."""
+    plan, dataset = manifest["plan"], manifest["dataset"]
+    images = plan.get("num_images", dataset.get("images")) if isinstance(plan, Mapping) else None
+    views = plan.get("num_views") if isinstance(plan, Mapping) else None
+    return (images if isinstance(images, int) and not isinstance(images, bool) else 0,
+            views if isinstance(views, int) and not isinstance(views, bool) else 0)
+
+
+def missing_views(manifest: Mapping[str, Any], index: Mapping[tuple[int, int], Any],
+                  views: Optional[Iterable[tuple[int, int]]] = None) -> list[tuple[int, int]]:
+    """The ``(image, view)`` of ``views`` (default: every view of the plan, view 0 of every image first) that
+    ``index`` (:func:`_view_index`) does not hold."""
+    if views is None:
+        n, k = _expected_views(manifest)
+        views = ((i, v) for v in range(k) for i in range(n))
+    return [(int(i), int(k)) for i, k in views if (int(i), int(k)) not in index]
+
+
+def _inside_folder(path: Path, folder: Path) -> bool:
+    real, base = path.resolve(), folder.resolve()
+    return real != base and base in real.parents
+
+
+def _teacher_sha256(path: Path) -> str:
+    from ..loading import teacher_weights_sha256
+
+    class _Spec:  # teacher_weights_sha256 reads only the checkpoint path (a file, or an hf: folder)
+        checkpoint = path
+    return teacher_weights_sha256(_Spec())
+
+
+def verify_report(root: str | os.PathLike, *, checkpoint: Optional[str | os.PathLike] = None,
+                  annotations: Optional[str | os.PathLike] = None,
+                  data: Optional[str | os.PathLike] = None) -> VerifyReport:
+    """Check a cache folder without a teacher (what ``kd-detr cache verify`` prints).
 
     Checks: the manifest parses and has this format; ``queries.safetensors`` is present and readable;
     every listed shard is present with the listed size and SHA-256, its header metadata names the same
-    view / plan fingerprint, and it holds every tensor of every listed batch; the teacher checkpoint and
-    the annotation file the cache was built from, where they are still at their recorded paths, still
-    have their recorded SHA-256 (a changed file makes the cache stale).
+    view, images and plan fingerprint, and it holds every tensor of every listed view; how many of the plan's
+    image views are present (:attr:`VerifyReport.complete`).
+
+    Files outside the cache folder are read only when the caller names them: ``checkpoint`` (the teacher, by
+    SHA-256 against ``teacher.checkpoint_sha256``), ``annotations`` (against ``dataset.annotations_sha256``),
+    or ``data``, a data folder: the manifest's annotation file is hashed when it lies inside it. The paths a
+    manifest records are data, not instructions: they are never opened on their own (a manifest could name
+    any file on the machine); what was not checked is listed in :attr:`VerifyReport.unchecked`.
     """
     root = Path(root)
+    report = VerifyReport(root)
     try:
         manifest = _read_manifest(root)
-        _view_index(manifest, root)
+        index = _view_index(manifest, root)
     except CacheError as e:
-        return [str(e)]
-    problems: list[str] = []
+        report.problems.append(str(e))
+        return report
+    problems = report.problems
     try:
         store = StoreConfig.from_dict(manifest["store"])
     except ValueError as e:
-        return [f"{root / MANIFEST}: bad store section: {e}"]
+        problems.append(f"{root / MANIFEST}: bad store section: {e}")
+        return report
+    n, k = _expected_views(manifest)
+    report.total = n * k
+    outside = sorted((i, v) for i, v in index if not (0 <= i < n and 0 <= v < k))
+    if outside:
+        problems.append(f"{root / MANIFEST}: lists image views outside its plan of {n} images x {k} views "
+                        f"(first: view {outside[0][1]} of image {outside[0][0]})")
+    report.missing = missing_views(manifest, index)
+    report.present = report.total - len(report.missing)
     qpath = root / QUERIES
     if not qpath.is_file():
         problems.append(f"{qpath}: missing")
@@ -773,14 +892,7 @@ def verify_cache(root: str | os.PathLike) -> list[str]:
                     problems.append(f"{qpath}: no query_embed tensor")
         except Exception as e:
             problems.append(f"{qpath}: unreadable ({e})")
-    for what, path_key, sha_key in (("teacher", "checkpoint", "checkpoint_sha256"),
-                                    ("dataset", "annotations", "annotations_sha256")):
-        section = manifest.get(what) or {}
-        src = section.get(path_key)
-        if src and Path(src).is_file() and section.get(sha_key) and sha256_file(src) != section[sha_key]:
-            problems.append(f"{src}: the {what} file changed since the cache was built (SHA-256 differs from "
-                            f"the manifest's {what}.{sha_key}): the cache is stale, rebuild it")
-    fingerprint = str(manifest["plan"].get("fingerprint", ""))
+    _check_sources(manifest, report, checkpoint, annotations, data)
     required = batch_keys(store)
     for entry in manifest["shards"]:
         path = root / entry["file"]
@@ -802,16 +914,55 @@ def verify_cache(root: str | os.PathLike) -> list[str]:
         except Exception as e:
             problems.append(f"{entry['file']}: unreadable ({e})")
             continue
-        if meta.get("format") != CACHE_FORMAT or meta.get("view") != str(entry["view"]) \
-                or meta.get("plan_fingerprint") != fingerprint:
-            problems.append(f"{entry['file']}: header metadata (format {meta.get('format')!r}, view "
-                            f"{meta.get('view')!r}, plan {meta.get('plan_fingerprint')!r}) does not match "
-                            f"the manifest (view {entry['view']}, plan {fingerprint!r})")
+        mismatch = _header_mismatch(meta, entry, manifest)
+        if mismatch:
+            problems.append(f"{entry['file']}: {mismatch}")
         for i in entry["images"]:
             lacking = [k for k in required if f"i{i}.{k}" not in keys]
             if lacking:
                 problems.append(f"{entry['file']}: view {entry['view']} of image {i} lacks {lacking}")
-    return problems
+    return report
+
+
+def _check_sources(manifest: Mapping[str, Any], report: VerifyReport, checkpoint, annotations, data) -> None:
+    """Compare the teacher checkpoint and the annotation file the caller named with the manifest's SHA-256."""
+    teacher, dataset = manifest.get("teacher") or {}, manifest.get("dataset") or {}
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.exists():
+            report.problems.append(f"{path}: the teacher checkpoint to check does not exist")
+        elif teacher.get("checkpoint_sha256") and _teacher_sha256(path) != teacher["checkpoint_sha256"]:
+            report.problems.append(f"{path}: not the teacher checkpoint the cache was built from (SHA-256 differs "
+                                   "from the manifest's teacher.checkpoint_sha256): use that checkpoint, or "
+                                   "rebuild the cache")
+    else:
+        report.unchecked.append(f"the teacher checkpoint (the manifest names {teacher.get('checkpoint')!r}; pass "
+                                "--teacher-checkpoint to check it against its recorded SHA-256)")
+    ann = Path(annotations) if annotations is not None else None
+    recorded = dataset.get("annotations")
+    if ann is None and data is not None and isinstance(recorded, str) and recorded:
+        if _inside_folder(Path(recorded), Path(data)):
+            ann = Path(recorded)
+        else:
+            report.unchecked.append(f"the annotation file: the manifest names {recorded!r}, outside --data "
+                                    f"{data} (pass --train-ann to check a file)")
+            return
+    if ann is None:
+        report.unchecked.append(f"the annotation file (the manifest names {recorded!r}; pass --data or --train-ann "
+                                "to check it against its recorded SHA-256)")
+    elif not ann.is_file():
+        report.problems.append(f"{ann}: the annotation file to check does not exist")
+    elif dataset.get("annotations_sha256") and sha256_file(ann) != dataset["annotations_sha256"]:
+        report.problems.append(f"{ann}: the annotation file changed since the cache was built (SHA-256 differs "
+                               "from the manifest's dataset.annotations_sha256): the cache is stale, rebuild it")
+    report.unchecked.append("the training images (a run checks them against dataset.images_fingerprint)")
+
+
+def verify_cache(root: str | os.PathLike, **sources: Any) -> list[str]:
+    """The integrity problems :func:`verify_report` finds (empty: none); an incomplete cache has none (see
+    :attr:`VerifyReport.complete`). ``sources``: ``checkpoint``, ``annotations``, ``data`` of
+    :func:`verify_report`."""
+    return verify_report(root, **sources).problems
 
 
 def cache_info(root: str | os.PathLike) -> str:
