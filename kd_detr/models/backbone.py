@@ -8,6 +8,7 @@ rename, and torchvision ImageNet state dicts load directly (minus ``fc.*``).
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict
 from typing import Callable
 
@@ -19,7 +20,8 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from .config import BACKBONES
 
-__all__ = ["ResNetBody", "Backbone", "build_resnet_body", "load_backbone_weights", "read_state_dict_file"]
+__all__ = ["ResNetBody", "Backbone", "build_resnet_body", "load_backbone_weights", "read_state_dict_file",
+           "weights_load_error"]
 
 _STEM_AND_LAYER1 = ("conv1", "bn1", "layer1")
 
@@ -109,11 +111,32 @@ class Backbone(nn.Module):
         return x, m
 
 
+def weights_load_error(path: str | os.PathLike, exc: BaseException) -> ValueError:
+    """One line naming ``path`` for a weight file that does not load (``exc``: what the reader raised).
+
+    A pickle that would import code is named as such, with the global it asks for: ``torch.load`` runs with
+    ``weights_only=True``, which refuses it, and that stays so (torch's own advice to load it with
+    ``weights_only=False`` would run the code, so it is never repeated)."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found or "weights_only" in text or "Weights only load failed" in text:
+        what = f"would import {found.group(1)}" if found else "holds objects other than tensors"
+        return ValueError(f"{path}: a torch pickle that {what} (code, not tensor data), refused: only tensors and "
+                          "plain values are read from pickles; use a .safetensors file")
+    first = " ".join(text.split()) if text else ""
+    first = first[:300] + (" ..." if len(first) > 300 else "")
+    if "safetensor" in type(exc).__name__.lower() or "deserializing header" in text:
+        if "not fully covered" in text or "incomplete" in text:
+            first = "the file is shorter than its header says: truncated"
+        return ValueError(f"{path}: not a readable safetensors file: {first}")
+    return ValueError(f"cannot read weights file {path}: {type(exc).__name__}: {first}")
+
+
 def read_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read a tensor dict from ``.safetensors`` or a torch pickle (``weights_only=True``).
 
     Accepts a bare state dict or one wrapped as ``{"model": ...}`` / ``{"state_dict": ...}``.
-    Errors name the file.
+    Errors name the file, in one line (:func:`weights_load_error`).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -129,8 +152,8 @@ def read_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
             # Official training checkpoints also carry `args` (an argparse.Namespace).
             with torch.serialization.safe_globals([argparse.Namespace]):
                 data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"cannot read weights file {path}: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - re-raised in one line with the file name
+        raise weights_load_error(path, exc) from None
     if isinstance(data, dict):
         for wrapper in ("model", "state_dict"):
             if wrapper in data and isinstance(data[wrapper], dict):

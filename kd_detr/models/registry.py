@@ -66,6 +66,8 @@ def build_model(
     name: str | ModelConfig,
     num_classes: Optional[int] = None,
     backbone_weights: Optional[str] = None,
+    role: str = "student",
+    allow_partial_weights: Optional[bool] = None,
     **overrides: Any,
 ):
     """Build a :class:`~kd_detr.models.conditional_detr.ConditionalDETR`, or an
@@ -76,6 +78,12 @@ def build_model(
         num_classes: number of class logits ``C`` (default: the config's, 91 for official models).
         backbone_weights: optional local torchvision ImageNet ResNet state dict
             (``.pth`` / ``.safetensors``) loaded into the backbone trunk.
+        role: ``student`` or ``teacher``, for a transformers folder (``hf:DIR``): a teacher loads every tensor
+            of the folder or is refused; a student may re-initialise its class head when ``num_classes``
+            differs from the folder's (:func:`kd_detr.models.hf.adapter.build_transformers_model`).
+        allow_partial_weights: for a transformers folder, let tensors that do not load start from random
+            values (with a warning naming them) instead of refusing; recorded in ``model.config``. kd-detr's
+            own models load strictly whatever it says (``None``: the config's own setting).
         **overrides: any :class:`ModelConfig` field (``d_model=128``, ``backbone_norm="bn"`` ...);
             an unknown key raises ``ValueError`` naming it and listing the valid keys.
 
@@ -85,6 +93,8 @@ def build_model(
     config = get_config(name) if isinstance(name, str) else name
     if num_classes is not None:
         overrides["num_classes"] = int(num_classes)
+    if isinstance(config, HFModelConfig) and allow_partial_weights is not None:
+        overrides["allow_partial_weights"] = bool(allow_partial_weights)
     config = config.replace(**overrides)
     if isinstance(config, HFModelConfig):
         if backbone_weights is not None:
@@ -92,7 +102,7 @@ def build_model(
                              "model's backbone weights come with its save_pretrained folder")
         from .hf.adapter import HFDetector
 
-        return HFDetector(config)
+        return HFDetector(config, role=role)
     if config.freeze_stem is None:
         # Official models always start from ImageNet weights and freeze stem + layer1.
         config = config.replace(

@@ -39,10 +39,16 @@ class TeacherSpec:
     known_ap: Optional[float] = None
     card: Optional[str] = None  # card file
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    # --allow-partial-weights: an hf:DIR teacher may load with tensors missing or mis-shaped (random values,
+    # warned); kd-detr and official files always load strictly
+    allow_partial_weights: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "model": self.model, "checkpoint": str(self.checkpoint), "format": self.format,
-                "card": self.card, "known_ap": self.known_ap, "image_size": self.image_size}
+        d = {"name": self.name, "model": self.model, "checkpoint": str(self.checkpoint), "format": self.format,
+             "card": self.card, "known_ap": self.known_ap, "image_size": self.image_size}
+        if self.allow_partial_weights:
+            d["allow_partial_weights"] = True
+        return d
 
 
 def spec_to_dict(spec: TeacherSpec) -> dict[str, Any]:
@@ -121,7 +127,8 @@ def _file_format(path: Path, fmt: str) -> str:
     return "safetensors" if path.suffix == ".safetensors" else "official"
 
 
-def resolve_teacher(teacher: str, checkpoint: Optional[str] = None) -> TeacherSpec:
+def resolve_teacher(teacher: str, checkpoint: Optional[str] = None,
+                    allow_partial_weights: bool = False) -> TeacherSpec:
     """``--teacher`` / ``--teacher-checkpoint`` -> :class:`TeacherSpec`.
 
     A name with a card in ``teachers/`` (or a path to a card ``.toml``) uses the card; its checkpoint
@@ -132,7 +139,15 @@ def resolve_teacher(teacher: str, checkpoint: Optional[str] = None) -> TeacherSp
     card's architecture, so its own metadata (image size, label map, number of classes) wins over the
     card, and the card's known AP no longer applies. A replacement official/HF file carries no metadata:
     the card's class space and image size still describe it.
+
+    ``allow_partial_weights`` (``--allow-partial-weights``) is recorded on the spec; only a transformers folder
+    (``hf:DIR``) can use it.
     """
+    spec = _resolve_teacher(teacher, checkpoint)
+    return dataclasses.replace(spec, allow_partial_weights=True) if allow_partial_weights else spec
+
+
+def _resolve_teacher(teacher: str, checkpoint: Optional[str]) -> TeacherSpec:
     if teacher.startswith(HF_PREFIX):
         if checkpoint:
             raise ValueError(f"--teacher {teacher} is a transformers folder with its own weights: drop "
@@ -238,7 +253,7 @@ def _hf_folder_teacher(spec: TeacherSpec, data_label_map: Optional[LabelMap]):
     if data_label_map is None:
         raise ValueError(f"teacher {spec.name}: the data's label map is needed to map its classes")
     class_map = class_map_by_name(config.id2label, data_label_map, f"teacher {spec.name}")
-    return dc.replace(config, class_map=class_map)
+    return dc.replace(config, class_map=class_map, allow_partial_weights=bool(spec.allow_partial_weights))
 
 
 def load_teacher(spec: TeacherSpec, data_label_map: Optional[LabelMap]
@@ -263,7 +278,7 @@ def _load_teacher(spec: TeacherSpec, data_label_map: Optional[LabelMap]
     if fmt == "hf_folder":
         from kd_detr.models.hf.adapter import HFDetector
 
-        return HFDetector(_hf_folder_teacher(spec, data_label_map)), data_label_map, None
+        return HFDetector(_hf_folder_teacher(spec, data_label_map), role="teacher"), data_label_map, None
     if fmt == "safetensors":
         _, label_map, image_size = describe_teacher(spec, data_label_map)  # checks name, classes, label map first
         model, _ = load_model(spec.checkpoint)

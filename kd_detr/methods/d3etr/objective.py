@@ -337,9 +337,11 @@ def _check_families(cfg: DistillConfig, student: Any, teacher: Any, attn_on: lis
                              f"group with group-wise self-attention, which the student {_family(student)} cannot "
                              "run: set distill.fixed = false (Adaptive Matching alone)")
         if not getattr(teacher, "fixed_queries", True):
-            raise ValueError(f"Fixed Matching hands the teacher's learned object queries to the student, but the "
-                             f"teacher {_family(teacher)} has none (its queries are chosen per image from the "
-                             "encoder): set distill.fixed = false")
+            # the family says why (DAB-DETR: 4-d anchors; two-stage Deformable DETR, RT-DETR ...: chosen per image)
+            reason = getattr(teacher, "fixed_queries_reason", None) or "its queries are chosen per image"
+            raise ValueError(f"Fixed Matching hands the teacher's static learned [Q,d] object queries to the "
+                             f"student, but the teacher {_family(teacher)} has none: {reason}; set "
+                             "distill.fixed = false")
     for a in attn_on:
         for who, config, can in (("student", student, student_can), ("teacher", teacher, teacher_can)):
             if "attention" not in can:

@@ -22,7 +22,10 @@ denoising) and reads what the detector contract needs around it:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -33,7 +36,9 @@ from ..detector import DetectorOutput, DetectorRequest
 from .config import HFModelConfig
 from .families import Family, get_family
 
-__all__ = ["HFDetector", "build_transformers_model", "transformers_labels"]
+__all__ = ["HFDetector", "build_transformers_model", "check_loading", "hub_offline_and_quiet", "transformers_labels"]
+
+log = logging.getLogger("kd_detr.models.hf")
 
 _MEAN = (0.485, 0.456, 0.406)  # kd-detr's data pipeline normalises with ImageNet mean/std
 _STD = (0.229, 0.224, 0.225)
@@ -47,22 +52,174 @@ def _transformers():
     return transformers
 
 
-def build_transformers_model(config: HFModelConfig) -> nn.Module:
-    """The transformers model of ``config``: the folder's weights (``config.source``, local files only) or a
-    random initialisation. A class head of another size than the folder's is re-initialised (fine-tuning
-    to other classes), which is logged by transformers."""
+ROLES = ("student", "teacher")
+_WARNED_AUTO_MAP: set[str] = set()  # folders whose auto_map was warned about (once per process)
+
+
+@contextlib.contextmanager
+def hub_offline_and_quiet():
+    """For the duration: the Hugging Face Hub off (``HF_HUB_OFFLINE=1`` and huggingface_hub's own switch, which
+    it read at import), transformers' logging at ERROR (its load-report tables) and its progress bars off (the
+    "Loading weights" bar). Everything is restored afterwards, whatever it was."""
+    _transformers()
+    import huggingface_hub.constants as hub_constants
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    old_env = os.environ.get("HF_HUB_OFFLINE")
+    old_offline = hub_constants.HF_HUB_OFFLINE
+    old_verbosity = hf_logging.get_verbosity()
+    old_bars = hf_logging.is_progress_bar_enabled()
+    old_hub_bars_off = are_progress_bars_disabled()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    hub_constants.HF_HUB_OFFLINE = True
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
+        hub_constants.HF_HUB_OFFLINE = old_offline
+        hf_logging.set_verbosity(old_verbosity)
+        if old_bars:
+            hf_logging.enable_progress_bar()  # also turns huggingface_hub's bars on: set back below
+        if old_hub_bars_off:
+            disable_progress_bars()
+
+
+def _offline_config(hf: Any) -> Any:
+    """A copy of the transformers config dict with every ``use_pretrained_backbone`` off: the folder's own
+    tensors initialise the backbone, and a pretrained timm backbone would be downloaded first."""
+    if isinstance(hf, dict):
+        return {k: (False if k == "use_pretrained_backbone" else _offline_config(v)) for k, v in hf.items()}
+    if isinstance(hf, list):
+        return [_offline_config(v) for v in hf]
+    return hf
+
+
+def _warn_auto_map(config: HFModelConfig, hf_class: str) -> None:
+    auto_map = config.hf_config.get("auto_map")
+    if not auto_map or str(config.source) in _WARNED_AUTO_MAP:
+        return
+    _WARNED_AUTO_MAP.add(str(config.source))
+    if isinstance(auto_map, dict):
+        custom = auto_map.get("AutoModelForObjectDetection") or next(
+            (v for k, v in auto_map.items() if k != "AutoConfig"), None) or next(iter(auto_map.values()), None)
+    else:
+        custom = auto_map
+    if isinstance(custom, (list, tuple)):
+        custom = next((c for c in custom if c), custom)
+    log.warning("%s: config.json's auto_map names custom code (%s), which kd-detr never runs: transformers' "
+                "built-in %s (model_type %r) is used instead", config.name, custom, hf_class,
+                config.hf_config.get("model_type"))
+
+
+def build_transformers_model(config: HFModelConfig, role: str = "student", load_weights: bool = True) -> nn.Module:
+    """The transformers model of ``config``: the folder's weights (``config.source``, local files only, the Hub
+    off) or a random initialisation (no ``source``, or ``load_weights=False`` when a kd-detr checkpoint's
+    tensors replace them next).
+
+    Every load is checked (:func:`check_loading`): a ``teacher`` loads every tensor of the folder with its shape
+    or is refused; a ``student`` may re-initialise its class head when its class count differs from the
+    folder's (one logged line). ``config.allow_partial_weights`` lets anything else through with a warning
+    naming what starts from random values. A broken folder is one ``ValueError`` naming the file."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     transformers = _transformers()
     family = get_family(config.family)
     cls = getattr(transformers, family.hf_class)
-    hf_config = cls.config_class.from_dict(dict(config.hf_config))
+    _warn_auto_map(config, family.hf_class)
     attn = "eager" if family.dense_attention else None  # attention weights come only from the eager path
     kwargs = {"attn_implementation": attn} if attn else {}
-    if config.source:
-        return cls.from_pretrained(config.source, config=hf_config, local_files_only=True,
-                                   ignore_mismatched_sizes=True, **kwargs)
-    if attn:
-        hf_config._attn_implementation = attn
-    return cls(hf_config)
+    where = config.source if (config.source and load_weights) else config.name
+    with hub_offline_and_quiet():
+        try:
+            hf_config = cls.config_class.from_dict(_offline_config(dict(config.hf_config)))
+        except Exception as e:  # noqa: BLE001 - transformers raises many types; one line naming the config
+            raise ValueError(f"{where}: transformers cannot build a {cls.config_class.__name__} from its config: "
+                             f"{_one_line(e)}") from None
+        if not (config.source and load_weights):
+            if attn:
+                hf_config._attn_implementation = attn
+            return cls(hf_config)
+        folder = Path(config.source)
+        try:
+            model, info = cls.from_pretrained(str(folder), config=hf_config, local_files_only=True,
+                                              ignore_mismatched_sizes=True, output_loading_info=True, **kwargs)
+        except Exception as e:  # noqa: BLE001 - one line naming the folder's weight file
+            raise _load_error(folder, e) from None
+    check_loading(config, info, role)
+    return model
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:300] + (" ..." if len(text) > 300 else "")
+
+
+def _load_error(folder: Path, e: BaseException) -> ValueError:
+    from ..backbone import weights_load_error
+    from .registry import weight_files
+
+    files = weight_files(folder)
+    # transformers reads model.safetensors before pytorch_model.bin; name the one it read
+    target = next((f for f in files if f.suffix == ".safetensors"), files[0] if files else folder)
+    if "GLOBAL" in str(e) or "weights_only" in str(e) or "Weights only" in str(e):
+        target = next((f for f in files if f.suffix == ".bin"), target)
+    err = weights_load_error(target, e)
+    if str(err).startswith("cannot read weights file"):
+        return ValueError(f"{folder}: transformers could not load the model from {target.name}: "
+                          f"{type(e).__name__}: {_one_line(e)}")
+    return err
+
+
+def _class_head_change(file_shape: tuple, model_shape: tuple, old: int, new: int) -> bool:
+    """Whether a tensor differs from the folder's only in its class dimension: one axis of size ``old + k`` in
+    the file and ``new + k`` in the model, ``k`` 0 (class logits) or 1 (DETR's no-object slot, RT-DETR's
+    denoising label embedding with its padding class)."""
+    if len(file_shape) != len(model_shape):
+        return False
+    diff = [i for i, (a, b) in enumerate(zip(file_shape, model_shape)) if a != b]
+    return len(diff) == 1 and file_shape[diff[0]] - old == model_shape[diff[0]] - new in (0, 1)
+
+
+def _listed(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def check_loading(config: HFModelConfig, info: dict[str, Any], role: str) -> None:
+    """Refuse a load that left tensors out (``info``: ``from_pretrained(..., output_loading_info=True)``'s
+    ``missing_keys``, ``unexpected_keys``, ``mismatched_keys``), naming the folder and the first tensors of
+    each kind, unless it is a student's class head under a new class count (logged) or
+    ``config.allow_partial_weights`` (warned)."""
+    from .registry import read_config_json
+
+    folder = Path(config.source)
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(info.get("unexpected_keys", ()))
+    mismatched = sorted((k, tuple(a), tuple(b)) for k, a, b in info.get("mismatched_keys", ()))
+    old = HFModelConfig(name=config.name, family=config.family,
+                        hf_config=read_config_json(folder / "config.json")).family_classes
+    new = config.family_classes
+    head = [m for m in mismatched if role == "student" and old != new and _class_head_change(m[1], m[2], old, new)]
+    shaped = [m for m in mismatched if m not in head]
+    if missing or unexpected or shaped:
+        parts = [f"{what} {_listed(keys)}" for what, keys in (
+            ("missing", missing), ("unexpected", unexpected),
+            ("mis-shaped", [f"{k} (file {list(a)}, model {list(b)})" for k, a, b in shaped])) if keys]
+        if not config.allow_partial_weights:
+            rule = ("a teacher must load every tensor of its folder" if role == "teacher" else
+                    "a student may re-initialise only its class head, when its class count changes")
+            raise ValueError(f"{folder}: the {role}'s weights do not all load: {'; '.join(parts)} ({rule}: fix "
+                             "the folder, or pass --allow-partial-weights to start these from random values)")
+        log.warning("%s: partial weights allowed (allow_partial_weights): %s; the model's tensors among them "
+                    "start from random values", folder, "; ".join(parts))
+    if head:
+        log.warning("%s: class head re-initialised for %d classes (the folder's has %d): %s", folder, new, old,
+                    _listed([k for k, _, _ in head], 8))
 
 
 def transformers_labels(targets: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
@@ -76,15 +233,20 @@ class HFDetector(nn.Module):
     Args:
         config: the :class:`HFModelConfig`.
         model: an already built transformers model (default: :func:`build_transformers_model`).
+        role: ``student`` or ``teacher``: what may differ from the folder's weights (see
+            :func:`build_transformers_model`).
+        load_weights: ``False``: random initialisation even with a ``source`` (a kd-detr checkpoint's tensors
+            are loaded next).
     """
 
     own_loss = True  # the ground-truth loss comes from the family's forward (``targets=``)
 
-    def __init__(self, config: HFModelConfig, model: Optional[nn.Module] = None):
+    def __init__(self, config: HFModelConfig, model: Optional[nn.Module] = None, role: str = "student",
+                 load_weights: bool = True):
         super().__init__()
         self.config = config.validate()
         self.family: Family = get_family(config.family)
-        self.hf = model if model is not None else build_transformers_model(config)
+        self.hf = model if model is not None else build_transformers_model(config, role, load_weights)
         self.register_buffer("_mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -178,15 +340,19 @@ class HFDetector(nn.Module):
         return out.masked_fill(index < 0, -30.0)
 
     def learned_queries(self) -> Tensor:
-        """``[Q,d]`` the family's learned object queries (see :meth:`_query_embed` for dynamic families)."""
+        """``[Q,d]`` the model's static learned object queries, the part that plays Conditional DETR's positional
+        queries (single-stage Deformable DETR: the ``query_pos`` half of its ``[Q,2d]`` embeddings). A model
+        without them (``config.fixed_queries`` false: DAB-DETR's anchors, queries chosen per image) gives
+        zeros: Fixed Matching, their one user, is refused for it (``config.fixed_queries_reason``)."""
         return self._query_embed()
 
     def _query_embed(self) -> Tensor:
-        emb = getattr(self.hf.model, "query_position_embeddings", None)
-        if isinstance(emb, nn.Embedding) and emb.weight.shape[0] == self.config.num_queries:
-            return emb.weight.detach()
-        # dynamic queries (top-k encoder tokens per image): nothing fixed to hand over; Fixed Matching is
-        # refused for these families (config.fixed_queries is False), so these zeros are never used as queries
+        if self.family.queries is not None and self.config.fixed_queries:
+            q = self.family.queries(self.hf, self.config.hf_config).detach()
+            if tuple(q.shape) != (self.config.num_queries, self.config.d_model):  # a family reader out of date
+                raise ValueError(f"{self.config.name}: its learned queries are {list(q.shape)}, expected "
+                                 f"[{self.config.num_queries}, {self.config.d_model}]")
+            return q
         return torch.zeros(self.config.num_queries, self.config.d_model, device=self._mean.device)
 
     def _backbone(self) -> Optional[nn.Module]:

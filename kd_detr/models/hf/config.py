@@ -35,6 +35,10 @@ class HFModelConfig:
         class_map: for a teacher loaded against data with another label map: the family's class index of each
             of the data's ``C`` classes (``-1``: the family has no such class). The adapter's logits then have
             the data's ``C`` classes in the data's order (:func:`kd_detr.models.hf.labels.class_map_by_name`).
+        allow_partial_weights: build from ``source`` even when some of its tensors are missing, unexpected or
+            of another shape (those start from random values; each load says which). Off: a teacher loads
+            every tensor or is refused, a student may re-initialise only its class head when its class count
+            changes (``--allow-partial-weights`` sets it; serialised, so a run and its checkpoints record it).
     """
 
     name: str
@@ -44,6 +48,7 @@ class HFModelConfig:
     input_size: Optional[int] = None
     description: str = ""
     class_map: Optional[list[int]] = None
+    allow_partial_weights: bool = False
 
     # ------------------------------------------------------------------ the detector contract's fields
     def _get(self, *keys: str, default: Any = None) -> Any:
@@ -64,7 +69,11 @@ class HFModelConfig:
 
     @property
     def num_queries(self) -> int:
-        return int(self._get("num_queries", default=300))
+        """``Q``: the queries the model outputs at inference (DAB-DETR: anchors x patterns; two-stage Deformable
+        DETR: its proposals), not necessarily the config's ``num_queries``."""
+        from .families import get_family
+
+        return int(get_family(self.family).count_queries(self.hf_config))
 
     @property
     def dec_layers(self) -> int:
@@ -112,26 +121,42 @@ class HFModelConfig:
 
     @property
     def fixed_queries(self) -> bool:
-        """Whether the family has learned object queries (Fixed Matching can hand them to a student)."""
+        """Whether this model has static learned ``[Q,d]`` object queries (Fixed Matching can hand them to a
+        student); it depends on the configuration (two-stage Deformable DETR has none)."""
+        return self.fixed_queries_reason is None
+
+    @property
+    def fixed_queries_reason(self) -> Optional[str]:
+        """Why this model has no static ``[Q,d]`` queries (``None``: it has them)."""
         from .families import get_family
 
-        return get_family(self.family).fixed_queries
+        return get_family(self.family).dynamic_queries(self.hf_config)
 
     # ------------------------------------------------------------------ (de)serialisation
     def validate(self) -> "HFModelConfig":
         from .families import get_family
 
         get_family(self.family)
+        _check_hf_config(self.hf_config)
         if self.input_size is not None and int(self.input_size) < 32:
             raise ValueError(f"input_size must be >= 32 (pixels), got {self.input_size}")
         if self.family_classes < 1:
             raise ValueError(f"num_labels must be >= 1, got {self.family_classes}")
         if self.class_map is not None and any(not -1 <= int(i) < self.family_classes for i in self.class_map):
             raise ValueError(f"class_map indexes outside the family's {self.family_classes} classes")
+        if self.num_queries < 1:
+            raise ValueError(f"num_queries = {self.num_queries}: a detector needs at least one query")
+        if not isinstance(self.allow_partial_weights, bool):
+            raise ValueError(f"allow_partial_weights must be true or false, got {self.allow_partial_weights!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "hf", **dataclasses.asdict(self)}
+        d = {"kind": "hf", **dataclasses.asdict(self)}
+        if not d["allow_partial_weights"]:
+            # recorded only when set: every config serialised before the field existed (checkpoints, cache
+            # headers that a resumed build compares field by field) stays the same dict
+            del d["allow_partial_weights"]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, default=str)
@@ -151,6 +176,7 @@ class HFModelConfig:
         another key raises ``ValueError`` listing the valid ones."""
         hf = json.loads(json.dumps(self.hf_config, default=str))
         input_size = self.input_size
+        partial = self.allow_partial_weights
         for key, value in changes.items():
             if key == "num_classes":
                 value = int(value)
@@ -163,9 +189,47 @@ class HFModelConfig:
                     hf["label2id"] = {f"class_{i}": i for i in range(value)}
             elif key == "input_size":
                 input_size = None if value is None else int(value)
+            elif key == "allow_partial_weights":
+                partial = value
             elif key in hf:
                 hf[key] = value
             else:
                 raise ValueError(f"unknown model override {key!r} for {self.name} ({self.family}); valid keys: "
-                                 f"num_classes, input_size and the transformers config's: {sorted(hf)}")
-        return dataclasses.replace(self, hf_config=hf, input_size=input_size).validate()
+                                 "num_classes, input_size, allow_partial_weights and the transformers config's: "
+                                 f"{sorted(hf)}")
+        return dataclasses.replace(self, hf_config=hf, input_size=input_size,
+                                   allow_partial_weights=partial).validate()
+
+
+# attention implementations that run from transformers' own code: anything else (flash_attention_*, flex, a Hub
+# kernel "org/repo") needs a package or a download that kd-detr does not vouch for
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+_ATTN_KEYS = ("attn_implementation", "_attn_implementation", "_attn_implementation_internal")
+
+
+def _check_hf_config(hf: Any, where: str = "") -> None:
+    """Refuse, by name, what would break or reach out later: an ``id2label`` key that is not an integer, an
+    attention implementation other than eager/sdpa (also in sub-configs such as ``backbone_config``)."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{where or 'the transformers config'} is not a JSON object (got {type(hf).__name__})")
+    labels = hf.get("id2label")
+    if labels is not None:
+        if not isinstance(labels, dict):
+            raise ValueError(f"{where}id2label must be an object {{\"0\": \"name\", ...}}, got "
+                             f"{type(labels).__name__}")
+        for k in labels:
+            try:
+                int(k)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}id2label key {k!r} is not an integer class index") from None
+    for key in _ATTN_KEYS:
+        value = hf.get(key)
+        values = value.values() if isinstance(value, dict) else [value]
+        for v in values:
+            if v is not None and v not in ATTN_IMPLEMENTATIONS:
+                raise ValueError(f"{where}{key} = {v!r} is not supported: kd-detr runs transformers' "
+                                 f"{' or '.join(ATTN_IMPLEMENTATIONS)} attention only (remove the key or set one of "
+                                 "them)")
+    for key, value in hf.items():
+        if isinstance(value, dict) and key.endswith("_config"):
+            _check_hf_config(value, f"{where}{key}.")

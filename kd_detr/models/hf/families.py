@@ -46,7 +46,12 @@ class Family:
             resized to a fixed square (``default_input_size``) as the family's image processor does.
         imagenet_norm: the family normalises pixels with ImageNet mean/std (else pixels in [0, 1]).
         dense_attention: decoder attention maps are dense ``[B,H,Q,S]`` (DETR, Conditional, DAB).
-        fixed_queries: the family has learned object queries (``query_position_embeddings``).
+        queries: ``(model, hf_config dict) -> [Q,d]`` the family's static learned object queries, the part that
+            plays Conditional DETR's positional queries; ``None``: the family has none.
+        dynamic_queries: ``(hf_config dict) -> reason or None``: why this configuration has no static
+            ``[Q,d]`` queries (``None``: it has them), named when Fixed Matching is refused.
+        count_queries: ``(hf_config dict) -> Q``, the queries the model outputs at inference (default
+            ``num_queries``; DAB-DETR's pattern copies, two-stage Deformable DETR's proposals).
         summed_loss: the family's ``loss_dict`` terms are already weighted (``loss = sum(loss_dict)``);
             else ``loss = sum(w_k * loss_dict[k])`` with DETR's weight dict (``loss_weights``).
         layers: ``(model, base_output, output, training, captured) -> LayerOutputs``; ``captured["layers"]``
@@ -65,7 +70,6 @@ class Family:
     pixel_mask: bool
     imagenet_norm: bool
     dense_attention: bool
-    fixed_queries: bool
     summed_loss: bool
     layers: Callable[..., LayerOutputs]
     default_input_size: Optional[int] = None
@@ -73,6 +77,10 @@ class Family:
     all_layers_in_eval: Optional[Callable[[Any], Any]] = None
     group_queries: bool = False
     loss_weights: Optional[Callable[[Any], dict[str, float]]] = None
+    queries: Optional[Callable[[Any, dict], Tensor]] = None
+    dynamic_queries: Callable[[dict], Optional[str]] = (
+        lambda cfg: "its queries are the encoder's top-k tokens of each image (no learned [Q,d] queries)")
+    count_queries: Callable[[dict], int] = lambda cfg: _num_queries(cfg)
     note: str = ""
 
     @property
@@ -104,6 +112,63 @@ def family_of_model_type(model_type: str) -> Family:
             return f
     raise ValueError(f"transformers model_type {model_type!r} is not a supported DETR family; supported: "
                      f"{sorted(f.model_type for f in FAMILIES.values())}")
+
+
+# ---------------------------------------------------------------------------- object queries
+def _num_queries(cfg: dict) -> int:
+    return int(cfg["num_queries"]) if cfg.get("num_queries") is not None else 300
+
+
+def _static_queries(cfg: dict) -> Optional[str]:
+    return None
+
+
+def _embedding_queries(model: Any, cfg: dict) -> Tensor:
+    """DETR / Conditional DETR: ``query_position_embeddings [Q,d]``, positional queries added in every decoder
+    layer to content queries that start at zero, as kd-detr's Conditional DETR student's are."""
+    return model.model.query_position_embeddings.weight
+
+
+def _deformable_dynamic(cfg: dict) -> Optional[str]:
+    if cfg.get("two_stage"):
+        return ("two_stage = true: its queries are chosen per image from the encoder's top-scoring proposals "
+                "(no learned [Q,d] queries)")
+    return None
+
+
+def _deformable_queries(model: Any, cfg: dict) -> Tensor:
+    """Single-stage Deformable DETR: ``query_position_embeddings [Q,2d]`` is split by transformers into
+    ``(query_pos, target)``, in that order. ``query_pos [Q,d]`` gives the reference points (a linear layer) and is
+    added to the queries in every decoder layer: the role of Conditional DETR's positional queries (its
+    reference points come from them through ``ref_point_head``), so it is what Fixed Matching hands over.
+    ``target`` is a learned content query; Conditional DETR's content queries start at zero, so it has no
+    place in the student's decoder."""
+    d = int(cfg.get("d_model") or model.config.d_model)
+    return model.model.query_position_embeddings.weight[:, :d]
+
+
+def _deformable_count(cfg: dict) -> int:
+    if cfg.get("two_stage"):  # the decoder runs on the top-k proposals, not on num_queries embeddings
+        k = cfg.get("two_stage_num_proposals")
+        return int(k) if k is not None else 300
+    return _num_queries(cfg)
+
+
+def _dab_dynamic(cfg: dict) -> Optional[str]:
+    return ("its queries are learned 4-d anchor boxes (query_refpoint_embeddings [Q,4]) whose positional "
+            "embeddings are recomputed from the refined boxes in every layer, not [Q,d] embeddings")
+
+
+def _dab_count(cfg: dict) -> int:
+    # num_patterns > 0 runs every anchor once per pattern (DAB-DETR's "anchor x pattern" queries)
+    patterns = cfg.get("num_patterns") or 0
+    patterns = patterns if isinstance(patterns, int) else 0  # transformers treats a non-int as 0 as well
+    return _num_queries(cfg) * patterns if patterns > 0 else _num_queries(cfg)
+
+
+def _group_dynamic(cfg: dict) -> Optional[str]:
+    return ("its queries' reference boxes are the encoder's top-k proposals of each image (two-stage; no "
+            "learned [Q,d] queries)")
 
 
 # ---------------------------------------------------------------------------- weight dicts
@@ -247,42 +312,45 @@ _FIXED_640 = dict(pixel_mask=False, imagenet_norm=False, default_input_size=640)
 
 register_family(Family(
     key="detr", model_type="detr", hf_class="DetrForObjectDetection", softmax=True, dense_attention=True,
-    fixed_queries=True, summed_loss=False, layers=_detr_layers, layer_modules=_decoder_layers,
+    queries=_embedding_queries, dynamic_queries=_static_queries, summed_loss=False, layers=_detr_layers, layer_modules=_decoder_layers,
     loss_weights=detr_loss_weights, note="softmax + no-object; decoder layers hooked, its heads applied", **_MASKED))
 register_family(Family(
     key="conditional_detr", model_type="conditional_detr", hf_class="ConditionalDetrForObjectDetection",
-    softmax=False, dense_attention=True, fixed_queries=True, summed_loss=False, layers=_conditional_detr_layers,
+    softmax=False, dense_attention=True, summed_loss=False, layers=_conditional_detr_layers,
+    queries=_embedding_queries, dynamic_queries=_static_queries,
     layer_modules=_decoder_layers, loss_weights=detr_loss_weights,
     note="decoder layers hooked; heads with the shared 2-d reference points", **_MASKED))
 register_family(Family(
     key="dab_detr", model_type="dab-detr", hf_class="DabDetrForObjectDetection", softmax=False,
-    dense_attention=True, fixed_queries=True, summed_loss=False, layers=_dab_detr_layers,
+    dense_attention=True, summed_loss=False, layers=_dab_detr_layers, dynamic_queries=_dab_dynamic,
+    count_queries=_dab_count,
     loss_weights=detr_loss_weights, note="intermediate_hidden_states + per-layer 4-d anchors", **_MASKED))
 register_family(Family(
     key="deformable_detr", model_type="deformable_detr", hf_class="DeformableDetrForObjectDetection",
-    softmax=False, dense_attention=False, fixed_queries=True, summed_loss=False, layers=_deformable_detr_layers,
+    softmax=False, dense_attention=False, summed_loss=False, layers=_deformable_detr_layers,
+    queries=_deformable_queries, dynamic_queries=_deformable_dynamic, count_queries=_deformable_count,
     loss_weights=detr_loss_weights, note="per-layer class_embed/bbox_embed on intermediate_hidden_states", **_MASKED))
 register_family(Family(
     key="rt_detr", model_type="rt_detr", hf_class="RTDetrForObjectDetection", softmax=False, dense_attention=False,
-    fixed_queries=False, summed_loss=True, layers=_rt_detr_layers,
+    summed_loss=True, layers=_rt_detr_layers,
     note="intermediate_logits / intermediate_reference_points; denoising queries cut", **_FIXED_640))
 register_family(Family(
     key="rt_detr_v2", model_type="rt_detr_v2", hf_class="RTDetrV2ForObjectDetection", softmax=False,
-    dense_attention=False, fixed_queries=False, summed_loss=True, layers=_rt_detr_layers, note="as RT-DETR",
+    dense_attention=False, summed_loss=True, layers=_rt_detr_layers, note="as RT-DETR",
     **_FIXED_640))
 register_family(Family(
     key="d_fine", model_type="d_fine", hf_class="DFineForObjectDetection", softmax=False, dense_attention=False,
-    fixed_queries=False, summed_loss=True, layers=_d_fine_layers, all_layers_in_eval=_DecoderEmitsAllLayers,
+    summed_loss=True, layers=_d_fine_layers, all_layers_in_eval=_DecoderEmitsAllLayers,
     note="every layer in eval through the decoder's own training flag; denoising queries cut", **_FIXED_640))
 register_family(Family(
     key="deimv2", model_type="deimv2", hf_class="Deimv2ForObjectDetection", softmax=False, dense_attention=False,
-    fixed_queries=False, summed_loss=True, layers=_d_fine_layers, all_layers_in_eval=_DecoderEmitsAllLayers,
+    summed_loss=True, layers=_d_fine_layers, all_layers_in_eval=_DecoderEmitsAllLayers,
     note="as D-FINE", **_FIXED_640))
 register_family(Family(
     key="lw_detr", model_type="lw_detr", hf_class="LwDetrForObjectDetection", softmax=False, dense_attention=False,
-    fixed_queries=False, summed_loss=False, layers=_group_detr_layers, loss_weights=group_detr_loss_weights,
-    group_queries=True, note="Group DETR groups in training: group 0 kept", **_MASKED))
+    summed_loss=False, layers=_group_detr_layers, loss_weights=group_detr_loss_weights,
+    group_queries=True, dynamic_queries=_group_dynamic, note="Group DETR groups in training: group 0 kept", **_MASKED))
 register_family(Family(
     key="rf_detr", model_type="rf_detr", hf_class="RfDetrForObjectDetection", softmax=False, dense_attention=False,
-    fixed_queries=False, summed_loss=False, layers=_group_detr_layers, loss_weights=group_detr_loss_weights,
-    group_queries=True, note="as LW-DETR", **_MASKED))
+    summed_loss=False, layers=_group_detr_layers, loss_weights=group_detr_loss_weights,
+    group_queries=True, dynamic_queries=_group_dynamic, note="as LW-DETR", **_MASKED))

@@ -9,7 +9,11 @@ from pathlib import Path
 from .config import HF_PREFIX, HFModelConfig
 from .families import FAMILIES, family_of_model_type
 
-__all__ = ["hf_config", "is_hf_name", "list_hf_models", "tiny_name"]
+__all__ = ["check_safetensors_header", "hf_config", "is_hf_name", "list_hf_models", "read_config_json", "tiny_name",
+           "weight_files"]
+
+# safetensors' own limit on a header (100 MB); a larger length field is a corrupt or hostile file
+MAX_HEADER_BYTES = 100_000_000
 
 # Square input of the tiny fixed-size models: the quickstart's 128-px images.
 TINY_INPUT_SIZE = 128
@@ -46,23 +50,80 @@ def list_hf_models() -> dict[str, str]:
     return out
 
 
+def read_config_json(cfg_file: Path, name: str = "") -> dict:
+    """``config.json`` as a dict; ``FileNotFoundError`` / ``ValueError`` naming the file otherwise."""
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{name or cfg_file.parent}: {cfg_file} does not exist (expected a transformers "
+                                "save_pretrained folder: config.json and model.safetensors)")
+    try:
+        data = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{cfg_file}: not a JSON object (its top level is a {type(data).__name__}); a transformers "
+                         "config.json is an object of config fields")
+    return data
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The folder's weight files: ``*.safetensors`` and ``*.bin``, in name order."""
+    return sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin")])
+
+
+def check_safetensors_header(path: Path) -> None:
+    """Refuse a ``.safetensors`` file whose header cannot be read or whose tensors do not fit in the file
+    (truncated), in one line naming it; other files pass. Reads only the header."""
+    if path.suffix != ".safetensors":
+        return
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)")
+        n = int.from_bytes(head, "little")
+        if n > MAX_HEADER_BYTES or n > size - 8:
+            raise ValueError(f"{path}: corrupt safetensors header (it says {n} header bytes, the file has "
+                             f"{size}{'' if n <= MAX_HEADER_BYTES else '; over the 100 MB limit'})")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type; one line naming the file
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "not fully covered" in msg or "incomplete" in msg:
+            msg = "the file is shorter than its header says: truncated (an interrupted copy or download?)"
+        raise ValueError(f"{path}: not a readable safetensors file: {msg}") from None
+
+
 def hf_config(name: str) -> HFModelConfig:
-    """The :class:`HFModelConfig` of ``hf:DIR`` (its ``config.json``; weights from the folder) or of a tiny name."""
+    """The :class:`HFModelConfig` of ``hf:DIR`` (its ``config.json``; weights from the folder) or of a tiny name.
+
+    A folder is checked before anything is built, each problem in one line naming the file: ``config.json``
+    (a JSON object with a supported ``model_type``, integer ``id2label`` keys, at least one query, eager/sdpa
+    attention) and the header of every ``.safetensors`` weight file (a truncated file or a bad header)."""
     if name.startswith(HF_PREFIX):
         folder = Path(name[len(HF_PREFIX):]).expanduser()
         cfg_file = folder / "config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"{name}: {cfg_file} does not exist (expected a transformers save_pretrained "
-                                    "folder: config.json and model.safetensors)")
+        data = read_config_json(cfg_file, name)
+        model_type = data.get("model_type")
+        if not isinstance(model_type, str):
+            raise ValueError(f"{cfg_file}: no model_type (a transformers save_pretrained config.json names its "
+                             "architecture in model_type)")
         try:
-            data = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_file}: not valid JSON ({e})") from e
-        family = family_of_model_type(str(data.get("model_type")))
-        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            family = family_of_model_type(model_type)
+        except ValueError as e:
+            raise ValueError(f"{cfg_file}: {e}") from None
+        weights = weight_files(folder)
+        if not weights:
             raise FileNotFoundError(f"{name}: no weights (model.safetensors) in {folder}")
-        return HFModelConfig(name=f"{HF_PREFIX}{folder}", family=family.key, hf_config=data, source=str(folder),
-                             description=f"transformers {family.hf_class} from {folder}").validate()
+        for f in weights:
+            check_safetensors_header(f)
+        try:
+            return HFModelConfig(name=f"{HF_PREFIX}{folder}", family=family.key, hf_config=data, source=str(folder),
+                                 description=f"transformers {family.hf_class} from {folder}").validate()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{cfg_file}: {e}") from None
     families = _tiny_families()
     if name not in families:
         raise ValueError(f"unknown transformers model {name!r}; available: hf:DIR or {sorted(families)}")
