@@ -18,6 +18,7 @@ import io
 import logging
 import math
 import os
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -38,6 +39,7 @@ __all__ = [
     "evaluate",
     "evaluate_model",
     "evaluate_results",
+    "eval_ground_truth",
     "eval_loader",
     "format_per_class_table",
     "to_coco_results",
@@ -154,6 +156,47 @@ def _empty_detections(coco_gt: COCO) -> COCO:
     return dt
 
 
+# Ground truths renumbered for COCOeval, by the caller's COCO object: renumbered (and logged) once per object,
+# not at every evaluation of a training run.
+_RENUMBERED: "weakref.WeakKeyDictionary[COCO, COCO]" = weakref.WeakKeyDictionary()
+
+
+def _positive_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 1
+
+
+def eval_ground_truth(coco_gt: COCO) -> COCO:
+    """The ground truth COCOeval scores against: ``coco_gt`` itself, or, when an annotation id is not a
+    positive integer (many converters number from 0), a copy whose annotation ids are 1..N in file order.
+
+    Why: ``COCOeval.evaluateImg`` records a match as the matched ground truth's id in ``dtm`` and
+    ``accumulate`` counts a detection as a true positive where ``dtm`` is non-zero, so the ground truth with
+    id 0 can never be matched: AP and AR drop with no error. Image and category id 0 are fine. ``coco_gt``
+    and the user's file are left untouched; one warning names the file (``kd_detr_ann_file``, set by
+    :class:`~kd_detr.data.CocoDetection`) the first time a given ``coco_gt`` is renumbered.
+    """
+    cached = _RENUMBERED.get(coco_gt)
+    if cached is not None:
+        return cached
+    anns = coco_gt.dataset.get("annotations", [])
+    bad = [a.get("id") for a in anns if not _positive_int(a.get("id"))]
+    if not bad:
+        return coco_gt
+    data = dict(coco_gt.dataset)
+    data["annotations"] = [{**a, "id": i} for i, a in enumerate(anns, start=1)]
+    renumbered = COCO()
+    renumbered.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        renumbered.createIndex()
+    _RENUMBERED[coco_gt] = renumbered
+    where = getattr(coco_gt, "kd_detr_ann_file", None) or "the ground truth"
+    logger.warning("COCO evaluation: %d annotation id(s) of %s are not positive integers (first: %r), and "
+                   "pycocotools never matches a ground truth with id 0 (AP and AR would drop): scoring with the "
+                   "annotation ids renumbered 1..%d in file order (the file is unchanged)",
+                   len(bad), where, bad[0], len(anns))
+    return renumbered
+
+
 def _per_class_ap(coco_eval: COCOeval, coco_gt: COCO) -> list[dict[str, Any]]:
     # precision: [T iou thresholds, R recall points, K categories, A area ranges, M maxDets];
     # area "all" is index 0 and maxDets 100 the last index (detectron2 / mmdet convention).
@@ -179,6 +222,9 @@ def evaluate_results(
         image_ids: images to evaluate (default: every image of ``coco_gt``). Restrict it to the
             images that were actually run, as the official evaluator does, when evaluating a subset.
 
+    Annotation ids that are not positive integers (e.g. numbered from 0) are renumbered for the
+    evaluation: see :func:`eval_ground_truth`.
+
     Returns:
         :class:`EvalResult`. With no detections, pycocotools is run on an empty detection set
         (AP/AR are 0, or -1 where there is no ground truth) and ``note`` says so.
@@ -186,6 +232,7 @@ def evaluate_results(
     Raises:
         ValueError: no image to evaluate, or a result refers to an image absent from ``coco_gt``.
     """
+    coco_gt = eval_ground_truth(coco_gt)
     gt_ids = set(coco_gt.getImgIds())
     ids = sorted(gt_ids) if image_ids is None else sorted({int(i) for i in image_ids})
     if not ids:

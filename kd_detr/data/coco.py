@@ -307,14 +307,17 @@ def load_coco_json(ann_file: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def _make_coco(data: dict[str, Any]):
-    """pycocotools ``COCO`` from an already-parsed dict, without its "creating index..." prints."""
+def _make_coco(data: dict[str, Any], ann_file: str | os.PathLike | None = None):
+    """pycocotools ``COCO`` from an already-parsed dict, without its "creating index..." prints; with
+    ``ann_file``, its path as ``coco.kd_detr_ann_file`` (evaluation names the file in what it logs)."""
     from pycocotools.coco import COCO
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
         coco.dataset = data
         coco.createIndex()
+    if ann_file is not None:
+        coco.kd_detr_ann_file = str(ann_file)
     return coco
 
 
@@ -463,7 +466,7 @@ class CocoDetection(torch.utils.data.Dataset):
         if not isinstance(label_map, LabelMap):
             raise TypeError(f"label_map must be a LabelMap, 'contiguous' or 'raw_ids', got {label_map!r}")
         self.label_map: LabelMap = label_map
-        self.coco = _make_coco(data)
+        self.coco = _make_coco(data, self.ann_file)
         self.report = DatasetReport(
             ann_file=str(self.ann_file), num_images=len(data["images"]), num_annotations=len(data["annotations"])
         )
