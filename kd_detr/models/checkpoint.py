@@ -9,8 +9,15 @@ Official names
 Our model files (``.safetensors``)
     Tensors under our own state-dict names plus string metadata: ``format``, ``format_version``,
     ``model_name``, ``config`` (JSON of :class:`ModelConfig`), ``num_classes``, ``label_map`` (JSON),
-    ``extra_metadata`` (JSON) and ``kd_detr_version``. Written atomically (temporary file in the same
-    directory, then ``os.replace``).
+    ``extra_metadata`` (JSON), ``tied`` (JSON) and ``kd_detr_version``. Written atomically (temporary file
+    in the same directory, then ``os.replace``).
+
+    Tied weights (format 2): several state-dict names of one tensor (transformers families tie their
+    prediction heads to the decoder's: D-FINE, DEIMv2, RT-DETRv2, DAB-DETR, Deformable DETR) are stored
+    once, under the first name in state-dict order; ``tied`` maps each other name to it. Loading fills the
+    other names from it, and the freshly built model keeps its own ties (``load_state_dict`` copies into
+    its parameters), so the loaded model has the same shared parameters as a built one. A file with no tied
+    names is written as format 1 (older kd-detr reads it); format 1 files are read as before.
 """
 
 from __future__ import annotations
@@ -47,11 +54,14 @@ __all__ = [
     "model_from_official",
     "save_model",
     "load_model",
+    "tied_names",
     "convert_official",
 ]
 
 FORMAT_NAME = "kd_detr.conditional_detr"
-FORMAT_VERSION = 1
+# 2: tied tensors stored once, the other names in the ``tied`` metadata; 1: every name stored (no ties;
+# still written for models without tied tensors)
+FORMAT_VERSION = 2
 # (official prefix, our prefix)
 OFFICIAL_PREFIX_RENAMES: tuple[tuple[str, str], ...] = (("backbone.0.body.", "backbone.body."),)
 
@@ -232,9 +242,51 @@ def save_model(model: ConditionalDETR, path: str | os.PathLike, label_map: Any =
         "extra_metadata": json.dumps(dict(extra_metadata or {}), sort_keys=True),
         "kd_detr_version": __version__,
     }
-    tensors = {k: v.detach().to("cpu", dtype=dtype if (dtype is not None and v.is_floating_point()) else None)
-               .contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    tied = tied_names(state)
+    metadata["tied"] = json.dumps(tied, sort_keys=True)
+    # a file without ties stays format 1, which kd-detr versions before ties read
+    metadata["format_version"] = str(FORMAT_VERSION if tied else 1)
+    tensors = {}
+    for k, v in state.items():
+        if k in tied:
+            continue
+        v = v.detach().to("cpu", dtype=dtype if (dtype is not None and v.is_floating_point()) else None)
+        # a view into a larger storage (or one another name shares in part) is stored as its own copy:
+        # safetensors refuses tensors that share memory
+        tensors[k] = v.clone() if _is_partial_view(v) else v.contiguous()
     _atomic_write(path, lambda tmp: st.save_file(tensors, tmp, metadata=metadata))
+
+
+def _storage_key(t: Tensor) -> Optional[tuple]:
+    """What identifies ``t``'s memory (``None`` for an empty tensor: no memory to share)."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return None
+    storage = t.untyped_storage()
+    if storage.nbytes() == 0:
+        return None
+    return (t.device, storage.data_ptr())
+
+
+def _is_partial_view(t: Tensor) -> bool:
+    return t.numel() > 0 and t.untyped_storage().nbytes() != t.numel() * t.element_size()
+
+
+def tied_names(state: Mapping[str, Tensor]) -> dict[str, str]:
+    """``{name: first name}`` for each state-dict entry that is the same tensor as an earlier one (same
+    memory, offset, shape, strides and dtype); the first name in ``state``'s order is the one stored."""
+    first: dict[tuple, str] = {}
+    tied: dict[str, str] = {}
+    for name, t in state.items():
+        key = _storage_key(t)
+        if key is None:
+            continue
+        view = (*key, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if view in first:
+            tied[name] = first[view]
+        else:
+            first[view] = name
+    return tied
 
 
 def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -264,9 +316,17 @@ def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
             "label_map": json.loads(raw.get("label_map", "null")),
             "extra_metadata": json.loads(raw.get("extra_metadata", "{}")),
             "kd_detr_version": raw.get("kd_detr_version"),
+            "tied": _tied_metadata(raw.get("tied", "{}")),
         }
     except (KeyError, ValueError) as exc:
         raise ValueError(f"{path}: corrupt kd-detr metadata ({type(exc).__name__}: {exc})") from exc
+
+
+def _tied_metadata(text: str) -> dict[str, str]:
+    tied = json.loads(text)
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+        raise ValueError("'tied' is not a JSON object of names")
+    return tied
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
@@ -274,7 +334,8 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     """Rebuild a model saved by :func:`save_model` and load its tensors strictly.
 
     Returns ``(model, metadata)``; ``metadata`` has ``model_name``, ``config`` (dict),
-    ``num_classes``, ``label_map`` (dict or None), ``extra_metadata``, ``format_version``.
+    ``num_classes``, ``label_map`` (dict or None), ``extra_metadata``, ``format_version``, ``tied``
+    (``{name: stored name}``). Tied parameters of the built model stay tied (the same tensor).
     """
     path = os.fspath(path)
     meta = read_model_metadata(path)
@@ -289,6 +350,11 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     else:
         model = ConditionalDETR(config)
     tensors = st.load_file(path, device="cpu")
+    for alias, name in meta["tied"].items():
+        if alias in tensors or name not in tensors:
+            raise ValueError(f"{path}: corrupt 'tied' metadata: {alias!r} -> {name!r} "
+                             f"({'both are stored' if alias in tensors else f'{name!r} is not stored'})")
+        tensors[alias] = tensors[name]
     own = model.state_dict()
     missing = [k for k in own if k not in tensors]
     unexpected = [k for k in tensors if k not in own]
@@ -297,6 +363,13 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     if missing or unexpected or mismatched:
         raise ValueError(f"{path} does not match its own config: missing {_fmt_list(missing)}, "
                          f"unexpected {_fmt_list(unexpected)}, shape mismatches {_fmt_list(mismatched)}")
+    # names the model ties take one value; different values in the file would leave only the last one
+    differ = [f"{alias} / {name}" for alias, name in tied_names(own).items()
+              if not torch.equal(tensors[alias], tensors[name])]
+    if differ:
+        raise ValueError(f"{path} holds different values for names the model ties to one parameter "
+                         f"({_fmt_list(differ, 5)}; {len(differ)} pairs): loading would keep only one of each; "
+                         "was it written by another transformers version?")
     model.load_state_dict(tensors, strict=True)
     return model.to(map_location), meta
 

@@ -29,10 +29,15 @@ from .conditional_detr import ConditionalDETR
 from .config import BACKBONES, ModelConfig
 from .hf_import import ENC, hf_key_to_official
 
-__all__ = ["HF_TOLERANCE", "check_hf_exportable", "export_hf", "hf_config", "hf_state_dict", "id2label"]
+__all__ = ["ExportMismatch", "HF_TOLERANCE", "check_hf_exportable", "export_hf", "hf_config", "hf_state_dict", "id2label"]
 
 # max |kd-detr - transformers| of logits / boxes, relative to max(1, |reference|)
 HF_TOLERANCE = 1e-5
+
+
+class ExportMismatch(ValueError):
+    """An exported file that does not reload cleanly or does not reproduce the model's outputs (one line,
+    naming the file); nothing is put in place."""
 
 
 def check_hf_exportable(config: ModelConfig) -> None:
@@ -135,7 +140,7 @@ def _check_inputs() -> tuple[Tensor, Tensor]:
 
 def compare_with_hf(model: ConditionalDETR, hf_model, tol: float = HF_TOLERANCE) -> float:
     """Max relative difference of ``pred_logits`` / ``pred_boxes`` vs HF ``logits`` / ``pred_boxes`` on a padded
-    batch (HF ``pixel_mask`` 1 = valid); raises ``RuntimeError`` above ``tol``."""
+    batch (HF ``pixel_mask`` 1 = valid); raises :class:`ExportMismatch` above ``tol``."""
     images, mask = _check_inputs()
     device = next(model.parameters()).device
     hf_device = next(hf_model.parameters()).device
@@ -152,11 +157,11 @@ def compare_with_hf(model: ConditionalDETR, hf_model, tol: float = HF_TOLERANCE)
     for name, a, b in (("logits", ours["pred_logits"].cpu(), ref.logits.cpu()),
                        ("pred_boxes", ours["pred_boxes"].cpu(), ref.pred_boxes.cpu())):
         if a.shape != b.shape:
-            raise RuntimeError(f"transformers {name} has shape {tuple(b.shape)}, kd-detr {tuple(a.shape)}")
+            raise ExportMismatch(f"transformers {name} has shape {tuple(b.shape)}, kd-detr {tuple(a.shape)}")
         diff = float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
         worst = max(worst, diff)
         if not diff <= tol:
-            raise RuntimeError(f"transformers {name} differ from kd-detr's by {diff:.3g} (tolerance {tol:g})")
+            raise ExportMismatch(f"transformers {name} differ from kd-detr's by {diff:.3g} (tolerance {tol:g})")
     return worst
 
 
@@ -204,8 +209,9 @@ def write_checked_folder(hf, out_dir: Path, loader, check=None) -> Path:
             reloaded, info = loader.from_pretrained(tmp, output_loading_info=True)
             bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
             if bad:
-                raise RuntimeError(f"{out_dir}: transformers does not load the export cleanly: {bad}")
+                raise ExportMismatch(f"{out_dir}: transformers does not load the export cleanly: {bad}")
             check(reloaded.eval())
+        _honour_umask(tmp)
         _replace_dir(tmp, out_dir)
     finally:
         if bars:
@@ -213,6 +219,27 @@ def write_checked_folder(hf, out_dir: Path, loader, check=None) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _umask() -> int:
+    """The process's umask (read without changing it where /proc tells it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _honour_umask(folder: Path) -> None:
+    """Give the files in ``folder`` the mode a plain ``open`` would (safetensors writes 0600)."""
+    mode = 0o666 & ~_umask()
+    for p in folder.iterdir():
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, mode)
 
 
 def _is_replaceable(path: Path) -> bool:

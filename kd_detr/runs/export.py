@@ -25,7 +25,7 @@ import torch
 from kd_detr.models import ConditionalDETR, build_model, load_model, load_official_state_dict, save_model
 from kd_detr.models.checkpoint import read_official_checkpoint, save_official_checkpoint
 
-__all__ = ["DEFAULT_FORMATS", "FORMATS", "export", "export_student", "find_student_weights", "output_paths",
+__all__ = ["DEFAULT_FORMATS", "FORMATS", "check_out_prefix", "export", "export_student", "find_student_weights", "output_paths",
            "parse_formats"]
 
 FORMATS = ("safetensors", "official", "hf", "onnx")
@@ -74,6 +74,7 @@ def export(source: str | Path, out_prefix: str | Path, formats: Iterable[str] | 
     Returns ``{format: path}`` (see :func:`output_paths`). Each writer checks its own file and raises on
     a mismatch; a format the model cannot be expressed in is refused before anything is written."""
     formats = parse_formats(formats)
+    check_out_prefix(out_prefix)
     weights = find_student_weights(source)
     model, meta = load_model(weights)
     model.eval()
@@ -98,15 +99,55 @@ def export(source: str | Path, out_prefix: str | Path, formats: Iterable[str] | 
         if family is None:
             check_hf_exportable(model.config)
     if "onnx" in formats:
-        from kd_detr.runs.onnx_export import require_onnx_runtime
+        from kd_detr.runs.onnx_export import check_onnx_exportable, require_onnx_runtime
 
+        check_onnx_exportable(model.config)
         require_onnx_runtime()
     paths = output_paths(out_prefix, formats)
+    existed = {f for f, p in paths.items() if p.exists()}
+    try:
+        _write(model, meta, weights, paths)
+    except BaseException:
+        # no half export: the outputs this call created are removed (one it replaced keeps its new content)
+        import shutil
+
+        for f, p in paths.items():
+            if f in existed or not p.exists():
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        raise
+    return paths
+
+
+def check_out_prefix(out_prefix: str | Path) -> None:
+    """Refuse an ``--out`` that cannot name files (empty, ``.``/``..``, or under a path that is a file), with one
+    line naming it, before anything is loaded or written."""
+    text = str(out_prefix)
+    if not text.strip():
+        raise ValueError("--out is empty: give an output prefix, e.g. --out exports/student")
+    p = Path(text)
+    if p.name in ("", ".", "..") or text.endswith(("/", "\\")):
+        raise ValueError(f"--out {text!r} names a folder, not an output prefix: add a file name, e.g. "
+                         f"{p / 'student'}")
+    parent = p.parent
+    for folder in (parent, *parent.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(f"--out {text}: {folder} is a file, not a folder; pick another --out")
+            break
+
+
+def _write(model, meta: dict, weights: Path, paths: dict[str, Path]) -> None:
     for p in paths.values():
         p.parent.mkdir(parents=True, exist_ok=True)
     label_map = meta.get("label_map")
     extra = dict(meta.get("extra_metadata") or {})
     extra["exported_from"] = str(weights)
+    family = getattr(model.config, "family", None)
+    image_size = extra.get("image_size")
     if "safetensors" in paths:
         save_model(model, paths["safetensors"], label_map=label_map, extra_metadata=extra)
     if "official" in paths:
@@ -114,7 +155,8 @@ def export(source: str | Path, out_prefix: str | Path, formats: Iterable[str] | 
     if "hf" in paths and family is not None:
         from kd_detr.models.hf.export import export_hf_family
 
-        export_hf_family(model, paths["hf"], label_map=label_map, extra={"exported_from": str(weights)})
+        export_hf_family(model, paths["hf"], label_map=label_map, extra={"exported_from": str(weights)},
+                         check_size=int(image_size or 128))
     elif "hf" in paths:
         from kd_detr.models.hf_export import export_hf
 
@@ -126,7 +168,6 @@ def export(source: str | Path, out_prefix: str | Path, formats: Iterable[str] | 
         if label_map:
             metadata["kd_detr_label_map"] = json.dumps(label_map, sort_keys=True)
         export_onnx(model, paths["onnx"], metadata=metadata)
-    return paths
 
 
 def export_student(source: str | Path, out_prefix: str | Path) -> tuple[Path, Path]:
@@ -151,7 +192,9 @@ def _write_official(model, pth_path: Path) -> None:
     with torch.no_grad():
         a, b = model(x), plain(x)
     if not (torch.equal(a["pred_logits"], b["pred_logits"]) and torch.equal(a["pred_boxes"], b["pred_boxes"])):
-        raise RuntimeError(f"{pth_path}: the re-loaded student does not reproduce the exported weights' outputs")
+        from kd_detr.models.hf_export import ExportMismatch
+
+        raise ExportMismatch(f"{pth_path}: the re-loaded student does not reproduce the exported weights' outputs")
 
 
 def _overrides_from(config) -> dict:

@@ -11,6 +11,10 @@ students that follow the same contract). The ONNX graph has
   (normalised cxcywh), nothing else (no auxiliary layers);
 * dynamic ``batch``, ``height`` and ``width`` axes (checked: the export is also compared at a second size).
 
+Transformers families: DETR, Conditional DETR, DAB-DETR, RT-DETR and RT-DETRv2 export; the others are refused before anything is
+written, by name and with the reason (:func:`check_onnx_exportable`, :data:`ONNX_REFUSED`): their graphs do not
+reproduce PyTorch in onnxruntime. A family kd-detr does not know yet is refused until it is checked.
+
 It is traced with the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``, which needs
 only the ``onnx`` package; the dynamo exporter would also need ``onnxscript``), opset 17. The export is
 written to a temporary file beside the target and renamed onto it only after onnxruntime reproduces
@@ -28,12 +32,47 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ONNX_OPSET", "ONNX_TOLERANCE", "check_onnx", "export_onnx", "require_onnx_runtime"]
+from kd_detr.models.hf_export import ExportMismatch
+
+__all__ = ["ONNX_FAMILIES", "ONNX_OPSET", "ONNX_REFUSED", "ONNX_TOPK_FAMILIES", "ExportMismatch", "ONNX_TOLERANCE", "check_onnx", "check_onnx_exportable",
+           "export_onnx", "require_onnx_runtime"]
 
 ONNX_OPSET = 17
 ONNX_TOLERANCE = 1e-4
 INPUT_NAMES = ("images", "mask")
 OUTPUT_NAMES = ("pred_logits", "pred_boxes")
+
+
+# transformers families whose traced graph onnxruntime runs with the PyTorch outputs (checked at two sizes)
+ONNX_FAMILIES = frozenset({"detr", "conditional_detr", "dab_detr", "rt_detr", "rt_detr_v2"})
+# of these, the ones whose encoder picks the decoder's queries by top-k over encoder tokens: masked anchors share
+# one score, and onnxruntime orders such ties differently from PyTorch, so a model whose top-k reaches them
+# (an untrained one) fails the check; a trained model's scores do not tie
+ONNX_TOPK_FAMILIES = frozenset({"rt_detr", "rt_detr_v2"})
+# why the others are refused (found by exporting the tiny models and comparing in onnxruntime)
+ONNX_REFUSED: dict[str, str] = {
+    "deformable_detr": "its multi-scale deformable attention is traced with the feature-map sizes as constants, so "
+                       "the graph is wrong at any other image size (and a fixed-size graph needs a GridSample "
+                       "onnxruntime lacks)",
+    "d_fine": "onnxruntime's outputs differ from PyTorch's by up to 1e-3 of the logits' scale (its box "
+              "distribution refinement), beyond the 1e-4 check",
+    "deimv2": "onnxruntime's outputs differ from PyTorch's by up to 2e-3 of the logits' scale (D-FINE's box "
+              "distribution refinement), beyond the 1e-4 check",
+    "lw_detr": "its ViT backbone is traced with the patch grid as constants (the graph holds only at the traced "
+               "image size)",
+    "rf_detr": "its backbone resizes with antialiased bicubic interpolation, which ONNX opset 17 has no operator for",
+}
+
+
+def check_onnx_exportable(config) -> None:
+    """Raise ``ValueError`` (one line, naming the family and why) if the model of ``config`` (a kd-detr
+    ``ModelConfig`` or an ``HFModelConfig``) has no faithful ONNX export."""
+    family = getattr(config, "family", None)
+    if family is None or family in ONNX_FAMILIES:
+        return
+    why = ONNX_REFUSED.get(family, "kd-detr has not checked this family's ONNX graph against PyTorch")
+    raise ValueError(f"cannot export {config.name} to ONNX: transformers family {family!r}: {why}; "
+                     f"ONNX export supports kd-detr's Conditional DETR and the families {sorted(ONNX_FAMILIES)}")
 
 
 class _Predictions(nn.Module):
@@ -81,8 +120,8 @@ def check_onnx(path: str | os.PathLike, model: nn.Module, inputs: list[tuple[Ten
                atol: float = ONNX_TOLERANCE) -> float:
     """Run ``path`` with onnxruntime (CPU) on each ``(images, mask)`` and compare with ``model`` in eval mode.
 
-    Returns the largest max-abs difference over both outputs and all inputs; raises ``RuntimeError`` if
-    it exceeds ``atol`` or a shape differs."""
+    Returns the largest max-abs difference over both outputs and all inputs; raises :class:`ExportMismatch`
+    (a ``ValueError``) if it exceeds ``atol`` or a shape differs."""
     ort = require_onnx_runtime()
     session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
     graph_inputs = {i.name for i in session.get_inputs()}  # no "mask" when the model ignores it
@@ -99,16 +138,20 @@ def check_onnx(path: str | os.PathLike, model: nn.Module, inputs: list[tuple[Ten
             for name, a, b in zip(OUTPUT_NAMES, ref, got):
                 b = torch.from_numpy(b)
                 if tuple(a.shape) != tuple(b.shape):
-                    raise RuntimeError(f"{path}: onnxruntime {name} has shape {tuple(b.shape)}, PyTorch "
+                    raise ExportMismatch(f"{path}: onnxruntime {name} has shape {tuple(b.shape)}, PyTorch "
                                        f"{tuple(a.shape)} (input {tuple(images.shape)})")
                 diff = float((a.detach().float().cpu() - b.float()).abs().max())
                 worst = max(worst, diff)
                 if not diff <= atol:
                     hint = ""
-                    if tuple(images.shape) != tuple(inputs[0][0].shape):
+                    family = getattr(getattr(model, "config", None), "family", None)
+                    if family in ONNX_TOPK_FAMILIES:
+                        hint = ("; its top-k query selection meets tied encoder scores (an untrained model's "
+                                "masked anchors), which onnxruntime orders differently: export a trained model")
+                    elif tuple(images.shape) != tuple(inputs[0][0].shape):
                         hint = ("; the traced graph does not generalise to other sizes (shapes traced as "
                                 "constants): export with dynamic=False and the size you will run")
-                    raise RuntimeError(f"{path}: onnxruntime {name} differs from PyTorch by {diff:.3g} "
+                    raise ExportMismatch(f"{path}: onnxruntime {name} differs from PyTorch by {diff:.3g} "
                                        f"(tolerance {atol:g}, input {tuple(images.shape)}){hint}")
     finally:
         model.train(was_training)
@@ -127,6 +170,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, height: int = 64, 
     onnxruntime before the file is renamed into place. The model's training mode is restored afterwards."""
     if opset < 17:
         raise ValueError(f"opset {opset}: kd-detr exports use opset >= 17")
+    if getattr(model, "config", None) is not None:
+        check_onnx_exportable(model.config)
     require_onnx_runtime()
     import onnx
 
@@ -159,7 +204,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, height: int = 64, 
             inputs = [example]
             if dynamic:
                 inputs.append(_example(batch + 1, height + 32, width + 16, device, seed=1))
-            check_onnx(tmp, model, inputs, atol=atol)
+            try:
+                check_onnx(tmp, model, inputs, atol=atol)
+            except ExportMismatch as e:  # name the file asked for, not the temporary one
+                raise ExportMismatch(str(e).replace(os.fspath(tmp), os.fspath(path))) from None
         os.replace(tmp, path)
     finally:
         model.train(was_training)

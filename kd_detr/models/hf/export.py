@@ -16,13 +16,14 @@ __all__ = ["export_hf_family"]
 
 
 def export_hf_family(model: HFDetector, out_dir: str | Path, label_map: Optional[Mapping[str, Any]] = None,
-                     extra: Optional[Mapping[str, Any]] = None, tol: float = 1e-5) -> Path:
+                     extra: Optional[Mapping[str, Any]] = None, tol: float = 1e-5, check_size: int = 128) -> Path:
     """Write ``out_dir`` (config.json + model.safetensors) for ``model``'s transformers model.
 
     ``id2label`` comes from ``label_map`` (a ``LabelMap.to_dict()``: the data's category names). Built in a
     temporary folder beside ``out_dir``, reloaded there with ``AutoModelForObjectDetection`` (no missing,
-    unexpected or mismatched keys) and compared with ``model`` on a padded batch (``tol``), then renamed
-    onto ``out_dir`` (only an earlier export or an empty folder is replaced)."""
+    unexpected or mismatched keys) and compared with ``model`` on a padded batch of two ``check_size`` square
+    images (``tol``; the training image size: two-stage families need as many encoder tokens as queries), then
+    renamed onto ``out_dir`` (only an earlier export or an empty folder is replaced)."""
     from transformers import AutoModelForObjectDetection
 
     from kd_detr.models.hf_export import id2label, write_checked_folder
@@ -42,16 +43,18 @@ def export_hf_family(model: HFDetector, out_dir: str | Path, label_map: Optional
     if extra:
         hf.config.kd_detr_export = dict(extra)
     return write_checked_folder(hf, out_dir, AutoModelForObjectDetection,
-                                lambda reloaded: _compare(model, reloaded, tol, out_dir))
+                                lambda reloaded: _compare(model, reloaded, tol, out_dir, check_size))
 
 
 @torch.no_grad()
-def _compare(model: HFDetector, reloaded: Any, tol: float, where: Path) -> None:
+def _compare(model: HFDetector, reloaded: Any, tol: float, where: Path, size: int) -> None:
+    from kd_detr.models.hf_export import ExportMismatch
+
     model = model.eval()
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(2, 3, 64, 64, generator=g)
-    mask = torch.zeros(2, 64, 64, dtype=torch.bool)
-    mask[1, :, 48:] = True
+    images = torch.randn(2, 3, size, size, generator=g)
+    mask = torch.zeros(2, size, size, dtype=torch.bool)
+    mask[1, :, size * 3 // 4:] = True
     device = next(model.parameters()).device
     pixel_values, pixel_mask = model.pixels(images.to(device), mask.to(device))
     ref = model.hf(pixel_values=pixel_values, pixel_mask=pixel_mask)
@@ -59,4 +62,4 @@ def _compare(model: HFDetector, reloaded: Any, tol: float, where: Path) -> None:
     for key in ("logits", "pred_boxes"):
         diff = (getattr(got, key) - getattr(ref, key).cpu()).abs().max().item()
         if diff > tol:
-            raise RuntimeError(f"{where}: the reloaded export's {key} differ from the student's by {diff:.2e}")
+            raise ExportMismatch(f"{where}: the reloaded export's {key} differ from the student's by {diff:.2e}")
