@@ -25,6 +25,8 @@ import json
 import logging
 import os
 import random
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,6 +192,14 @@ def _reason(exc: BaseException, path: Path) -> str:
     return f"{type(inner).__name__}: {_first_line(inner).replace(str(path), 'the file')}"
 
 
+def _torch_reason(exc: BaseException, path: Path) -> str:
+    """:func:`_reason` without torch's advice to retry with ``weights_only=False`` (which would run the file)."""
+    reason = _reason(exc, path)
+    if "weights_only" in reason or "weights only" in reason.lower():
+        return f"{type(exc).__name__}: torch's weights-only loader could not read it"
+    return reason
+
+
 def load_training_state(point: ResumePoint | str | os.PathLike) -> dict[str, Any]:
     """Read a ``.state.pth`` with ``torch.load(weights_only=True)``: tensors and plain values only.
 
@@ -197,8 +207,19 @@ def load_training_state(point: ResumePoint | str | os.PathLike) -> dict[str, Any
     of an unknown format, :class:`CheckpointUnreadable` for a truncated / corrupt one."""
     path = Path(point.state if isinstance(point, ResumePoint) else point)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a pickle protocol it does not expect: classified below
+            warnings.filterwarnings("ignore", message=".*pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - classified and re-raised with the file name
+        if not zipfile.is_zipfile(path) and _starts_like_pickle(path):
+            # kd-detr writes torch's zip format only: a plain pickle or a legacy-format torch file is not one of
+            # its training states (torch's own message would suggest weights_only=False, i.e. running it)
+            found = _pickle_globals(path)
+            holds = f" holding Python objects ({', '.join(found[:5])})" if found else ""
+            raise CheckpointRefused(
+                f"{path} is a plain pickle or legacy-format torch file{holds}, not a training state kd-detr writes "
+                f"(torch's zip format): refused, nothing of it was run; use a checkpoint kd-detr wrote (this one "
+                f"may have been tampered with)") from None
         unsafe = _unsafe_globals(path)
         if unsafe and all(name.split(".")[0] == "numpy" for name in unsafe):
             raise CheckpointRefused(
@@ -210,7 +231,7 @@ def load_training_state(point: ResumePoint | str | os.PathLike) -> dict[str, Any
                 f"{path} holds Python objects a kd-detr training state never contains "
                 f"({', '.join(unsafe[:5])}): refused, nothing of it was run; use a checkpoint kd-detr wrote "
                 f"(this one may have been tampered with)") from None
-        raise CheckpointUnreadable(f"{path} is unreadable, truncated or corrupt ({_reason(e, path)})") from None
+        raise CheckpointUnreadable(f"{path} is unreadable, truncated or corrupt ({_torch_reason(e, path)})") from None
     fmt = state.get("format") if isinstance(state, dict) else None
     if not isinstance(state, dict) or fmt is None:
         raise CheckpointUnreadable(f"{path} is not a kd-detr training state (no 'format' entry)")
@@ -224,6 +245,49 @@ def load_training_state(point: ResumePoint | str | os.PathLike) -> dict[str, Any
     if missing:
         raise CheckpointUnreadable(f"{path} is incomplete: no {', '.join(missing)}")
     return state
+
+
+def _starts_like_pickle(path: Path) -> bool:
+    """The file begins with a pickle protocol 2+ header (``\\x80`` and a protocol number)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _pickle_globals(path: Path, max_pickles: int = 6) -> list[str]:
+    """The ``module.name`` globals the pickles at the start of ``path`` would import (a legacy torch file is a few
+    pickles in a row, then raw storage bytes), found by reading the opcodes with :mod:`pickletools`, never by
+    unpickling. Best effort: stops at the first byte that is not a pickle."""
+    import pickletools
+
+    found: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for _ in range(max_pickles):
+                strings: list[str] = []  # the strings pushed so far (STACK_GLOBAL takes the last two)
+                memo: dict[int, str] = {}
+                for op, arg, _pos in pickletools.genops(f):
+                    name = op.name
+                    if name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING",
+                                "BINSTRING", "STRING"):
+                        strings.append(str(arg))
+                    elif name in ("MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT") and strings:
+                        memo[len(memo) if name == "MEMOIZE" else int(arg)] = strings[-1]
+                    elif name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:
+                        strings.append(memo[int(arg)])
+                    elif name == "GLOBAL":
+                        found.append(str(arg).replace(" ", "."))
+                    elif name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                if not f.peek(1):
+                    break
+    except Exception:  # noqa: BLE001 - raw bytes after the pickles, or a cut file: keep what was found
+        pass
+    safe = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.slice")
+    return sorted({g for g in found if not g.startswith(safe)})
 
 
 def _unsafe_globals(path: Path) -> list[str]:

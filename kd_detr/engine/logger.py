@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -41,8 +42,11 @@ class RunLogger:
         if not self._f:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._f.write(json.dumps(clean) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(clean) + "\n")
+            self._f.flush()
+        except OSError as e:
+            raise _append_error(self.path, e) from None
         if self._tb is not None and "iteration" in record:
             step = int(record["iteration"])
             for k, v in clean.items():
@@ -57,6 +61,19 @@ class RunLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _append_error(path: Path, exc: OSError) -> OSError:
+    """The one-line ``OSError`` (same errno) for a failed append to ``path``. A line cut by it is skipped when the
+    log is read back (a resumed run rewrites the lines after its checkpoint)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "no space left on device? free some space"
+    else:
+        why = f"{exc.strerror or exc}: check the disk and the output dir"
+    err = OSError(f"could not append to the training log {path}: {why}, then resume the run with --resume auto "
+                  "(the checkpoints written so far are kept)")
+    err.errno = exc.errno
+    return err
 
 
 def _last_iteration(path: Path) -> int | None:

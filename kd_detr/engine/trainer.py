@@ -186,6 +186,8 @@ class Trainer:
                 raise ValueError(f"teacher cache {self.teacher.cache} was built for another view plan (images, their "
                                  "sizes or the augmentation policy differ): rebuild it with kd-detr cache")
             source = reader if self.distils else None
+            if source is not None:
+                self._check_cache_covers(reader)
         else:
             self.plan = ViewPlan.for_dataset(self.train_set, self.views, self.view_seed)
         self.sampler = PlanViewSampler(self.sampler, self.plan, cfg.seed)
@@ -195,6 +197,26 @@ class Trainer:
                                        pin_memory=self.device.startswith("cuda"))
         log.info("view plan: %d views per image, one drawn per image and epoch%s", self.plan.num_views,
                  f", teacher outputs read from {self.teacher.cache}" if source is not None else "")
+
+    def _check_cache_covers(self, reader) -> None:
+        """Refuse at start a teacher cache that lacks an ``(image, view)`` this run will read (a cache still being
+        built, or a shard file removed): otherwise the run dies in a loader worker at the first missing view.
+        The views read are those the plan gives each image in epochs ``0 .. E-1`` (E: the run's epochs, from
+        ``--epochs`` or ``--max-iters``); from K epochs on, every view of the plan."""
+        cfg, plan = self.cfg, self.plan
+        per_epoch = max(1, self.sampler.batches_per_epoch())
+        epochs = cfg.epochs if cfg.max_iters is None else math.ceil(cfg.max_iters / per_epoch)
+        if epochs >= plan.num_views:
+            wanted = plan.all_views()
+        else:
+            wanted = sorted({(i, int(k)) for e in range(max(epochs, 1))
+                             for i, k in enumerate(plan.epoch_views(e, cfg.seed))}, key=lambda ik: (ik[1], ik[0]))
+        missing = reader.missing(wanted, on_disk=True)
+        if missing:
+            first = ", ".join(f"view {k} of image {i}" for i, k in missing[:3])
+            raise ValueError(f"teacher cache {self.teacher.cache} is incomplete: {len(missing)} of the {len(wanted)} "
+                             f"image views this run reads are missing ({first}{', ...' if len(missing) > 3 else ''}); "
+                             f"finish it: rerun `kd-detr cache` with the same options (--out {self.teacher.cache})")
 
     def _loader_generator(self) -> torch.Generator:
         # A DataLoader draws its workers' base seed from the global RNG unless it has its own

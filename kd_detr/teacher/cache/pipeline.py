@@ -8,9 +8,10 @@ tasks: decode + replay each view with the plan, :func:`~kd_detr.teacher.ray_acto
 
 So decoding overlaps the teacher, and the teacher actors never wait for a JPEG; the numbers are the actor
 pool's (same replay, same entry function, same thread count). The driver writes every shard whole, so the
-build stays resumable and a killed driver loses nothing written. Teacher actors get
-:data:`~kd_detr.teacher.ray_actor.ACTOR_OPTIONS` (restarts, retried calls); once those are used up, Ray Data
-fails the dataset and the build raises the one-line :class:`~kd_detr.teacher.ray_actor.TeacherActorError`.
+build stays resumable and a killed driver loses nothing written. A teacher actor that dies is replaced by the
+driver, not by Ray (Ray Data passes its actors ObjectRefs, with which Ray warns against restarts): a new
+pipeline computes the views not received yet, up to :data:`~kd_detr.teacher.ray_actor.MAX_RESTARTS` times; after
+that the build raises the one-line :class:`~kd_detr.teacher.ray_actor.TeacherActorError`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ WAIT_FOR_ACTORS_S = 600  # every teacher actor must have loaded its teacher with
 
 _TARGET = "target."  # column prefix of a view's target tensors
 _ENTRY = "entry."  # column prefix of a view's stored tensors
+
+# Ray Data's actors take ObjectRefs as constructor arguments: restarting one is the driver's job (run_stream)
+_NO_RAY_RESTARTS = {"max_restarts": 0, "max_task_retries": 0}
+
+log = logging.getLogger("kd_detr.teacher.cache")
 
 _plan_data: dict[str, Any] = {}  # plan fingerprint -> (dataset, plan), per worker process (tasks reuse workers)
 
@@ -146,6 +152,12 @@ def run_stream(rows: list[dict[str, Any]], data: dict[str, Any], job: dict[str, 
     row to ``on_row`` (in the driver, as it arrives): ``{"shard", "view", "index", "node", "busy_s", "ready_at",
     "entry": {key: array}}``.
 
+    Restarts are the driver's: Ray Data creates its actors with its own ``ObjectRef`` s as constructor
+    arguments, and Ray logs an ERROR line for every such actor that may restart (a restart needs those objects
+    again). So the teacher actors get ``max_restarts=0`` and, when one dies, the driver runs a new pipeline (new
+    actors, which reload the teacher) on the rows not yet received, up to ``ACTOR_OPTIONS["max_restarts"]`` times;
+    every row is a pure function of (plan, teacher, view, image), so nothing is lost or changed.
+
     Args:
         data: :func:`~kd_detr.teacher.ray_actor.plan_job`; job: :func:`~kd_detr.teacher.ray_actor.teacher_job`.
         num_gpus: GPUs per teacher actor (0: CPU).
@@ -157,9 +169,35 @@ def run_stream(rows: list[dict[str, Any]], data: dict[str, Any], job: dict[str, 
     Raises:
         TeacherActorError: a teacher actor died more often than its restarts allow (or could not load).
     """
+    first_ready, busy = math.inf, 0.0
+    received: set[tuple[str, int]] = set()
+    restarts = int(ACTOR_OPTIONS.get("max_restarts", 0))
+    for attempt in range(restarts + 1):
+        todo = [r for r in rows if (str(r["shard"]), int(r["index"])) not in received]
+        if not todo:
+            break
+        try:
+            for row in _run_once(todo, data, job, store, actors=actors, teacher_batch_size=teacher_batch_size,
+                                 num_gpus=num_gpus):
+                first_ready = min(first_ready, row["ready_at"])
+                busy += row["busy_s"]
+                received.add((row["shard"], row["index"]))
+                on_row(row)
+        except ray.exceptions.RayActorError as e:
+            if getattr(e, "actor_init_failed", False) or attempt == restarts:
+                raise teacher_actor_error(e) from None
+            log.warning("teacher cache build: a teacher actor died (%s); restarting the pipeline on the %d image "
+                        "views not computed yet (restart %d of %d)", type(e).__name__,
+                        len(rows) - len(received), attempt + 1, restarts)
+    return (first_ready if first_ready < math.inf else math.nan), busy
+
+
+def _run_once(rows: list[dict[str, Any]], data: dict[str, Any], job: dict[str, Any], store: dict[str, Any], *,
+              actors: int, teacher_batch_size: int, num_gpus: float) -> Iterator[dict[str, Any]]:
+    """One pipeline over ``rows``: yields the rows of :func:`run_stream`; a teacher actor's death raises its
+    ``RayActorError`` (a pool that cannot start, :class:`TeacherActorError`)."""
     from ray.data import ActorPoolStrategy
 
-    first_ready, busy = math.inf, 0.0
     with quiet_ray_data():
         # blocks of about one teacher batch: a decode task per block, rows of the first shards first
         ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / teacher_batch_size)))
@@ -168,19 +206,17 @@ def run_stream(rows: list[dict[str, Any]], data: dict[str, Any], job: dict[str, 
                             **_task_pool(2 * actors))  # enough to keep each actor fed, few worker processes
         res = {"num_gpus": num_gpus} if num_gpus > 0 else {}
         with warnings.catch_warnings():
-            # Ray Data's own default is endless restarts (a stage that keeps dying would hang the build); Ray
-            # 2.5x deprecates passing them this way but has no other (pyproject keeps Ray below 2.64)
+            # no restarts by Ray (see run_stream; Ray Data's own default is endless restarts); Ray 2.5x deprecates
+            # passing them this way but has no other (pyproject keeps Ray below 2.64)
             warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
             ds = ds.map_batches(TeacherStage, fn_constructor_kwargs={"job": job, "store": store},
                                 compute=ActorPoolStrategy(size=actors), batch_size=teacher_batch_size,
-                                batch_format="numpy", num_cpus=TEACHER_CPUS, **res, **ACTOR_OPTIONS)
+                                batch_format="numpy", num_cpus=TEACHER_CPUS, **res, **_NO_RAY_RESTARTS)
         try:
             for row in ds.iter_rows():
-                first_ready = min(first_ready, float(row["ready_at"]))
-                busy += float(row["busy_s"])
-                on_row({"shard": str(row["shard"]), "view": int(row["view"]), "index": int(row["index"]),
-                        "node": str(row["node"]), "busy_s": float(row["busy_s"]), "ready_at": float(row["ready_at"]),
-                        "entry": {k[len(_ENTRY):]: np.asarray(v) for k, v in row.items() if k.startswith(_ENTRY)}})
+                yield {"shard": str(row["shard"]), "view": int(row["view"]), "index": int(row["index"]),
+                       "node": str(row["node"]), "busy_s": float(row["busy_s"]), "ready_at": float(row["ready_at"]),
+                       "entry": {k[len(_ENTRY):]: np.asarray(v) for k, v in row.items() if k.startswith(_ENTRY)}}
         except Exception as e:  # noqa: BLE001 - Ray Data wraps the actor's death in its own errors
             if _in_chain(e, ray.exceptions.GetTimeoutError) is not None:
                 raise TeacherActorError(f"the {actors} teacher actor(s) did not all start within {WAIT_FOR_ACTORS_S}"
@@ -189,8 +225,7 @@ def run_stream(rows: list[dict[str, Any]], data: dict[str, Any], job: dict[str, 
             actor_error = _in_chain(e, ray.exceptions.RayActorError)
             if actor_error is None:
                 raise
-            raise teacher_actor_error(actor_error) from None
-    return (first_ready if first_ready < math.inf else math.nan), busy
+            raise actor_error from None
 
 
 def _task_pool(size: int) -> dict[str, Any]:

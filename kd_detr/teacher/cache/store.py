@@ -688,9 +688,14 @@ class CacheReader:
     def has(self, i: int, k: int) -> bool:
         return (int(i), int(k)) in self._index
 
-    def missing(self, views: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-        """The ``(i, k)`` of ``views`` that the cache does not hold, in the given order."""
-        return [(int(i), int(k)) for i, k in views if (int(i), int(k)) not in self._index]
+    def missing(self, views: Iterable[tuple[int, int]], on_disk: bool = False) -> list[tuple[int, int]]:
+        """The ``(i, k)`` of ``views`` that the cache does not hold, in the given order; ``on_disk``: also those
+        its manifest lists in a shard file that is not there (one ``stat`` per shard)."""
+        index = self._index
+        if on_disk:
+            present = {e["file"] for e in self._manifest["shards"] if (self.root / e["file"]).is_file()}
+            index = {key: e for key, e in index.items() if e["file"] in present}
+        return [(int(i), int(k)) for i, k in views if (int(i), int(k)) not in index]
 
     # -- data
 
@@ -880,7 +885,8 @@ def verify_report(root: str | os.PathLike, *, checkpoint: Optional[str | os.Path
     if outside:
         problems.append(f"{root / MANIFEST}: lists image views outside its plan of {n} images x {k} views "
                         f"(first: view {outside[0][1]} of image {outside[0][0]})")
-    report.missing = missing_views(manifest, index)
+    on_disk = {key: e for key, e in index.items() if (root / e["file"]).is_file()}  # a deleted shard's views are absent
+    report.missing = missing_views(manifest, on_disk)
     report.present = report.total - len(report.missing)
     qpath = root / QUERIES
     if not qpath.is_file():
