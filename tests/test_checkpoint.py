@@ -309,3 +309,91 @@ def test_tampered_model_file_is_rejected(tmp_path):
     save_file(tensors, str(path), metadata={**meta, "config": json.dumps(cfg)})
     with pytest.raises(ValueError, match="m.safetensors.*unexpected"):
         load_model(path)
+
+
+# ---------------------------------------------------------------- every transformers family (tied weights)
+
+
+def _hf_names():
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return []
+    from kd_detr.models.hf.registry import list_hf_models
+
+    return sorted(list_hf_models())
+
+
+def _randomised_hf(name):
+    """A tiny transformers-family model with every parameter perturbed (tied ones once: they are one tensor)."""
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=3).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():  # parameters() yields a tied parameter once
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("name", _hf_names())
+def test_every_family_round_trips_bit_exact_and_keeps_its_ties(name, tmp_path):
+    from safetensors import safe_open
+
+    model = _randomised_hf(name)
+    path = tmp_path / "m.safetensors"
+    save_model(model, path)
+    loaded, meta = load_model(path)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert list(a) == list(b)
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    tied = ckpt.tied_names(a)
+    assert meta["tied"] == tied and meta["format_version"] == (2 if tied else 1)
+    with safe_open(str(path), framework="pt") as f:
+        assert set(f.keys()) == set(a) - set(tied)  # each tied tensor stored once
+    # the loaded model ties the same names as a freshly built one: one Parameter object each
+    fresh = build_model(name, num_classes=3).state_dict(keep_vars=True)
+    params = loaded.state_dict(keep_vars=True)
+    assert ckpt.tied_names(fresh) == ckpt.tied_names(params) == tied
+    assert all(params[alias] is params[first] for alias, first in tied.items())
+    # 128 px: the two-stage families (LW-DETR) need at least as many encoder tokens as queries
+    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    mask = torch.zeros(2, 128, 128, dtype=torch.bool)
+    mask[1, :, 96:] = True
+    with torch.no_grad():
+        ref, got = model(images, mask), loaded.eval()(images, mask)
+    assert torch.equal(ref["pred_logits"], got["pred_logits"]) and torch.equal(ref["pred_boxes"], got["pred_boxes"])
+
+
+@pytest.mark.skipif("hf_d_fine_tiny" not in _hf_names(), reason="transformers without D-FINE")
+def test_tied_names_stored_apart_load_only_when_equal(tmp_path):
+    """A file holding every name (format 1, written by safetensors without ties) loads when the tied names
+    carry one value, ties kept; different values are refused, naming the pair, instead of one silently
+    replacing the other."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = _randomised_hf("hf_d_fine_tiny")
+    path = tmp_path / "m.safetensors"
+    save_model(model, path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tied = json.loads(meta.pop("tied"))
+    assert tied
+    for alias, first in tied.items():
+        tensors[alias] = tensors[first].clone()
+    apart = tmp_path / "apart.safetensors"
+    save_file(tensors, str(apart), metadata={**meta, "format_version": "1"})
+    loaded, _ = load_model(apart)
+    params = loaded.state_dict(keep_vars=True)
+    assert all(params[alias] is params[first] for alias, first in tied.items())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    alias = sorted(tied)[0]
+    tensors[alias] = tensors[alias] + 1
+    save_file(tensors, str(apart), metadata={**meta, "format_version": "1"})
+    with pytest.raises(ValueError, match=rf"apart.safetensors holds different values for names the model ties.*{alias}"):
+        load_model(apart)
+    # corrupt 'tied' metadata (a name both stored and tied) is refused by name
+    save_file(tensors, str(apart), metadata={**meta, "tied": json.dumps(tied), "format_version": "2"})
+    with pytest.raises(ValueError, match="apart.safetensors: corrupt 'tied' metadata"):
+        load_model(apart)
