@@ -211,3 +211,47 @@ def test_hf_family_student_exports_onnx_and_refuses_official(tmp_path):
         export(folder, tmp_path / "x", ["official"])
     paths = export(folder, tmp_path / "y", ["onnx"])
     assert paths["onnx"].is_file()
+
+
+def test_hf_export_files_honour_the_umask(cli_export):
+    """safetensors writes 0600; the folder's files get what a plain open gives (0644 under umask 022)."""
+    import os
+
+    prefix, _ = cli_export
+    mask = os.umask(0o022)
+    os.umask(mask)
+    want = 0o666 & ~mask
+    assert {p.name: p.stat().st_mode & 0o777 for p in prefix.iterdir()} == {"config.json": want,
+                                                                             "model.safetensors": want}
+    assert prefix.with_name("student.onnx").stat().st_mode & 0o777 == want
+
+
+@pytest.mark.parametrize("out, says", [("", "--out is empty"), ("afile/x", "afile is a file, not a folder"),
+                                       ("afile/deeper/x", "afile is a file, not a folder"),
+                                       (".", "names a folder, not an output prefix")])
+def test_bad_out_gives_one_line_naming_it(run, tmp_path, monkeypatch, out, says):
+    _, folder = run
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    res = CliRunner().invoke(main, ["export", "--run", str(folder), "--out", out, "--format", "safetensors,hf"])
+    assert res.exit_code == 1, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and says in lines[0], res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing written
+
+
+def test_onnx_refused_by_family_name_before_anything_is_written(tmp_path):
+    from kd_detr.runs.onnx_export import ONNX_FAMILIES, ONNX_REFUSED
+
+    from kd_detr.models.hf.registry import list_hf_models
+
+    name = "hf_d_fine_tiny"
+    if name not in list_hf_models():
+        pytest.skip("transformers without D-FINE")
+    assert not set(ONNX_REFUSED) & ONNX_FAMILIES
+    folder = _save_run(build_model(name, num_classes=5).eval(), tmp_path / "run")
+    res = CliRunner().invoke(main, ["export", "--run", str(folder), "--out", str(tmp_path / "o" / "s"),
+                                    "--format", "safetensors,onnx"])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1
+    assert "cannot export hf_d_fine_tiny to ONNX: transformers family 'd_fine'" in res.output
+    assert not (tmp_path / "o").exists()
