@@ -8,6 +8,7 @@ object store as numpy arrays (zero-copy), never pickled torch tensors.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 from typing import Any, Optional
@@ -16,13 +17,21 @@ import numpy as np
 import ray
 import torch
 
-__all__ = ["ensure_ray", "check_ray_reachable", "REACH_TIMEOUT_S", "shutdown_ray", "use_gpus", "actor_options",
-           "torch_threads", "to_numpy", "from_numpy", "wire_to_numpy", "wire_from_numpy"]
+__all__ = ["ensure_ray", "check_ray_reachable", "check_ray_answers", "connect_timeout", "REACH_TIMEOUT_S",
+           "CONNECT_TIMEOUT_ENV", "CONNECT_TIMEOUT_S", "shutdown_ray", "use_gpus", "actor_options", "torch_threads",
+           "to_numpy", "from_numpy", "wire_to_numpy", "wire_from_numpy"]
+
+logger = logging.getLogger(__name__)
 
 
 # How long the cluster's GCS port gets to accept a TCP connection before kd-detr gives up on an address
 # (ray.init itself would retry a dead address for minutes).
 REACH_TIMEOUT_S = 5.0
+
+# How long a cluster's GCS gets to answer kd-detr's first request (something that is not Ray may accept TCP on a
+# stale address's port, and a frozen head accepts TCP too; ray.init would retry either for many minutes).
+CONNECT_TIMEOUT_ENV = "KD_DETR_RAY_CONNECT_TIMEOUT"
+CONNECT_TIMEOUT_S = 30.0
 
 
 def _host_port(address: str) -> Optional[tuple[str, int]]:
@@ -68,10 +77,7 @@ def check_ray_reachable(address: str, source: str = "--address", timeout: float 
     target = _resolve(address, source)
     if target == "auto":  # pragma: no cover - unresolvable with this Ray: nothing to probe
         return
-    fix = ("start it with `ray start --head`, fix the address, or unset RAY_ADDRESS to run a local Ray"
-           if source == "$RAY_ADDRESS" else
-           "start it with `ray start --head`, fix the address, or leave out --address (and unset RAY_ADDRESS) "
-           "to run a local Ray")
+    fix = _fix(source)
     hp = _host_port(target)
     if hp is None:
         raise ValueError(f"the Ray address {target!r} (from {source}) is not host:port: {fix}")
@@ -84,13 +90,100 @@ def check_ray_reachable(address: str, source: str = "--address", timeout: float 
         raise ValueError(f"cannot reach the Ray cluster at {target} (from {source}: {why}): {fix}") from None
 
 
+def connect_timeout() -> float:
+    """Seconds a Ray cluster gets to answer a join: ``$KD_DETR_RAY_CONNECT_TIMEOUT`` if set, else
+    :data:`CONNECT_TIMEOUT_S` (30). Raises ``ValueError`` naming the variable if it is not a number > 0."""
+    raw = os.environ.get(CONNECT_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return CONNECT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"${CONNECT_TIMEOUT_ENV}={raw!r} is not a number of seconds > 0 (the wait for a Ray "
+                         f"cluster to answer a join; default {CONNECT_TIMEOUT_S:g})")
+    return value
+
+
+def _fix(source: str) -> str:
+    return ("start it with `ray start --head`, fix the address, or unset RAY_ADDRESS to run a local Ray"
+            if source == "$RAY_ADDRESS" else
+            "start it with `ray start --head`, fix the address, or leave out --address (and unset RAY_ADDRESS) "
+            "to run a local Ray")
+
+
+def _token_fix() -> str:
+    return ("set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH), or use "
+            "RAY_ADDRESS=auto on its head node")
+
+
+def check_ray_answers(address: str, source: str = "--address", timeout: Optional[float] = None) -> None:
+    """Refuse a Ray address whose port accepts TCP but where no Ray cluster answers, in at most ``timeout``
+    seconds: kd-detr asks the GCS for its cluster id (the first request ``ray.init`` makes, which ``ray.init``
+    would retry for many minutes against a stale address whose port another service now uses, or a frozen
+    head), with Ray's own channel (its TLS and token settings).
+
+    Args:
+        address: ``host:port`` or ``auto`` (a ``ray://`` client address is left to Ray, whose client gives up
+            after 30 s by itself).
+        source: where the address came from, for the message (``--address``, ``$RAY_ADDRESS``).
+        timeout: seconds to wait for the answer; default :func:`connect_timeout`, i.e. the environment
+            variable ``KD_DETR_RAY_CONNECT_TIMEOUT`` (seconds, > 0), else 30.
+
+    Raises:
+        ValueError: one line naming the address, where it came from and the cause: no answer in time, not a
+            Ray GCS, or (only then a hint about tokens) a cluster that refuses this client's token.
+    """
+    if "://" in address:
+        return
+    timeout = connect_timeout() if timeout is None else float(timeout)
+    target = _resolve(address, source)
+    try:
+        import grpc
+        from ray._private.gcs_utils import create_gcs_channel
+        from ray._private.services import canonicalize_bootstrap_address
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError as e:  # pragma: no cover - a Ray without these internals: ray.init alone decides
+        logger.debug("no GCS probe before joining %s: %s", target, e)
+        return
+    try:
+        gcs = canonicalize_bootstrap_address(target) or target  # what ray.init dials: localhost -> this node's IP
+    except Exception:  # noqa: BLE001 - Ray's own parsing; ray.init reports a bad address itself
+        gcs = target
+    origin = f"from {source}" + (f", resolved from {address!r}" if address != target else "") + \
+        (f"; Ray dials {gcs}" if gcs != target else "")
+    channel = create_gcs_channel(gcs)
+    try:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout)
+    except grpc.RpcError as e:
+        code = e.code()
+        details = " ".join(str(e.details() or "").split())
+        details = details if len(details) <= 200 else details[:197] + "..."
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise ValueError(
+                f"no Ray cluster answered at {target} ({origin}) within {timeout:g} s: something accepts "
+                f"connections there but no Ray GCS answers (a stale address whose port another service now uses, "
+                f"or a frozen head): {_fix(source)}; ${CONNECT_TIMEOUT_ENV}=SECONDS waits longer") from None
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            raise ValueError(f"the Ray cluster at {target} ({origin}) refuses this client's authentication "
+                             f"({details}): {_token_fix()}") from None
+        raise ValueError(f"no Ray cluster at {target} ({origin}): what answers there is not a Ray GCS "
+                         f"({code.name}: {details}): {_fix(source)}") from None
+    finally:
+        channel.close()
+
+
 def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> bool:
     """Connect to Ray unless the caller already did: the one Ray start-up of kd-detr (cache builds,
     teacher serving, compare). Returns ``True`` if this call started it (the caller then shuts it down
     with :func:`shutdown_ray` when done; a session someone else opened is left alone).
 
     ``address`` (or ``$RAY_ADDRESS``) joins an existing cluster, after :func:`check_ray_reachable` made
-    sure something answers there (a stale address fails in seconds, not minutes); otherwise (or with
+    sure its port accepts TCP (a dead address fails in seconds) and :func:`check_ray_answers` that a Ray GCS
+    answers there within ``$KD_DETR_RAY_CONNECT_TIMEOUT`` seconds (default 30; a port another service now
+    uses, or a frozen head, fails then instead of ``ray.init`` retrying for many minutes); otherwise (or with
     ``address="local"``) a local one with ``num_cpus`` CPUs (default: this machine's) and no dashboard is
     started (it costs seconds and memory for nothing here), even when a ``ray start`` cluster is recorded
     on this machine. Ray's own logging is kept at warnings.
@@ -101,16 +194,19 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
     source = "--address" if address else "$RAY_ADDRESS"
     address = address or env
     if address and address != "local":
-        check_ray_reachable(address, source)
+        timeout = connect_timeout()
+        check_ray_reachable(address, source, timeout=min(REACH_TIMEOUT_S, timeout))
+        check_ray_answers(address, source, timeout=timeout)
         try:
             ray.init(address=address, logging_level=logging.WARNING)
         except ConnectionError as e:
-            # the port answers (checked above) but Ray does not let us in: most often token authentication,
-            # which `ray start` turns on when ~/.ray/auth_token exists and which only address "auto" picks up
-            raise ValueError(f"cannot join the Ray cluster at {address} (from {source}): "
-                             f"{' '.join(str(e).split())[:200]}: if the cluster uses token authentication, "
-                             "set RAY_AUTH_MODE=token (and the cluster's token), or use RAY_ADDRESS=auto on its "
-                             "head node") from None
+            # the GCS answered (checked above), so a token problem was reported there already; hint at tokens
+            # only where Ray's own words say so (a ray:// client address is not probed)
+            why = " ".join(str(e).split())[:200]
+            hint = (_token_fix() if any(w in why.lower() for w in ("auth", "token")) else
+                    "check that this machine reaches the cluster's nodes and runs its Ray version "
+                    f"(here ray {ray.__version__})")
+            raise ValueError(f"cannot join the Ray cluster at {address} (from {source}): {why}: {hint}") from None
     else:
         # address="local": a new local Ray, never the cluster of an old `ray start` (whose record may be stale)
         quiet = _QuietTokenNotice()
