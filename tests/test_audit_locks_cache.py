@@ -30,7 +30,7 @@ from kd_detr.cli import main
 from kd_detr.engine.checkpointing import CheckpointRefused, OutputDirLock, OutputDirLockRefused, load_training_state
 from kd_detr.engine.logger import RunLogger
 from kd_detr.folder_lock import FolderLock, LockBusy, LockFileRefused
-from kd_detr.teacher.cache import CacheError, CacheReader, CacheWriter, StoreConfig
+from kd_detr.teacher.cache import CacheError, CacheReader, CacheWriter, StoreConfig, pipeline
 from kd_detr.teacher.cache.store import CacheLock, verify_report
 
 from test_teacher_cache_store import build_cache as build_small, make_header
@@ -364,3 +364,54 @@ def test_a_stream_build_prints_no_ray_error_about_constructor_arguments(tmp_path
     err = capfd.readouterr().err
     assert "constructor arguments in the object store" not in err, err[-2000:]
     assert " E " not in "".join(line for line in err.splitlines() if "core_worker" in line), err[-2000:]
+
+
+class _DiesOnce(pipeline.TeacherStage):
+    """A teacher stage whose first call (in any process) kills its actor; later ones compute normally."""
+
+    marker = ""  # set by the test: a path every worker process sees
+
+    def __call__(self, batch):
+        if not os.path.exists(self.marker):
+            Path(self.marker).write_text("died\n")
+            os._exit(1)
+        return super().__call__(batch)
+
+
+def test_a_stream_teacher_actor_that_dies_is_replaced_by_the_driver(tmp_path, ray_session, monkeypatch):
+    """Ray does not restart the stream's teacher actors (they hold ObjectRefs): the driver runs a new pipeline on
+    the views not received yet, and the cache is complete with the same numbers as without the death."""
+    import sys
+
+    from ray import cloudpickle
+
+    from kd_detr.data import CocoDetection, generate_synthetic, make_policy
+    from kd_detr.data.view_plan import ViewPlan
+    from kd_detr.teacher.cache.build import build_cache
+    from kd_detr.teacher.loading import resolve_teacher
+    from test_d3etr import _save_teacher
+
+    data = tmp_path / "data"
+    generate_synthetic(data, num_train=4, num_val=1, image_size=64, seed=3)
+    teacher = _save_teacher(tmp_path, data)
+    ds = CocoDetection(data / "train2017", data / "annotations" / "instances_train2017.json",
+                       transforms=make_policy(True, 64), log_report=False)
+    plan = ViewPlan.for_dataset(ds, num_views=1, seed=0)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    monkeypatch.setattr(_DiesOnce, "marker", str(tmp_path / "died"))
+    monkeypatch.setattr(pipeline, "TeacherStage", _DiesOnce)
+    s = build_cache(resolve_teacher("cond_detr_r10_tiny", str(teacher)), ds, plan, tmp_path / "cache", "none",
+                    actors=1, images_per_shard=2, progress=False, image_size=64, num_threads=1, pipeline="stream",
+                    teacher_batch_size=2)
+    assert (tmp_path / "died").exists() and s["images"] == 4 and s["shards_written"] == 2
+    report = verify_report(tmp_path / "cache")
+    assert report.problems == [] and report.complete
+    monkeypatch.undo()
+    ref = build_cache(resolve_teacher("cond_detr_r10_tiny", str(teacher)), ds, plan, tmp_path / "ref", "none",
+                      actors=1, images_per_shard=2, progress=False, image_size=64, num_threads=1,
+                      pipeline="actor_pool")
+    assert ref["images"] == 4
+    a, b = CacheReader(tmp_path / "cache"), CacheReader(tmp_path / "ref")
+    for i, k in a.keys():
+        ea, eb = a.entry(i, k), b.entry(i, k)
+        assert ea.keys() == eb.keys() and all(torch.equal(ea[n], eb[n]) for n in ea)
