@@ -118,8 +118,10 @@ def hf_to_official(hf_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def read_hf_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read an HF weights file (``model.safetensors`` or ``pytorch_model.bin``) and map it to official names."""
+    """Read an HF weights file (``model.safetensors`` or ``pytorch_model.bin``) and map it to official names.
+    Errors name the file, once (the reader's own already do)."""
+    sd = read_state_dict_file(path)
     try:
-        return hf_to_official(read_state_dict_file(path))
+        return hf_to_official(sd)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e

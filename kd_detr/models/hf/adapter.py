@@ -25,6 +25,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -157,6 +158,10 @@ def build_transformers_model(config: HFModelConfig, role: str = "student", load_
 
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
+    hub = re.search(r"Cannot reach (\S+): offline mode is enabled", text)
+    if hub:  # huggingface_hub's advice (unset HF_HUB_OFFLINE) does not apply: kd-detr turned the Hub off
+        return (f"it asks for {hub.group(1).rstrip(':')} from the Hugging Face Hub, and kd-detr builds transformers "
+                "models from local files only (name a local backbone_config instead)")
     return text[:300] + (" ..." if len(text) > 300 else "")
 
 
@@ -219,7 +224,7 @@ def check_loading(config: HFModelConfig, info: dict[str, Any], role: str) -> Non
                     "start from random values", folder, "; ".join(parts))
     if head:
         log.warning("%s: class head re-initialised for %d classes (the folder's has %d): %s", folder, new, old,
-                    _listed([k for k, _, _ in head], 8))
+                    ", ".join(k for k, _, _ in head))
 
 
 def transformers_labels(targets: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
