@@ -130,7 +130,11 @@ class HFModelConfig:
         """Why this model has no static ``[Q,d]`` queries (``None``: it has them)."""
         from .families import get_family
 
-        return get_family(self.family).dynamic_queries(self.hf_config)
+        family = get_family(self.family)
+        reason = family.dynamic_queries(self.hf_config)
+        if reason is None and family.queries is None:  # no reader: never hand over placeholder zeros
+            return "kd-detr's adapter for this family reads no learned queries"
+        return reason
 
     # ------------------------------------------------------------------ (de)serialisation
     def validate(self) -> "HFModelConfig":

@@ -312,7 +312,8 @@ _FIXED_640 = dict(pixel_mask=False, imagenet_norm=False, default_input_size=640)
 
 register_family(Family(
     key="detr", model_type="detr", hf_class="DetrForObjectDetection", softmax=True, dense_attention=True,
-    queries=_embedding_queries, dynamic_queries=_static_queries, summed_loss=False, layers=_detr_layers, layer_modules=_decoder_layers,
+    queries=_embedding_queries, dynamic_queries=_static_queries, summed_loss=False, layers=_detr_layers,
+    layer_modules=_decoder_layers,
     loss_weights=detr_loss_weights, note="softmax + no-object; decoder layers hooked, its heads applied", **_MASKED))
 register_family(Family(
     key="conditional_detr", model_type="conditional_detr", hf_class="ConditionalDetrForObjectDetection",
