@@ -101,7 +101,8 @@ class FolderLock:
 
     :meth:`acquire` raises :class:`LockBusy` while another process (or another open of this process) holds it,
     :class:`LockFileRefused` for a ``.lock`` that is not a regular file, :class:`LockUnsupported` when the file
-    system cannot lock it, :class:`FolderLockError` when the file cannot be created. On a system without ``fcntl`` it takes no lock (``locked`` stays False).
+    system cannot lock it, :class:`FolderLockError` when the file cannot be created. On a system without
+    ``fcntl`` it takes no lock (``locked`` stays False).
     """
 
     def __init__(self, folder: str | os.PathLike):

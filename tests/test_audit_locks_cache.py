@@ -18,7 +18,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 import socket
 from pathlib import Path
 
@@ -159,7 +158,7 @@ def test_verify_reports_completeness(tmp_path):
                                      "the same options")
     (root / "shard-00001.safetensors").unlink()  # a listed shard removed: its view is absent too
     report = verify_report(root)
-    assert report.present == 3 and report.problems == [f"shard-00001.safetensors: missing (listed in manifest.json)"]
+    assert report.present == 3 and report.problems == ["shard-00001.safetensors: missing (listed in manifest.json)"]
 
 
 def test_verify_reports_a_complete_cache(tmp_path):
