@@ -23,6 +23,12 @@ Consistency rules:
   checks the SHA-256 of every listed shard and rebuilds the ones that do not match.
 * **Inside the folder.** Every file a manifest names must lie inside the cache folder (no absolute
   paths, no ``..``, no symlink leading out): a reader never follows a manifest elsewhere.
+* **The shard says what it holds.** Each shard's header records its view, images and plan fingerprint; a
+  reader compares them with the manifest entry when it opens the shard and refuses a mismatch (e.g. a manifest
+  whose views were swapped), and a run refuses at start a cache lacking an image view it will read.
+* **Verify reads only what it is given.** ``kd-detr cache verify`` hashes the cache's own files, and a teacher
+  checkpoint or annotation file only when the user names it (:func:`verify_report`): the paths a manifest
+  records are never opened on their own.
 * **Same images.** The manifest fingerprints the training images (:func:`dataset_fingerprint`) as well
   as the annotation file; a run or a resumed build on changed images is refused (:func:`images_problem`).
 """
