@@ -1,0 +1,167 @@
+"""Every transformers DETR family kd-detr registers (``list_hf_models()``: a family the installed transformers
+gains is covered without editing this file) trains, checkpoints, resumes exactly, evaluates, distils from a
+transformers teacher in process and from a teacher cache (the same numbers), and exports: a kd-detr
+``.safetensors`` equal bit for bit, a transformers folder ``AutoModelForObjectDetection`` loads with the same
+outputs, and ONNX where the family exports faithfully (refused by name where it does not).
+
+Kept small for the 10-minute suite: two 64-px training images and one validation image, batch size 1, 10
+queries; one transformers DETR teacher and one cache (built once through the shared Ray session) serve every
+student family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from kd_detr.models.hf.registry import list_hf_models  # noqa: E402
+
+# families whose training on kd-detr's padded batches fails today: the ViT backbone of LW-DETR / RF-DETR needs
+# the padded size to be a multiple of patch size x windows, which the adapter does not pad to yet (strict: the
+# case fails loudly once it is fixed, so that the marker is removed)
+TRAINING_BROKEN = {"hf_lw_detr_tiny", "hf_rf_detr_tiny"}
+FAMILIES = [pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=RuntimeError,
+                                                       reason="windowed ViT backbone: batch not padded to a "
+                                                              "multiple of patch size x windows"))
+            if n in TRAINING_BROKEN else n for n in sorted(list_hf_models())]
+IMAGE_SIZE = 64
+STUDENT_OPTS = {"num_queries": 10}
+
+
+def _log(run):
+    return [r for r in (json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, ray_session):
+    """Data (2 train / 1 val images), a transformers DETR teacher folder whose id2label names the data's
+    categories, and its teacher cache (1 view per image, dense float32 logits: reads back exactly)."""
+    from kd_detr.data import DataSpec, generate_synthetic
+    from kd_detr.data.view_plan import ViewPlan
+    from kd_detr.models import build_model
+    from kd_detr.teacher import resolve_teacher
+    from kd_detr.teacher.cache import StoreConfig
+    from kd_detr.teacher.cache.build import build_cache
+
+    root = tmp_path_factory.mktemp("matrix")
+    data = root / "data"
+    generate_synthetic(data, num_train=2, num_val=1, image_size=IMAGE_SIZE, seed=3)
+    train = DataSpec(train_ann=str(data / "annotations" / "instances_train2017.json"),
+                     train_images=str(data / "train2017"), image_size=IMAGE_SIZE)
+    dataset = train.train_set()
+    label_map = dataset.label_map
+    torch.manual_seed(11)
+    teacher = build_model("hf_detr_tiny", num_classes=label_map.num_classes, num_queries=12)
+    teacher.hf.config.id2label = {i: label_map.name_of_index(i) for i in range(label_map.num_classes)}
+    teacher.hf.config.label2id = {v: k for k, v in teacher.hf.config.id2label.items()}
+    folder = root / "teacher"
+    teacher.hf.save_pretrained(folder)
+    cache = root / "cache"
+    build_cache(resolve_teacher(f"hf:{folder}"), dataset, ViewPlan.for_dataset(dataset, num_views=1), cache,
+                StoreConfig.parse("none", dtype="float32", classes="dense"), actors=1, images_per_shard=8,
+                progress=False, image_size=IMAGE_SIZE)
+    return {"data": data, "train": train, "teacher": f"hf:{folder}", "cache": str(cache)}
+
+
+def _train(env, name, out, max_iters, resume=None):
+    from kd_detr.engine.trainer import TrainConfig, Trainer
+
+    cfg = TrainConfig(model=name, model_overrides=dict(STUDENT_OPTS), **env["train"].paths(), image_size=IMAGE_SIZE,
+                      batch_size=1, num_workers=0, lr=1e-3, lr_backbone=1e-3, lr_drop=None, max_iters=max_iters,
+                      checkpoint_every=1, eval_every_epochs=0, log_every=1, progress=False, output_dir=str(out),
+                      resume=resume)
+    Trainer(cfg).fit()
+
+
+def _distil(env, name, out, cache):
+    from kd_detr.runs.assemble import TeacherSourceSpec, assemble_run
+
+    source = TeacherSourceSpec(teacher=env["teacher"], cache=env["cache"] if cache else None)
+    run = assemble_run(name, "d3etr_cross_family", env["train"], source, str(out), student_overrides=dict(STUDENT_OPTS),
+                       overrides=["train.batch_size=1", "train.max_iters=1", "train.log_every=1",
+                                  "train.eval_every_epochs=0", "train.lr_drop=1000"],
+                       train_options={"num_workers": 0, "progress": False}, views=1)
+    run.run()
+    return _log(out)
+
+
+def _state(path):
+    from kd_detr.models import load_model
+
+    model, meta = load_model(path)
+    return model.eval(), meta
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_trains_resumes_evaluates_distils_and_exports(name, env, tmp_path):
+    from kd_detr.models.checkpoint import tied_names
+    from kd_detr.runs.export import export
+    from kd_detr.runs.inference import evaluate_checkpoint
+    from kd_detr.models import save_model
+    from kd_detr.runs.onnx_export import ONNX_FAMILIES, ONNX_REFUSED, ONNX_TOPK_FAMILIES
+
+    # train 2 iterations (a checkpoint after each); 1 iteration, then --resume auto to 2: the same run
+    full, part = tmp_path / "full", tmp_path / "part"
+    _train(env, name, full, 2)
+    _train(env, name, part, 1)
+    assert json.loads((part / "checkpoints" / "latest.json").read_text())["iteration"] == 1
+    _train(env, name, part, 2, resume="auto")
+    a, b = _log(full), _log(part)
+    assert [r["iteration"] for r in a] == [r["iteration"] for r in b] == [1, 2]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    final, meta = _state(full / "model_final.safetensors")
+    resumed, _ = _state(part / "model_final.safetensors")
+    sa, sb = final.state_dict(), resumed.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa), [k for k in sa if not torch.equal(sa[k], sb[k])][:5]
+    # the checkpoint keeps the family's ties: one parameter, as in a freshly built model
+    params = final.state_dict(keep_vars=True)
+    assert meta["tied"] == tied_names(params) and all(params[k] is params[v] for k, v in meta["tied"].items())
+
+    # evaluate the checkpoint
+    result, out_dir = evaluate_checkpoint(full / "model_final.safetensors", data=str(env["data"]),
+                                          image_size=IMAGE_SIZE, num_workers=0, batch_size=1,
+                                          output_dir=str(tmp_path / "eval"), device="cpu")
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert 0.0 <= metrics["AP"] <= 100.0 if "AP" in metrics else metrics
+
+    # distil 1 iteration from the transformers teacher in process and from its cache: the same numbers
+    inproc = _distil(env, name, tmp_path / "inproc", cache=False)
+    cached = _distil(env, name, tmp_path / "cached", cache=True)
+    assert len(inproc) == len(cached) == 1
+    for key in ("loss", "distill.total"):
+        assert cached[0][key] == pytest.approx(inproc[0][key], rel=1e-5, abs=1e-6), key
+    assert inproc[0]["distill.total"] > 0
+
+    # export: kd-detr safetensors (bit-exact), a transformers folder (same outputs), ONNX where faithful
+    family = final.config.family
+    formats = ["safetensors", "hf"] + (["onnx"] if family in ONNX_FAMILIES - ONNX_TOPK_FAMILIES else [])
+    paths = export(full, tmp_path / "exp" / "student", formats)
+    exported, _ = _state(paths["safetensors"])
+    assert all(torch.equal(v, exported.state_dict()[k]) for k, v in sa.items())
+    reloaded = transformers.AutoModelForObjectDetection.from_pretrained(paths["hf"]).eval()
+    assert type(reloaded).__name__ == type(final.hf).__name__
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = final.hf(pixel_values=x), reloaded(pixel_values=x)
+    assert (ref.logits - got.logits).abs().max() <= 1e-5 and (ref.pred_boxes - got.pred_boxes).abs().max() <= 1e-5
+    assert (paths["hf"] / "model.safetensors").stat().st_mode & 0o077 == (paths["hf"] / "config.json").stat().st_mode & 0o077
+    if family in ONNX_TOPK_FAMILIES:
+        # two steps from transformers' init leave the masked anchors' encoder scores tied, and onnxruntime's
+        # top-k orders ties differently (the export check refuses that); a trained model's scores differ, as
+        # they do after this perturbation
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in final.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+        save_model(final, tmp_path / "perturbed.safetensors", label_map=meta["label_map"])
+        assert export(tmp_path / "perturbed.safetensors", tmp_path / "exp" / "perturbed", ["onnx"])["onnx"].is_file()
+    elif family in ONNX_FAMILIES:
+        assert paths["onnx"].is_file()
+    else:
+        assert family in ONNX_REFUSED  # a new family is refused until checked: list it in onnx_export
+        with pytest.raises(ValueError, match=rf"cannot export {name} to ONNX: transformers family '{family}'"):
+            export(full, tmp_path / "exp2" / "student", ["onnx"])
+        assert not (tmp_path / "exp2").exists() or not any((tmp_path / "exp2").iterdir())
