@@ -399,16 +399,27 @@ def cache_group(ctx, teacher, teacher_checkpoint, data, train_ann, train_images,
 
 @cache_group.command("verify")
 @click.argument("cache", type=click.Path(exists=True, file_okay=False))
-def cache_verify_cmd(cache: str) -> None:
-    """Check every shard of CACHE against its manifest (presence, size, SHA-256, entry keys)."""
-    from kd_detr.teacher.cache import verify_cache
+@click.option("--teacher-checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Also check the teacher checkpoint's SHA-256 against the manifest's.")
+@click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
+              help="The data folder: the manifest's annotation file is hashed when it lies inside it.")
+@click.option("--train-ann", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Also check this annotation file's SHA-256 against the manifest's.")
+def cache_verify_cmd(cache: str, teacher_checkpoint: str | None, data: str | None, train_ann: str | None) -> None:
+    """Check every shard of CACHE against its manifest (presence, size, SHA-256, header, entry keys) and report
+    how many of the plan's image views are present. Files outside CACHE are read only when named here."""
+    from kd_detr.teacher.cache import verify_report
 
-    problems = verify_cache(cache)
-    if problems:
-        for p in problems:
-            click.echo(f"FAIL {p}")
-        raise click.ClickException(f"{cache}: {len(problems)} problem(s)")
-    click.echo(f"{cache}: OK")
+    report = verify_report(cache, checkpoint=teacher_checkpoint, annotations=train_ann, data=data)
+    for p in report.problems:
+        click.echo(f"FAIL {p}")
+    for u in report.unchecked:
+        click.echo(f"not checked: {u}")
+    if report.problems:
+        raise click.ClickException(f"{cache}: {len(report.problems)} problem(s); {report.completeness()}")
+    if not report.complete:
+        raise click.ClickException(f"{cache}: {report.completeness()}")
+    click.echo(f"{cache}: OK, {report.completeness()}")
 
 
 @cache_group.command("info")

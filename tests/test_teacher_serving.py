@@ -133,7 +133,11 @@ def test_verify_reports_a_stale_cache(cached, tmp_path):
     manifest = json.loads((stale / "manifest.json").read_text())
     manifest["teacher"]["checkpoint"] = str(moved)
     (stale / "manifest.json").write_text(json.dumps(manifest))
-    assert CliRunner().invoke(main, ["cache", "verify", str(stale)]).exit_code == 0
+    ok = CliRunner().invoke(main, ["cache", "verify", str(stale), "--teacher-checkpoint", str(moved)])
+    assert ok.exit_code == 0 and "OK, complete" in ok.output, ok.output
     moved.write_bytes(moved.read_bytes()[:-4] + b"\0\0\0\0")
-    res = CliRunner().invoke(main, ["cache", "verify", str(stale)])
+    res = CliRunner().invoke(main, ["cache", "verify", str(stale), "--teacher-checkpoint", str(moved)])
     assert res.exit_code != 0 and "stale" in res.output and moved.name in res.output
+    # not named: the recorded checkpoint is not read, and verify says so
+    unnamed = CliRunner().invoke(main, ["cache", "verify", str(stale)])
+    assert unnamed.exit_code == 0 and "not checked" in unnamed.output, unnamed.output
