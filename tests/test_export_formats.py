@@ -255,3 +255,23 @@ def test_onnx_refused_by_family_name_before_anything_is_written(tmp_path):
     assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1
     assert "cannot export hf_d_fine_tiny to ONNX: transformers family 'd_fine'" in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_failed_export_leaves_no_half_export(run, tmp_path, monkeypatch):
+    """A later writer failing its check removes what the same call had already written (an earlier file of
+    another format is kept)."""
+    from kd_detr.models.hf_export import ExportMismatch
+    from kd_detr.runs import onnx_export
+
+    _, folder = run
+    prefix = tmp_path / "student"
+    prefix.with_name("student.pth").write_bytes(b"earlier")
+
+    def mismatch(model, path, **kw):
+        raise ExportMismatch(f"{path}: onnxruntime pred_logits differs")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", mismatch)
+    res = CliRunner().invoke(main, ["export", "--run", str(folder), "--out", str(prefix),
+                                    "--format", "safetensors,hf,onnx"])
+    assert res.exit_code == 1 and res.output.strip() == f"Error: {prefix}.onnx: onnxruntime pred_logits differs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.pth"]
