@@ -156,6 +156,36 @@ def synth_cmd(out: str, num_train: int, num_val: int, image_size: int, seed: int
 
 
 # --------------------------------------------------------------------------- train
+def _partial_weights_option(f):
+    return click.option(
+        "--allow-partial-weights", is_flag=True,
+        help="Let a transformers (hf:DIR) model load although tensors of its folder are missing, unexpected or "
+             "mis-shaped (those are re-initialised at random; recorded in the run). Without it a teacher must "
+             "load every tensor, and a student may re-initialise only its class head.")(f)
+
+
+def _is_hf(name: str | None) -> bool:
+    from kd_detr.models.hf import is_hf_name
+
+    return bool(name) and is_hf_name(name)
+
+
+def _student_overrides(student: str, student_opt: tuple[str, ...], option: str, allow_partial: bool,
+                       teacher: str | None = None) -> dict[str, Any]:
+    """``--student-opt`` / ``--model-opt`` pairs, plus ``allow_partial_weights`` for a transformers student.
+    kd-detr's own loaders are always strict, so the flag must reach a transformers model: the student, or the
+    ``teacher`` of a distillation (which gets it through its spec)."""
+    overrides = parse_overrides(student_opt, option)
+    if allow_partial:
+        if _is_hf(student):
+            overrides["allow_partial_weights"] = True
+        elif not _is_hf(teacher):
+            raise click.UsageError("--allow-partial-weights relaxes the loading of transformers models (hf:DIR); "
+                                   f"{student!r}{' and ' + repr(teacher) if teacher else ''} load strictly as "
+                                   "kd-detr models")
+    return overrides
+
+
 def _data_options(f):
     opts = [
         click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
@@ -214,16 +244,19 @@ def _data_options(f):
 @click.option("--no-aux-loss", is_flag=True, help="Supervise the last decoder layer only.")
 @click.option("--deterministic", is_flag=True, help="torch.use_deterministic_algorithms (warn-only).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@_partial_weights_option
 def train_cmd(model_name, model_opt, backbone_weights, init_checkpoint, data, train_ann, train_images, val_ann,
               val_images, image_size, label_map, num_workers, no_augment, batch_size, lr, lr_backbone, weight_decay,
               clip_max_norm, epochs, max_iters, lr_drop, lr_drop_iter, warmup_iters, amp, output_dir, seed,
               device, log_every, checkpoint_every, keep_checkpoints, eval_every_epochs, eval_every_iters,
-              eval_batch_size, eval_max_images, resume, no_aux_loss, deterministic, no_progress) -> None:
+              eval_batch_size, eval_max_images, resume, no_aux_loss, deterministic, no_progress,
+              allow_partial_weights) -> None:
     """Train a Conditional DETR (official recipe by default). Multi-GPU: torchrun --nproc_per_node N -m kd_detr train ..."""
     from kd_detr.engine.trainer import TrainConfig, train
 
     cfg = TrainConfig(
-        model=model_name, model_overrides=parse_overrides(model_opt, "--model-opt"),
+        model=model_name,
+        model_overrides=_student_overrides(model_name, model_opt, "--model-opt", allow_partial_weights),
         backbone_weights=backbone_weights, init_checkpoint=init_checkpoint, data=data, train_ann=train_ann,
         train_images=train_images, val_ann=val_ann, val_images=val_images, image_size=image_size,
         label_map=label_map, num_workers=num_workers, augment=not no_augment, batch_size=batch_size, lr=lr, lr_backbone=lr_backbone,
@@ -295,10 +328,11 @@ def recipes_cmd(name: str | None, overrides: tuple[str, ...]) -> None:
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the recipe's, auto).")
 @click.option("--amp", is_flag=True, default=None, help="Mixed precision (CUDA only).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@_partial_weights_option
 def distill_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_serve, teacher_actors, views, view_seed, student,
                 student_opt, recipe_name, overrides, data, train_ann,
                 train_images, val_ann, val_images, image_size, num_workers, label_map, output_dir, resume, seed,
-                device, amp, no_progress) -> None:
+                device, amp, no_progress, allow_partial_weights) -> None:
     """Distil a teacher into a student with a recipe (D3ETR by default).
 
     The teacher runs in this process (eval mode, no gradients) on the student's padded batch. The
@@ -316,8 +350,11 @@ def distill_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_serve, teach
     run = assemble_run(student, recipe_name,
                        DataSpec(data, train_ann, train_images, val_ann, val_images, image_size, label_map),
                        TeacherSourceSpec(teacher=teacher, checkpoint=teacher_checkpoint, cache=teacher_cache,
-                                         serve=teacher_serve, actors=teacher_actors),
-                       output_dir, student_overrides=parse_overrides(student_opt, "--student-opt"),
+                                         serve=teacher_serve, actors=teacher_actors,
+                                         allow_partial_weights=allow_partial_weights),
+                       output_dir,
+                       student_overrides=_student_overrides(student, student_opt, "--student-opt",
+                                                            allow_partial_weights, teacher),
                        overrides=overrides, train_options=train_options, resume=resume, views=views,
                        view_seed=view_seed)
     metrics = run.run()
@@ -358,10 +395,11 @@ def distill_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_serve, teach
 @click.option("--teacher-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Image views per teacher-stage call of the stream pipeline (each still runs alone).")
 @click.option("--no-progress", is_flag=True)
+@_partial_weights_option
 @click.pass_context
 def cache_group(ctx, teacher, teacher_checkpoint, data, train_ann, train_images, image_size, label_map, out, views,
                 view_seed, actors, attention, dtype, heads, classes, images_per_shard, address, pipeline,
-                teacher_batch_size, no_progress):
+                teacher_batch_size, no_progress, allow_partial_weights):
     """Precompute a teacher's decoder outputs on K recorded views per image into a safetensors cache.
 
     Resumable: rerunning skips finished shards. `kd-detr cache verify CACHE` checks it, `kd-detr cache
@@ -381,7 +419,7 @@ def cache_group(ctx, teacher, teacher_checkpoint, data, train_ann, train_images,
         store = StoreConfig.parse(attention, dtype=dtype, heads=heads, classes=classes)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    spec = resolve_teacher(teacher, teacher_checkpoint)
+    spec = resolve_teacher(teacher, teacher_checkpoint, allow_partial_weights)
     dataset = DataSpec(data, train_ann, train_images, image_size=image_size, label_map=label_map).train_set()
     config, t_label_map, t_image_size = describe_teacher(spec, dataset.label_map)  # the actors load the weights
     check_teacher_fits(spec, t_label_map, t_image_size, dataset.label_map, config.num_classes, image_size)
@@ -454,9 +492,10 @@ def cache_info_cmd(cache: str) -> None:
                    "On GPUs every run takes one GPU.")
 @click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
 @click.option("--no-progress", is_flag=True)
+@_partial_weights_option
 def compare_cmd(teacher, teacher_checkpoint, teacher_cache, student, student_opt, recipes, budget, seeds, overrides,
                 data, train_ann, train_images, val_ann, val_images, image_size, num_workers, label_map, eval_points,
-                views, out, device, no_ray, parallel, address, no_progress) -> None:
+                views, out, device, no_ray, parallel, address, no_progress, allow_partial_weights) -> None:
     """Run several recipes (and seeds) on one budget and write a comparison table and plots.
 
     Writes OUT/comparison.md and .csv (AP, AP50, AP75, APs, APm, APl, gain over baseline, time per step, peak
@@ -469,7 +508,9 @@ def compare_cmd(teacher, teacher_checkpoint, teacher_cache, student, student_opt
     seed_list = _parse_seeds(seeds, "--seeds")
     cfg = CompareConfig(student=student, recipes=[r.strip() for r in recipes.split(",") if r.strip()], out=out,
                         budget=budget, teacher=teacher, teacher_checkpoint=teacher_checkpoint,
-                        teacher_cache=teacher_cache, student_overrides=parse_overrides(student_opt, "--student-opt"),
+                        teacher_cache=teacher_cache, allow_partial_weights=allow_partial_weights,
+                        student_overrides=_student_overrides(student, student_opt, "--student-opt",
+                                                             allow_partial_weights, teacher),
                         seeds=seed_list, overrides=list(overrides),
                         data=DataSpec(data, train_ann, train_images, val_ann, val_images, image_size, label_map),
                         eval_points=eval_points, num_workers=num_workers, device=device,

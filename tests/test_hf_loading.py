@@ -385,3 +385,53 @@ def test_dab_detr_num_queries_counts_its_patterns():
 def test_num_queries_zero_is_refused_as_an_override():
     with pytest.raises(ValueError, match="num_queries = 0: a detector needs at least one query"):
         build_model(tiny_name("detr"), num_queries=0)
+
+
+# ---------------------------------------------------------------------------- the CLI switch
+def test_allow_partial_weights_on_the_command_line_is_needed_and_recorded(folders, tmp_path, synth_data):
+    """`kd-detr distill` refuses a teacher folder that does not fully load in one line; with
+    --allow-partial-weights it trains and the run's config.json records the switch for the teacher and,
+    for a transformers student, in its model overrides."""
+    from click.testing import CliRunner
+
+    from kd_detr.cli import main
+
+    names = [c["name"] for c in json.loads((synth_data / "annotations" / "instances_train2017.json").read_text())[
+        "categories"]]
+    config = TINY_CONFIGS["conditional_detr"](num_labels=len(names), num_queries=6)
+    config.id2label = dict(enumerate(names))
+    config.label2id = {n: i for i, n in enumerate(names)}
+    teacher = tmp_path / "teacher"
+    with hub_offline_and_quiet():
+        transformers.ConditionalDetrForObjectDetection(config).save_pretrained(teacher)
+    sd = load_file(teacher / "model.safetensors")
+    del sd["model.input_projection.bias"]
+    save_file(sd, teacher / "model.safetensors", metadata={"format": "pt"})
+    common = ["distill", "--teacher", f"hf:{teacher}", "--student", tiny_name("conditional_detr"),
+              "--recipe", "d3etr_cross_family", "--data", str(synth_data), "--image-size", "64",
+              "--num-workers", "0", "--no-progress", "--set", "train.max_iters=1", "--set", "train.batch_size=2",
+              "--set", "train.eval_every_iters=1", "--set", "train.eval_max_images=2"]
+    refused = CliRunner().invoke(main, common + ["--output-dir", str(tmp_path / "refused")])
+    assert refused.exit_code == 1
+    assert refused.output.strip().splitlines() == [
+        f"Error: {teacher}: the teacher's weights do not all load: missing model.input_projection.bias (a teacher "
+        "must load every tensor of its folder: fix the folder, or pass --allow-partial-weights to start these "
+        "from random values)"]
+    out = tmp_path / "allowed"
+    allowed = CliRunner().invoke(main, common + ["--output-dir", str(out), "--allow-partial-weights"])
+    assert allowed.exit_code == 0, allowed.output
+    record = json.loads((out / "config.json").read_text())
+    assert record["config"]["teacher"]["allow_partial_weights"] is True
+    # the tiny student is a transformers model too: the switch reaches it and its checkpoint's config
+    assert record["config"]["train"]["model_overrides"] == {"allow_partial_weights": True}
+
+
+def test_allow_partial_weights_with_no_transformers_model_is_a_usage_error(synth_data, tmp_path):
+    from click.testing import CliRunner
+
+    from kd_detr.cli import main
+
+    res = CliRunner().invoke(main, ["train", "--model", "cond_detr_r18_tiny", "--data", str(synth_data),
+                                    "--max-iters", "1", "--output-dir", str(tmp_path / "r"), "--allow-partial-weights"])
+    assert res.exit_code == 2 and "load strictly as kd-detr models" in res.output
+    assert not (tmp_path / "r").exists()

@@ -30,6 +30,7 @@ class TeacherSourceSpec:
     actors: int = 1
     prefetch: int = 2
     address: Optional[str] = None
+    allow_partial_weights: bool = False  # a transformers teacher may load with tensors missing or re-initialised
 
     def __post_init__(self) -> None:
         if self.serve not in ("inprocess", "ray"):
@@ -44,13 +45,13 @@ def build_teacher_source(spec: TeacherSourceSpec, recipe: Recipe) -> Optional[Te
     """The teacher source of a run. A recipe without a teacher gets none, except a cache (it fixes the
     view plan, so that a baseline trains on the same batches as its distilled twins)."""
     if spec.cache:
-        return CacheSource(spec.cache, resolve_teacher(spec.teacher, spec.checkpoint)
+        return CacheSource(spec.cache, resolve_teacher(spec.teacher, spec.checkpoint, spec.allow_partial_weights)
                            if recipe.distils and spec.teacher else None)
     if not recipe.distils:
         return None
     if spec.teacher is None:
         raise ValueError(f"recipe {recipe.name} distils from a teacher: give --teacher or --teacher-cache")
-    teacher = resolve_teacher(spec.teacher, spec.checkpoint)
+    teacher = resolve_teacher(spec.teacher, spec.checkpoint, spec.allow_partial_weights)
     if spec.serve == "ray":
         return RaySource(teacher, actors=spec.actors, prefetch=spec.prefetch, address=spec.address)
     return InProcessSource(teacher)

@@ -47,6 +47,7 @@ class CompareConfig:
     teacher_checkpoint: Optional[str] = None
     teacher_cache: Optional[str] = None
     student_overrides: dict[str, Any] = field(default_factory=dict)
+    allow_partial_weights: bool = False  # the transformers teacher (the student's is in student_overrides)
     seeds: list[int] = field(default_factory=lambda: [0])
     overrides: list[str] = field(default_factory=list)  # --set, applied to every recipe
     data: DataSpec = field(default_factory=DataSpec)  # paths, image-size preset, label map
@@ -120,7 +121,8 @@ def run_one(cfg_dict: dict[str, Any], recipe: str, seed: int) -> dict[str, Any]:
         every = max(1, math.ceil(cfg.budget / cfg.eval_points))
         run = assemble_run(
             cfg.student, recipe, cfg.data,
-            TeacherSourceSpec(teacher=cfg.teacher, checkpoint=cfg.teacher_checkpoint, cache=cfg.teacher_cache),
+            TeacherSourceSpec(teacher=cfg.teacher, checkpoint=cfg.teacher_checkpoint, cache=cfg.teacher_cache,
+                              allow_partial_weights=cfg.allow_partial_weights),
             str(out), student_overrides=cfg.student_overrides,
             overrides=[*cfg.overrides, f"train.max_iters={cfg.budget}", f"train.eval_every_iters={every}",
                        f"train.seed={seed}"],
@@ -370,7 +372,7 @@ def evaluate_teacher(cfg: CompareConfig) -> Optional[dict[str, float]]:
     data = cfg.data
     lm = data.train_label_map()
     val = data.val_set(lm, log_report=False)
-    model, _, _ = load_teacher(resolve_teacher(cfg.teacher, cfg.teacher_checkpoint), lm)
+    model, _, _ = load_teacher(resolve_teacher(cfg.teacher, cfg.teacher_checkpoint, cfg.allow_partial_weights), lm)
     result, _ = evaluate_model(model, eval_loader(val, batch_size=2), val.coco, lm, resolve_device(cfg.device),
                                progress=False)
     return result.metrics
