@@ -99,7 +99,7 @@ def _state(path):
 def test_family_trains_resumes_evaluates_distils_and_exports(name, env, tmp_path):
     from kd_detr.models.checkpoint import tied_names
     from kd_detr.runs.export import export
-    from kd_detr.runs.inference import evaluate_checkpoint
+    from kd_detr.runs.inference import evaluate_checkpoint, load_detector
     from kd_detr.models import save_model
     from kd_detr.runs.onnx_export import ONNX_FAMILIES, ONNX_REFUSED, ONNX_TOPK_FAMILIES
 
@@ -147,6 +147,16 @@ def test_family_trains_resumes_evaluates_distils_and_exports(name, env, tmp_path
     with torch.no_grad():
         ref, got = final.hf(pixel_values=x), reloaded(pixel_values=x)
     assert (ref.logits - got.logits).abs().max() <= 1e-5 and (ref.pred_boxes - got.pred_boxes).abs().max() <= 1e-5
+    # kd-detr reads the folder back as the student it was (its input square and image size recorded)
+    folder_model, _, folder_meta = load_detector(paths["hf"])
+    assert folder_meta["extra_metadata"]["image_size"] == IMAGE_SIZE
+    images = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(2, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bool)
+    mask[1, :, IMAGE_SIZE * 3 // 4:] = True
+    with torch.no_grad():
+        ref, got = final(images, mask), folder_model(images, mask)
+    for key in ("pred_logits", "pred_boxes"):
+        assert (ref[key] - got[key]).abs().max() <= 1e-5, key
     assert (paths["hf"] / "model.safetensors").stat().st_mode & 0o077 == (paths["hf"] / "config.json").stat().st_mode & 0o077
     if family in ONNX_TOPK_FAMILIES:
         # two steps from transformers' init leave the masked anchors' encoder scores tied, and onnxruntime's

@@ -155,8 +155,8 @@ def _write(model, meta: dict, weights: Path, paths: dict[str, Path]) -> None:
     if "hf" in paths and family is not None:
         from kd_detr.models.hf.export import export_hf_family
 
-        export_hf_family(model, paths["hf"], label_map=label_map, extra={"exported_from": str(weights)},
-                         check_size=int(image_size or 128))
+        hf_extra = {"exported_from": str(weights), **({"image_size": image_size} if image_size else {})}
+        export_hf_family(model, paths["hf"], label_map=label_map, extra=hf_extra, check_size=int(image_size or 128))
     elif "hf" in paths:
         from kd_detr.models.hf_export import export_hf
 

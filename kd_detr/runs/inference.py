@@ -29,8 +29,18 @@ def load_detector(checkpoint: str | Path, model_name: str | None = None, num_cla
 
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():  # a transformers save_pretrained folder: its id2label names the classes
+        import dataclasses
+
         model = build_model(f"hf:{checkpoint}")
         meta = {"model_name": model.config.name, "id2label": model.config.id2label}
+        # a kd-detr export records the student's input square and training image size (kd-detr export
+        # --format hf); without them a fixed-size family would run at its default 640 px
+        hf = model.config.hf_config
+        if hf.get("kd_detr_input_size") and model.config.input_size is None and not model.family.pixel_mask:
+            model.config = dataclasses.replace(model.config, input_size=int(hf["kd_detr_input_size"]))
+        image_size = (hf.get("kd_detr_export") or {}).get("image_size")
+        if image_size:
+            meta["extra_metadata"] = {"image_size": int(image_size)}
         return model.to(device).eval(), None, meta
     if checkpoint.suffix == ".safetensors":
         model, meta = load_model(checkpoint)

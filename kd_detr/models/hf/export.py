@@ -38,6 +38,10 @@ def export_hf_family(model: HFDetector, out_dir: str | Path, label_map: Optional
     names = id2label(label_map, model.config.num_classes)
     hf.config.id2label = dict(names)
     hf.config.label2id = {v: k for k, v in names.items()}
+    if model.input_size is not None:
+        # the square the student was trained at (transformers' own default is the family's 640): kd-detr
+        # reads it back from config.json, so that the folder predicts as the student does
+        hf.config.kd_detr_input_size = int(model.input_size)
     if label_map:
         hf.config.kd_detr_label_map = dict(label_map)
     if extra:
