@@ -6,12 +6,16 @@ are kept outside the model); export re-writes it and checks every file it writes
 * ``safetensors``: ``PREFIX.safetensors``, a kd-detr model file (with the label map);
 * ``official``: ``PREFIX.pth``, the official ``{"model": state_dict}``; checked to load strictly into a
   plain ``cond_detr_*`` model and reproduce the student's outputs;
-* ``hf``: the folder ``PREFIX/``, a transformers ``save_pretrained`` folder for
-  ``ConditionalDetrForObjectDetection`` / ``AutoModelForObjectDetection`` (:mod:`kd_detr.models.hf_export`);
-  checked to load with no missing / unexpected keys and reproduce the outputs (1e-5);
-* ``onnx``: ``PREFIX.onnx`` (:mod:`kd_detr.runs.onnx_export`); checked with onnxruntime (1e-4).
+* ``hf``: the folder ``PREFIX/``, a transformers ``save_pretrained`` folder that
+  ``AutoModelForObjectDetection`` loads: ``ConditionalDetrForObjectDetection`` for kd-detr's own student
+  (:mod:`kd_detr.models.hf_export`), the family's own class for a transformers-family student
+  (:mod:`kd_detr.models.hf.export`; its input square and image size recorded in ``config.json``); checked to
+  load with no missing / unexpected keys and reproduce the outputs (1e-5); files get the umask's mode;
+* ``onnx``: ``PREFIX.onnx`` (:mod:`kd_detr.runs.onnx_export`); checked with onnxruntime (1e-4); the
+  transformers families it cannot express faithfully are refused by name before anything is written.
 
-The default is ``safetensors`` + ``official``.
+The default is ``safetensors`` + ``official``. ``--out`` is checked first (empty, a folder, under a file:
+one line naming it); when a later writer fails its check, the outputs this call created are removed.
 """
 
 from __future__ import annotations
