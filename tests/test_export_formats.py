@@ -266,6 +266,7 @@ def test_failed_export_leaves_no_half_export(run, tmp_path, monkeypatch):
     _, folder = run
     prefix = tmp_path / "student"
     prefix.with_name("student.pth").write_bytes(b"earlier")
+    deep = tmp_path / "new" / "deeper" / "student"
 
     def mismatch(model, path, **kw):
         raise ExportMismatch(f"{path}: onnxruntime pred_logits differs")
@@ -275,3 +276,6 @@ def test_failed_export_leaves_no_half_export(run, tmp_path, monkeypatch):
                                     "--format", "safetensors,hf,onnx"])
     assert res.exit_code == 1 and res.output.strip() == f"Error: {prefix}.onnx: onnxruntime pred_logits differs"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student.pth"]
+    with pytest.raises(ExportMismatch):
+        export(folder, deep, ["safetensors", "onnx"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.pth"]  # the folders it made are gone too

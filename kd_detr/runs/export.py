@@ -109,10 +109,13 @@ def export(source: str | Path, out_prefix: str | Path, formats: Iterable[str] | 
         require_onnx_runtime()
     paths = output_paths(out_prefix, formats)
     existed = {f for f, p in paths.items() if p.exists()}
+    parent = Path(out_prefix).parent
+    new_dirs = [d for d in (parent, *parent.parents) if not d.exists()]  # deepest first
     try:
         _write(model, meta, weights, paths)
     except BaseException:
-        # no half export: the outputs this call created are removed (one it replaced keeps its new content)
+        # no half export: the outputs (and folders) this call created are removed; a file it replaced keeps
+        # its new content
         import shutil
 
         for f, p in paths.items():
@@ -122,6 +125,11 @@ def export(source: str | Path, out_prefix: str | Path, formats: Iterable[str] | 
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
+        for d in new_dirs:
+            try:
+                d.rmdir()
+            except OSError:  # not empty (or gone): leave it
+                break
         raise
     return paths
 
