@@ -19,14 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from kd_detr.models.hf.registry import list_hf_models  # noqa: E402
 
-# families whose training on kd-detr's padded batches fails today: the ViT backbone of LW-DETR / RF-DETR needs
-# the padded size to be a multiple of patch size x windows, which the adapter does not pad to yet (strict: the
-# case fails loudly once it is fixed, so that the marker is removed)
-TRAINING_BROKEN = {"hf_lw_detr_tiny", "hf_rf_detr_tiny"}
-FAMILIES = [pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=RuntimeError,
-                                                       reason="windowed ViT backbone: batch not padded to a "
-                                                              "multiple of patch size x windows"))
-            if n in TRAINING_BROKEN else n for n in sorted(list_hf_models())]
+FAMILIES = sorted(list_hf_models())
 IMAGE_SIZE = 64
 STUDENT_OPTS = {"num_queries": 10}
 
@@ -175,28 +168,3 @@ def test_family_trains_resumes_evaluates_distils_and_exports(name, env, tmp_path
         with pytest.raises(ValueError, match=rf"cannot export {name} to ONNX: transformers family '{family}'"):
             export(full, tmp_path / "exp2" / "student", ["onnx"])
         assert not (tmp_path / "exp2").exists() or not any((tmp_path / "exp2").iterdir())
-
-
-@pytest.mark.parametrize("name", sorted(TRAINING_BROKEN & set(list_hf_models())))
-def test_family_that_cannot_train_yet_still_saves_and_exports(name, tmp_path):
-    """Until the families above train, their checkpoint and exports are checked on a built model."""
-    from kd_detr.models import build_model, save_model
-    from kd_detr.runs.export import export
-    from kd_detr.runs.onnx_export import ONNX_FAMILIES
-
-    torch.manual_seed(0)
-    model = build_model(name, num_classes=3, **STUDENT_OPTS).eval()
-    save_model(model, tmp_path / "model_final.safetensors")
-    family = model.config.family
-    formats = ["safetensors", "hf"] + (["onnx"] if family in ONNX_FAMILIES else [])
-    paths = export(tmp_path, tmp_path / "exp" / "student", formats)
-    exported, _ = _state(paths["safetensors"])
-    assert all(torch.equal(v, exported.state_dict()[k]) for k, v in model.state_dict().items())
-    reloaded = transformers.AutoModelForObjectDetection.from_pretrained(paths["hf"]).eval()
-    x = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref, got = model.hf(pixel_values=x), reloaded(pixel_values=x)
-    assert (ref.logits - got.logits).abs().max() <= 1e-5 and (ref.pred_boxes - got.pred_boxes).abs().max() <= 1e-5
-    if family not in ONNX_FAMILIES:
-        with pytest.raises(ValueError, match=rf"cannot export {name} to ONNX: transformers family '{family}'"):
-            export(tmp_path, tmp_path / "exp" / "other", ["onnx"])

@@ -206,3 +206,33 @@ def test_onnx_parity_of_an_rt_detr_student(tmp_path):
     tol = 1e-4 * scale
     path = export_onnx(model, tmp_path / "rt.onnx", height=128, width=128, atol=tol)
     assert check_onnx(path, model, [(images, mask)], atol=tol) <= tol
+
+
+@pytest.mark.parametrize("family", FAMILY_KEYS)
+def test_any_padded_batch_size_trains(family):
+    """kd-detr's batches are padded to the largest image, any size: a family whose backbone needs whole windows
+    (LW-DETR, RF-DETR) gets the batch padded further under the mask, and every family trains on it."""
+    model = _tiny(family).train()
+    images, mask, targets = _batch()
+    images, mask = images[..., :50, :42], mask[..., :50, :42]  # 50 x 42: no multiple of any window grid
+    out = model(images, mask, targets=targets)
+    assert torch.isfinite(out["family_loss"]) and out.logits.shape[1:3] == (2, 8)
+
+
+def test_windowed_backbones_pad_under_the_mask():
+    from kd_detr.models.hf.adapter import _pad_to_multiple
+
+    x = torch.arange(2 * 3 * 5 * 7, dtype=torch.float).view(2, 3, 5, 7)
+    mask = torch.zeros(2, 5, 7, dtype=torch.bool)
+    mask[1, :, 6:] = True
+    px, pm = _pad_to_multiple(x, mask, 4)
+    assert px.shape == (2, 3, 8, 8) and torch.equal(px[..., :5, :7], x) and px[..., 5:, :].abs().sum() == 0
+    assert torch.equal(pm[:, :5, :7], mask) and pm[:, 5:].all() and pm[:, :, 7:].all()
+    same, none = _pad_to_multiple(x[..., :4, :4], None, 4)
+    assert none is None and torch.equal(same, x[..., :4, :4])
+    for family in ("lw_detr", "rf_detr"):
+        if family in FAMILY_KEYS:
+            model = _tiny(family)
+            m = FAMILIES[family].pad_multiple(model.hf.config)
+            pv, pmask = model.pixels(*_batch()[:2])
+            assert m == 32 and pv.shape[-1] % m == 0 and pv.shape[-2] % m == 0 and pmask.shape == pv.shape[:1] + pv.shape[2:]

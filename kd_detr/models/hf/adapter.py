@@ -267,6 +267,8 @@ class HFDetector(nn.Module):
         family's ``(pixel_values, pixel_mask)``."""
         x = images if self.family.imagenet_norm else images * self._std + self._mean
         if self.family.pixel_mask:
+            if self.family.pad_multiple is not None:
+                x, mask = _pad_to_multiple(x, mask, self.family.pad_multiple(self.hf.config))
             return x, None if mask is None else (~mask).long()
         return _resize_regions(x, mask, self.input_size), None
 
@@ -397,6 +399,20 @@ class HFDetector(nn.Module):
                request: Optional[DetectorRequest] = None) -> list[DetectorOutput]:
         raise ValueError(f"{self.config.name}: decode() of extra query groups needs kd-detr's "
                                   "Conditional DETR student")
+
+
+def _pad_to_multiple(x: Tensor, mask: Optional[Tensor], m: int) -> tuple[Tensor, Optional[Tensor]]:
+    """``x [B,3,H,W]`` and ``mask [B,H,W]`` (True = pad) padded at the bottom and right to multiples of ``m``:
+    zeros (the mean colour after normalisation, as kd-detr pads) under a True mask, so the detections and the
+    boxes, relative to each image's own region, do not change meaning."""
+    H, W = x.shape[-2:]
+    ph, pw = -H % m, -W % m
+    if mask is None and (ph or pw):
+        mask = torch.zeros(x.shape[0], H, W, dtype=torch.bool, device=x.device)
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph))
+        mask = F.pad(mask, (0, pw, 0, ph), value=True)
+    return x, mask
 
 
 def _resize_regions(x: Tensor, mask: Optional[Tensor], size: int) -> Tensor:

@@ -61,6 +61,9 @@ class Family:
             emits every layer (D-FINE emits only ``eval_idx`` otherwise); it must not turn dropout on.
         group_queries: training runs extra query groups (LW-DETR's Group DETR): keep the first
             ``num_queries``, the group inference runs.
+        pad_multiple: ``(transformers config) -> m``: a mask family whose backbone needs the padded height and
+            width to be multiples of ``m`` (a windowed ViT splits the patch grid into equal windows); the
+            adapter pads the batch further, as masked padding.
     """
 
     key: str
@@ -76,6 +79,7 @@ class Family:
     layer_modules: Optional[Callable[[Any], list]] = None
     all_layers_in_eval: Optional[Callable[[Any], Any]] = None
     group_queries: bool = False
+    pad_multiple: Optional[Callable[[Any], int]] = None
     loss_weights: Optional[Callable[[Any], dict[str, float]]] = None
     queries: Optional[Callable[[Any, dict], Tensor]] = None
     dynamic_queries: Callable[[dict], Optional[str]] = (
@@ -307,6 +311,18 @@ def _group_detr_layers(model: Any, base: Any, out: Any, training: bool, captured
     return LayerOutputs(logits, boxes, reference_points=ref[..., :2].detach(), dn_queries=extra)
 
 
+def _lw_detr_windows(config: Any) -> int:
+    """LW-DETR's ViT: ``num_windows`` windows in a square grid of patches."""
+    vit = config.backbone_config
+    return int(vit.patch_size) * int(vit.num_windows_side)
+
+
+def _rf_detr_windows(config: Any) -> int:
+    """RF-DETR's DINOv2: ``num_windows`` windows per side of the patch grid."""
+    vit = config.backbone_config
+    return int(vit.patch_size) * max(1, int(vit.num_windows))
+
+
 _MASKED = dict(pixel_mask=True, imagenet_norm=True)
 _FIXED_640 = dict(pixel_mask=False, imagenet_norm=False, default_input_size=640)
 
@@ -350,8 +366,10 @@ register_family(Family(
 register_family(Family(
     key="lw_detr", model_type="lw_detr", hf_class="LwDetrForObjectDetection", softmax=False, dense_attention=False,
     summed_loss=False, layers=_group_detr_layers, loss_weights=group_detr_loss_weights,
-    group_queries=True, dynamic_queries=_group_dynamic, note="Group DETR groups in training: group 0 kept", **_MASKED))
+    group_queries=True, dynamic_queries=_group_dynamic, pad_multiple=_lw_detr_windows,
+    note="Group DETR groups in training: group 0 kept; batch padded to whole windows", **_MASKED))
 register_family(Family(
     key="rf_detr", model_type="rf_detr", hf_class="RfDetrForObjectDetection", softmax=False, dense_attention=False,
     summed_loss=False, layers=_group_detr_layers, loss_weights=group_detr_loss_weights,
-    group_queries=True, dynamic_queries=_group_dynamic, note="as LW-DETR", **_MASKED))
+    group_queries=True, dynamic_queries=_group_dynamic, pad_multiple=_rf_detr_windows, note="as LW-DETR",
+    **_MASKED))
