@@ -435,3 +435,19 @@ def test_allow_partial_weights_with_no_transformers_model_is_a_usage_error(synth
                                     "--max-iters", "1", "--output-dir", str(tmp_path / "r"), "--allow-partial-weights"])
     assert res.exit_code == 2 and "load strictly as kd-detr models" in res.output
     assert not (tmp_path / "r").exists()
+
+
+def test_a_kd_detr_export_brings_its_input_square_to_hf_dir(folders, tmp_path):
+    """`kd-detr export --format hf` of a fixed-size student records its square; as `hf:DIR` (a teacher, a
+    student to fine-tune, eval) the folder runs at it, not at the family's default 640 px."""
+    fixed = [f for f in FAMILY_KEYS if not FAMILIES[f].pixel_mask]
+    masked = [f for f in FAMILY_KEYS if FAMILIES[f].pixel_mask]
+    for family in fixed[:1] + masked[:1]:
+        folder = _copy(folders[family], tmp_path / family)
+        assert get_config(f"hf:{folder}").input_size is None
+        _edit_config(folder, kd_detr_input_size=96)
+        expected = None if FAMILIES[family].pixel_mask else 96  # mask families take any size
+        assert get_config(f"hf:{folder}").input_size == expected
+        assert resolve_teacher(f"hf:{folder}") is not None
+        if expected:
+            assert build_model(f"hf:{folder}").input_size == 96

@@ -346,7 +346,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     if isinstance(config, HFModelConfig):
         from .hf.adapter import HFDetector
 
-        model = HFDetector(config)
+        model = HFDetector(config, load_weights=False)  # every tensor comes from the file, not the folder
     else:
         model = ConditionalDETR(config)
     tensors = st.load_file(path, device="cpu")

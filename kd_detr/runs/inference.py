@@ -29,15 +29,10 @@ def load_detector(checkpoint: str | Path, model_name: str | None = None, num_cla
 
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():  # a transformers save_pretrained folder: its id2label names the classes
-        import dataclasses
-
-        model = build_model(f"hf:{checkpoint}")
+        model = build_model(f"hf:{checkpoint}")  # a kd-detr export's input square comes with its config
         meta = {"model_name": model.config.name, "id2label": model.config.id2label}
-        # a kd-detr export records the student's input square and training image size (kd-detr export
-        # --format hf); without them a fixed-size family would run at its default 640 px
+        # a kd-detr export records the training image size (kd-detr export --format hf)
         hf = model.config.hf_config
-        if hf.get("kd_detr_input_size") and model.config.input_size is None and not model.family.pixel_mask:
-            model.config = dataclasses.replace(model.config, input_size=int(hf["kd_detr_input_size"]))
         image_size = (hf.get("kd_detr_export") or {}).get("image_size")
         if image_size:
             meta["extra_metadata"] = {"image_size": int(image_size)}

@@ -119,8 +119,12 @@ def hf_config(name: str) -> HFModelConfig:
             raise FileNotFoundError(f"{name}: no weights (model.safetensors) in {folder}")
         for f in weights:
             check_safetensors_header(f)
+        # a kd-detr export (`kd-detr export --format hf`) records the square its fixed-size student ran at;
+        # without it such a family runs at its processor's default (640 px)
+        square = data.get("kd_detr_input_size")
         try:
             return HFModelConfig(name=f"{HF_PREFIX}{folder}", family=family.key, hf_config=data, source=str(folder),
+                                 input_size=None if (family.pixel_mask or not square) else int(square),
                                  description=f"transformers {family.hf_class} from {folder}").validate()
         except (TypeError, ValueError) as e:
             raise ValueError(f"{cfg_file}: {e}") from None
