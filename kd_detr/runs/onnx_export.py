@@ -11,26 +11,44 @@ students that follow the same contract). The ONNX graph has
   (normalised cxcywh), nothing else (no auxiliary layers);
 * dynamic ``batch``, ``height`` and ``width`` axes (checked: the export is also compared at a second size).
 
-Transformers families: DETR, Conditional DETR, DAB-DETR, RT-DETR and RT-DETRv2 export; the others are refused before anything is
-written, by name and with the reason (:func:`check_onnx_exportable`, :data:`ONNX_REFUSED`): their graphs do not
-reproduce PyTorch in onnxruntime. A family kd-detr does not know yet is refused until it is checked.
+Transformers families: DETR, Conditional DETR, DAB-DETR, Deformable DETR, RT-DETR, RT-DETRv2, LW-DETR and RF-DETR
+export; the others are refused before anything is written, by name and with the reason
+(:func:`check_onnx_exportable`, :data:`ONNX_REFUSED`). A family kd-detr does not know yet is refused until it is
+checked.
 
 It is traced with the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``, which needs
-only the ``onnx`` package; the dynamo exporter would also need ``onnxscript``), opset 17. The export is
-written to a temporary file beside the target and renamed onto it only after onnxruntime reproduces
-the PyTorch outputs within ``atol`` (max abs difference, default 1e-4).
+only the ``onnx`` package; the dynamo exporter would also need ``onnxscript``), opset 17. Three things
+transformers writes would be traced wrongly, so they are replaced while tracing only (:func:`_tracing_fixes`,
+undone afterwards; PyTorch's own outputs do not change):
+
+* ``torch.as_tensor(spatial_shapes_list)`` (Deformable DETR, LW-DETR, RF-DETR) records the feature-map sizes
+  as constants, so the deformable attention's offset normaliser and level start indices were the traced
+  size's at every size: the ``spatial_shapes`` / ``level_start_index`` arguments are rebuilt from the traced
+  sizes in ``spatial_shapes_list`` by a pre-hook on each module that takes both;
+* RF-DETR's antialiased bicubic resize of its position embeddings has no ONNX operator at opset 17: it is
+  computed as two matrix products with PyTorch's antialiasing cubic weights (:func:`_aa_bicubic_weights`);
+* kd-detr's padding to whole backbone windows (LW-DETR, RF-DETR) skips the pad when the traced size needs
+  none; while tracing it always pads, by a traced amount.
+
+The export is written to a temporary file beside the target and renamed onto it only after onnxruntime
+reproduces the PyTorch outputs within ``atol`` (max abs difference, default 1e-4).
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
+import sys
 import uuid
 import warnings
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from kd_detr.models.hf_export import ExportMismatch
 
@@ -44,23 +62,21 @@ OUTPUT_NAMES = ("pred_logits", "pred_boxes")
 
 
 # transformers families whose traced graph onnxruntime runs with the PyTorch outputs (checked at two sizes)
-ONNX_FAMILIES = frozenset({"detr", "conditional_detr", "dab_detr", "rt_detr", "rt_detr_v2"})
+ONNX_FAMILIES = frozenset({"detr", "conditional_detr", "dab_detr", "deformable_detr", "rt_detr", "rt_detr_v2",
+                           "lw_detr", "rf_detr"})
 # of these, the ones whose encoder picks the decoder's queries by top-k over encoder tokens: masked anchors share
 # one score, and onnxruntime orders such ties differently from PyTorch, so a model whose top-k reaches them
 # (an untrained one) fails the check; a trained model's scores do not tie
 ONNX_TOPK_FAMILIES = frozenset({"rt_detr", "rt_detr_v2"})
 # why the others are refused (found by exporting the tiny models and comparing in onnxruntime)
 ONNX_REFUSED: dict[str, str] = {
-    "deformable_detr": "its multi-scale deformable attention is traced with the feature-map sizes as constants, so "
-                       "the graph is wrong at any other image size (and a fixed-size graph needs a GridSample "
-                       "onnxruntime lacks)",
-    "d_fine": "onnxruntime's outputs differ from PyTorch's by up to 1e-3 of the logits' scale (its box "
-              "distribution refinement), beyond the 1e-4 check",
-    "deimv2": "onnxruntime's outputs differ from PyTorch's by up to 2e-3 of the logits' scale (D-FINE's box "
-              "distribution refinement), beyond the 1e-4 check",
-    "lw_detr": "its ViT backbone is traced with the patch grid as constants (the graph holds only at the traced "
-               "image size)",
-    "rf_detr": "its backbone resizes with antialiased bicubic interpolation, which ONNX opset 17 has no operator for",
+    "d_fine": "its encoder picks the decoder's queries by top-k over scores that an untrained or lightly trained "
+              "model leaves tied or within float32 rounding of each other, and onnxruntime's rounding picks other "
+              "queries (boxes off by up to 0.9); no single operator differs, so a faithful graph cannot be "
+              "promised",
+    "deimv2": "as D-FINE: its encoder picks the decoder's queries by top-k over scores within float32 rounding "
+              "of each other, and onnxruntime's rounding picks other queries; no single operator differs, so a "
+              "faithful graph cannot be promised",
 }
 
 
@@ -85,6 +101,89 @@ class _Predictions(nn.Module):
     def forward(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         out = self.model(images, mask)
         return out["pred_logits"], out["pred_boxes"]
+
+
+def _size(v) -> Tensor:
+    return v if isinstance(v, Tensor) else torch.tensor(v)
+
+
+def _traced_spatial_shapes(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: ``spatial_shapes [L,2]`` (and ``level_start_index [L]``) rebuilt from the sizes in
+    ``spatial_shapes_list``, which the tracer follows, instead of the ``torch.as_tensor`` constant."""
+    shapes = kwargs.get("spatial_shapes_list")
+    if not shapes or kwargs.get("spatial_shapes") is None:
+        return None
+    spatial = torch.stack([torch.stack([_size(h), _size(w)]).to(torch.long) for h, w in shapes])
+    kwargs = dict(kwargs, spatial_shapes=spatial)
+    if kwargs.get("level_start_index") is not None:
+        kwargs["level_start_index"] = torch.cat((spatial.new_zeros((1,)), spatial.prod(1).cumsum(0)[:-1]))
+    return args, kwargs
+
+
+def _aa_bicubic_weights(out_size, in_size: int, dtype: torch.dtype) -> Tensor:
+    """``[out_size, in_size]`` weights of PyTorch's antialiased bicubic resize along one axis
+    (``F.interpolate(mode="bicubic", antialias=True, align_corners=False)``: Keys cubic with a = -0.5, widened by
+    the scale when shrinking, normalised to sum 1). ``out_size`` may be a traced size."""
+    out = _size(out_size)
+    scale = in_size / out.to(torch.float32)
+    stretch = torch.clamp(scale, min=1.0)  # the kernel widens only when shrinking
+    centre = scale * (torch.arange(out, dtype=torch.float32) + 0.5)
+    x = ((torch.arange(in_size, dtype=torch.float32)[None, :] + 0.5 - centre[:, None]) / stretch).abs()
+    a = -0.5
+    w = torch.where(x < 1.0, ((a + 2) * x - (a + 3)) * x * x + 1,
+                    torch.where(x < 2.0, (((x - 5) * x + 8) * x - 4) * a, torch.zeros_like(x)))
+    return (w / w.sum(1, keepdim=True)).to(dtype)
+
+
+class _AntialiasedBicubic(TorchFunctionMode):
+    """``F.interpolate(x [B,C,h,w], size=(H, W), mode="bicubic", antialias=True)`` as
+    ``Wy [H,h] @ x @ Wx [W,w]^T``, which ONNX opset 17 can express (it has no antialiased resize)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.interpolate:
+            params = dict(zip(("input", "size", "scale_factor", "mode", "align_corners"), args), **kwargs)
+            if (params.get("antialias") and params.get("mode") == "bicubic" and not params.get("align_corners")
+                    and params.get("size") is not None and params["input"].dim() == 4):
+                x, (height, width) = params["input"], params["size"]
+                wy = _aa_bicubic_weights(height, x.shape[-2], x.dtype)
+                wx = _aa_bicubic_weights(width, x.shape[-1], x.dtype)
+                return torch.einsum("Hh,bchw,Ww->bcHW", wy, x, wx)
+        return func(*args, **kwargs)
+
+
+def _traced_pad_to_multiple(x: Tensor, mask: Optional[Tensor], m: int) -> tuple[Tensor, Optional[Tensor]]:
+    """The adapter's padding to whole windows, always padding (by a traced, possibly zero, amount): the
+    adapter skips the pad when the size needs none, which a trace would record for every size."""
+    height, width = x.shape[-2:]
+    ph, pw = -height % m, -width % m
+    if mask is None:
+        mask = torch.zeros(x.shape[0], height, width, dtype=torch.bool, device=x.device)
+    return F.pad(x, (0, pw, 0, ph)), F.pad(mask, (0, pw, 0, ph), value=True)
+
+
+@contextlib.contextmanager
+def _tracing_fixes(model: nn.Module) -> Iterator[None]:
+    """While ``torch.onnx.export`` traces ``model``: the replacements listed in the module docstring; all undone
+    on exit."""
+    hooks = []
+    for module in model.modules():
+        params = inspect.signature(module.forward).parameters
+        if "spatial_shapes" in params and "spatial_shapes_list" in params:
+            hooks.append(module.register_forward_pre_hook(_traced_spatial_shapes, with_kwargs=True))
+    # only a transformers-family model can need it (and then its adapter is loaded already)
+    adapter = sys.modules.get("kd_detr.models.hf.adapter")
+    pad = getattr(adapter, "_pad_to_multiple", None)
+    if pad is not None:
+        adapter._pad_to_multiple = _traced_pad_to_multiple
+    try:
+        with _AntialiasedBicubic():
+            yield
+    finally:
+        for h in hooks:
+            h.remove()
+        if pad is not None:
+            adapter._pad_to_multiple = pad
 
 
 def _example(batch: int, height: int, width: int, device: torch.device, seed: int) -> tuple[Tensor, Tensor]:
@@ -190,9 +289,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, height: int = 64, 
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings about Python ints/bools in shape checks
-            torch.onnx.export(wrapper, example, os.fspath(tmp), dynamo=False, opset_version=opset,
-                              input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
-                              dynamic_axes=axes, do_constant_folding=True)
+            with _tracing_fixes(model):
+                torch.onnx.export(wrapper, example, os.fspath(tmp), dynamo=False, opset_version=opset,
+                                  input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+                                  dynamic_axes=axes, do_constant_folding=True)
         if metadata:
             proto = onnx.load(os.fspath(tmp))
             for key, value in metadata.items():
