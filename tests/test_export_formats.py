@@ -279,3 +279,99 @@ def test_failed_export_leaves_no_half_export(run, tmp_path, monkeypatch):
     with pytest.raises(ExportMismatch):
         export(folder, deep, ["safetensors", "onnx"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student.pth"]  # the folders it made are gone too
+
+
+@pytest.mark.parametrize("family", ["deformable_detr", "lw_detr", "rf_detr"])
+def test_onnx_export_of_families_traced_with_fixes(family, tmp_path):
+    """Deformable DETR, LW-DETR and RF-DETR: the graph equals PyTorch at sizes other than the traced one (their
+    feature-map sizes, window padding and antialiased resize are traced, not constants), and the tracing
+    replacements are undone afterwards."""
+    import onnxruntime as ort
+
+    from kd_detr.models.hf import adapter
+    from kd_detr.models.hf.registry import list_hf_models
+    from kd_detr.runs.onnx_export import ONNX_FAMILIES, ONNX_REFUSED, export_onnx
+
+    name = f"hf_{family}_tiny"
+    if name not in list_hf_models():
+        pytest.skip(f"transformers without {family}")
+    assert family in ONNX_FAMILIES and family not in ONNX_REFUSED
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=5, num_queries=10).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # away from transformers' init, so that boxes depend on the image
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    pad = adapter._pad_to_multiple
+    path = export_onnx(model, tmp_path / "m.onnx")  # checked at 2x64x64 and 3x96x80
+    assert adapter._pad_to_multiple is pad
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images, mask = _batch(2, 112, 48, seed=5)  # a third size, taller than wide
+    with torch.no_grad():
+        ref = model(images, mask)
+    feed = {"images": images.numpy(), "mask": mask.numpy()}
+    logits, boxes = session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})
+    assert (torch.from_numpy(logits) - ref["pred_logits"]).abs().max() <= 1e-4
+    assert (torch.from_numpy(boxes) - ref["pred_boxes"]).abs().max() <= 1e-4
+    assert (ref["pred_boxes"][0] - ref["pred_boxes"][1]).abs().max() > 1e-3  # the outputs depend on the image
+
+
+def test_deformable_detr_onnx_is_wrong_at_other_sizes_without_the_tracing_fixes(tmp_path, monkeypatch):
+    """The cause the fixes address: traced as transformers writes it, the feature-map sizes are constants."""
+    import contextlib
+
+    from kd_detr.models.hf.registry import list_hf_models
+    from kd_detr.models.hf_export import ExportMismatch
+    from kd_detr.runs import onnx_export
+
+    if "hf_deformable_detr_tiny" not in list_hf_models():
+        pytest.skip("transformers without Deformable DETR")
+    torch.manual_seed(0)
+    model = build_model("hf_deformable_detr_tiny", num_classes=5, num_queries=10).eval()
+    monkeypatch.setattr(onnx_export, "_tracing_fixes", lambda model: contextlib.nullcontext())
+    with pytest.raises(ExportMismatch, match=r"differs from PyTorch by .* input \(3, 3, 96, 80\)"):
+        onnx_export.export_onnx(model, tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("shape, size", [((4, 4), (8, 8)), ((4, 4), (10, 9)), ((4, 4), (3, 7)),
+                                         ((37, 23), (5, 30)), ((6, 6), (6, 6))])
+def test_antialiased_bicubic_as_matrix_products_equals_pytorch(shape, size):
+    """The opset-17 form of F.interpolate(mode="bicubic", antialias=True) used while tracing RF-DETR."""
+    import torch.nn.functional as F
+
+    from kd_detr.runs.onnx_export import _TracedInterpolate
+
+    x = torch.randn(2, 3, *shape, generator=torch.Generator().manual_seed(0))
+    ref = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+    with _TracedInterpolate():
+        got = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+        plain = F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # anything else: untouched
+    assert got.shape == ref.shape and (got - ref).abs().max() <= 1e-5
+    assert torch.equal(plain, F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+
+
+def test_traced_nearest_mask_resize_reads_pytorchs_rows(tmp_path):
+    """The padding mask resized to a feature map: the ONNX graph reads the rows PyTorch reads (a plain Resize
+    reads row 55 of 112 for the third of 4 rows, PyTorch row 56)."""
+    import torch.nn.functional as F
+    import onnxruntime as ort
+
+    from kd_detr.runs.onnx_export import _TracedInterpolate
+
+    class MaskResize(torch.nn.Module):
+        def forward(self, mask, feat):
+            return F.interpolate(mask[None].float(), size=feat.shape[-2:])[0]
+
+    with _TracedInterpolate(), torch.no_grad():
+        torch.onnx.export(MaskResize(), (torch.zeros(2, 64, 64, dtype=torch.bool), torch.zeros(2, 1, 2, 2)),
+                          str(tmp_path / "r.onnx"), dynamo=False, opset_version=17, input_names=["mask", "feat"],
+                          dynamic_axes={"mask": {0: "b", 1: "h", 2: "w"}, "feat": {0: "b", 2: "fh", 3: "fw"}})
+    session = ort.InferenceSession(str(tmp_path / "r.onnx"), providers=["CPUExecutionProvider"])
+    for h, w, fh, fw in [(112, 48, 4, 2), (100, 60, 7, 4), (64, 64, 2, 2), (96, 80, 3, 3)]:
+        mask = torch.zeros(2, h, w, dtype=torch.bool)
+        mask[1, h // 2:], mask[1, :, 3 * w // 4:] = True, True
+        feat = torch.zeros(2, 1, fh, fw)
+        got = session.run(None, {"mask": mask.numpy(), "feat": feat.numpy()})[0]
+        assert torch.equal(torch.from_numpy(got), MaskResize()(mask, feat)), (h, w, fh, fw)

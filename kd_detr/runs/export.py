@@ -11,8 +11,9 @@ are kept outside the model); export re-writes it and checks every file it writes
   (:mod:`kd_detr.models.hf_export`), the family's own class for a transformers-family student
   (:mod:`kd_detr.models.hf.export`; its input square and image size recorded in ``config.json``); checked to
   load with no missing / unexpected keys and reproduce the outputs (1e-5); files get the umask's mode;
-* ``onnx``: ``PREFIX.onnx`` (:mod:`kd_detr.runs.onnx_export`); checked with onnxruntime (1e-4); the
-  transformers families it cannot express faithfully are refused by name before anything is written.
+* ``onnx``: ``PREFIX.onnx`` (:mod:`kd_detr.runs.onnx_export`), traced at the student's recorded image size
+  (64 px when none is recorded); checked with onnxruntime (1e-4) at that size and another; the transformers
+  families it cannot express faithfully (D-FINE, DEIMv2) are refused by name before anything is written.
 
 The default is ``safetensors`` + ``official``. ``--out`` is checked first (empty, a folder, under a file:
 one line naming it); when a later writer fails its check, the outputs this call created are removed.
@@ -179,7 +180,10 @@ def _write(model, meta: dict, weights: Path, paths: dict[str, Path]) -> None:
         metadata = {"kd_detr_config": model.config.to_json(), "exported_from": str(weights)}
         if label_map:
             metadata["kd_detr_label_map"] = json.dumps(label_map, sort_keys=True)
-        export_onnx(model, paths["onnx"], metadata=metadata)
+        # traced at the student's image size where it is recorded: a model that selects its queries by top-k
+        # needs as many encoder tokens as queries, which the 64-px default may not give
+        size = {"height": int(image_size), "width": int(image_size)} if image_size else {}
+        export_onnx(model, paths["onnx"], metadata=metadata, **size)
 
 
 def export_student(source: str | Path, out_prefix: str | Path) -> tuple[Path, Path]:

@@ -17,7 +17,7 @@ export; the others are refused before anything is written, by name and with the 
 checked.
 
 It is traced with the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``, which needs
-only the ``onnx`` package; the dynamo exporter would also need ``onnxscript``), opset 17. Three things
+only the ``onnx`` package; the dynamo exporter would also need ``onnxscript``), opset 17. Four things
 transformers writes would be traced wrongly, so they are replaced while tracing only (:func:`_tracing_fixes`,
 undone afterwards; PyTorch's own outputs do not change):
 
@@ -27,6 +27,9 @@ undone afterwards; PyTorch's own outputs do not change):
   sizes in ``spatial_shapes_list`` by a pre-hook on each module that takes both;
 * RF-DETR's antialiased bicubic resize of its position embeddings has no ONNX operator at opset 17: it is
   computed as two matrix products with PyTorch's antialiasing cubic weights (:func:`_aa_bicubic_weights`);
+* the nearest resize of the padding mask to each feature map (all mask families) becomes an ONNX Resize that
+  onnxruntime rounds differently from PyTorch at some sizes (112 -> 4 rows): it is traced as gathers of the
+  rows PyTorch reads (:func:`_nearest_index`);
 * kd-detr's padding to whole backbone windows (LW-DETR, RF-DETR) skips the pad when the traced size needs
   none; while tracing it always pads, by a traced amount.
 
@@ -135,20 +138,34 @@ def _aa_bicubic_weights(out_size, in_size: int, dtype: torch.dtype) -> Tensor:
     return (w / w.sum(1, keepdim=True)).to(dtype)
 
 
-class _AntialiasedBicubic(TorchFunctionMode):
-    """``F.interpolate(x [B,C,h,w], size=(H, W), mode="bicubic", antialias=True)`` as
-    ``Wy [H,h] @ x @ Wx [W,w]^T``, which ONNX opset 17 can express (it has no antialiased resize)."""
+def _nearest_index(out_size, in_size) -> Tensor:
+    """``[out_size]`` source rows of PyTorch's nearest resize, ``floor(i * (in / out))`` in float32 as PyTorch
+    computes it (onnxruntime divides by ``out / in`` instead, which lands one row early where ``in / out`` is a
+    whole number: a mask resized from 112 to 4 rows read row 55, not 56)."""
+    scale = _size(in_size).to(torch.float32) / _size(out_size).to(torch.float32)
+    index = torch.floor(torch.arange(_size(out_size), dtype=torch.float32) * scale).to(torch.long)
+    return torch.minimum(index, _size(in_size) - 1)
+
+
+class _TracedInterpolate(TorchFunctionMode):
+    """Two ``F.interpolate`` calls on ``x [B,C,h,w]`` to ``size=(H, W)``, traced as ONNX ops that reproduce
+    PyTorch: ``mode="bicubic", antialias=True`` (no opset-17 operator) as ``Wy [H,h] @ x @ Wx [W,w]^T``, and
+    ``mode="nearest"`` (the padding masks of the DETR families) as row / column gathers."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.interpolate:
             params = dict(zip(("input", "size", "scale_factor", "mode", "align_corners"), args), **kwargs)
-            if (params.get("antialias") and params.get("mode") == "bicubic" and not params.get("align_corners")
-                    and params.get("size") is not None and params["input"].dim() == 4):
-                x, (height, width) = params["input"], params["size"]
-                wy = _aa_bicubic_weights(height, x.shape[-2], x.dtype)
-                wx = _aa_bicubic_weights(width, x.shape[-1], x.dtype)
-                return torch.einsum("Hh,bchw,Ww->bcHW", wy, x, wx)
+            x, size, mode = params["input"], params.get("size"), params.get("mode", "nearest")
+            if size is not None and x.dim() == 4 and not isinstance(size, (int, Tensor)):
+                height, width = size
+                if mode == "bicubic" and params.get("antialias") and not params.get("align_corners"):
+                    wy = _aa_bicubic_weights(height, x.shape[-2], x.dtype)
+                    wx = _aa_bicubic_weights(width, x.shape[-1], x.dtype)
+                    return torch.einsum("Hh,bchw,Ww->bcHW", wy, x, wx)
+                if mode == "nearest":
+                    rows = _nearest_index(height, x.shape[-2])
+                    return x.index_select(-2, rows).index_select(-1, _nearest_index(width, x.shape[-1]))
         return func(*args, **kwargs)
 
 
@@ -177,7 +194,7 @@ def _tracing_fixes(model: nn.Module) -> Iterator[None]:
     if pad is not None:
         adapter._pad_to_multiple = _traced_pad_to_multiple
     try:
-        with _AntialiasedBicubic():
+        with _TracedInterpolate():
             yield
     finally:
         for h in hooks:
@@ -233,7 +250,11 @@ def check_onnx(path: str | os.PathLike, model: nn.Module, inputs: list[tuple[Ten
             with torch.no_grad():
                 ref = wrapper(images, mask)
             feed = {"images": images.cpu().numpy(), "mask": mask.cpu().numpy()}
-            got = session.run(list(OUTPUT_NAMES), {k: v for k, v in feed.items() if k in graph_inputs})
+            try:
+                got = session.run(list(OUTPUT_NAMES), {k: v for k, v in feed.items() if k in graph_inputs})
+            except Exception as e:  # onnxruntime's own errors (e.g. a Reshape to a size traced as a constant)
+                raise ExportMismatch(f"{path}: onnxruntime cannot run the graph on input {tuple(images.shape)}: "
+                                     f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
             for name, a, b in zip(OUTPUT_NAMES, ref, got):
                 b = torch.from_numpy(b)
                 if tuple(a.shape) != tuple(b.shape):
