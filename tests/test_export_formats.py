@@ -240,21 +240,70 @@ def test_bad_out_gives_one_line_naming_it(run, tmp_path, monkeypatch, out, says)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing written
 
 
-def test_onnx_refused_by_family_name_before_anything_is_written(tmp_path):
-    from kd_detr.runs.onnx_export import ONNX_FAMILIES, ONNX_REFUSED
-
+def test_onnx_refused_by_family_name_before_anything_is_written(tmp_path, monkeypatch):
+    """A family kd-detr has not checked (here: D-FINE taken off the list) is refused by name, nothing written."""
+    from kd_detr.runs import onnx_export
     from kd_detr.models.hf.registry import list_hf_models
 
     name = "hf_d_fine_tiny"
     if name not in list_hf_models():
         pytest.skip("transformers without D-FINE")
-    assert not set(ONNX_REFUSED) & ONNX_FAMILIES
+    assert not set(onnx_export.ONNX_REFUSED) & onnx_export.ONNX_FAMILIES
+    monkeypatch.setattr(onnx_export, "ONNX_FAMILIES", onnx_export.ONNX_FAMILIES - {"d_fine"})
     folder = _save_run(build_model(name, num_classes=5).eval(), tmp_path / "run")
     res = CliRunner().invoke(main, ["export", "--run", str(folder), "--out", str(tmp_path / "o" / "s"),
                                     "--format", "safetensors,onnx"])
     assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1
-    assert "cannot export hf_d_fine_tiny to ONNX: transformers family 'd_fine'" in res.output
+    assert ("cannot export hf_d_fine_tiny to ONNX: transformers family 'd_fine': kd-detr has not checked this "
+            "family's ONNX graph against PyTorch") in res.output
     assert not (tmp_path / "o").exists()
+
+
+def _variance_preserving(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Linear / conv weights ~ N(0, 1/fan_in), biases ~ N(0, 0.01): features that depend on the image and encoder
+    scores that do not tie (transformers' init gives every encoder token of D-FINE the same score)."""
+    import math
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / math.sqrt(m.weight[0].numel()))
+                if m.bias is not None:
+                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("family", ["d_fine", "deimv2"])
+def test_onnx_export_of_d_fine_families(family, tmp_path):
+    """D-FINE and DEIMv2 export faithfully (within ~2e-6) once their encoder scores do not tie."""
+    from kd_detr.models.hf.registry import list_hf_models
+    from kd_detr.runs.onnx_export import ONNX_FAMILIES, ONNX_TOPK_FAMILIES, check_onnx, export_onnx, _example
+
+    name = f"hf_{family}_tiny"
+    if name not in list_hf_models():
+        pytest.skip(f"transformers without {family}")
+    assert family in ONNX_FAMILIES and family in ONNX_TOPK_FAMILIES
+    torch.manual_seed(0)
+    model = _variance_preserving(build_model(name, num_classes=5, num_queries=10).eval())
+    path = export_onnx(model, tmp_path / "m.onnx")  # checked at 2x64x64 and 3x96x80 within 1e-4
+    worst = check_onnx(path, model, [_example(1, 112, 48, torch.device("cpu"), seed=4)], atol=1e-5)
+    assert worst <= 1e-5
+
+
+def test_untrained_d_fine_is_refused_by_the_check_naming_tied_scores(tmp_path):
+    """transformers' init gives every encoder token the same score: onnxruntime's top-k picks other queries."""
+    from kd_detr.models.hf.registry import list_hf_models
+    from kd_detr.models.hf_export import ExportMismatch
+    from kd_detr.runs.onnx_export import export_onnx
+
+    if "hf_d_fine_tiny" not in list_hf_models():
+        pytest.skip("transformers without D-FINE")
+    torch.manual_seed(0)
+    model = build_model("hf_d_fine_tiny", num_classes=5).eval()
+    with pytest.raises(ExportMismatch, match="top-k query selection meets tied encoder scores"):
+        export_onnx(model, tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())
 
 
 def test_failed_export_leaves_no_half_export(run, tmp_path, monkeypatch):

@@ -12,8 +12,8 @@ are kept outside the model); export re-writes it and checks every file it writes
   (:mod:`kd_detr.models.hf.export`; its input square and image size recorded in ``config.json``); checked to
   load with no missing / unexpected keys and reproduce the outputs (1e-5); files get the umask's mode;
 * ``onnx``: ``PREFIX.onnx`` (:mod:`kd_detr.runs.onnx_export`), traced at the student's recorded image size
-  (64 px when none is recorded); checked with onnxruntime (1e-4) at that size and another; the transformers
-  families it cannot express faithfully (D-FINE, DEIMv2) are refused by name before anything is written.
+  (64 px when none is recorded); checked with onnxruntime (1e-4) at that size and another; a transformers
+  family whose graph kd-detr has not checked is refused by name before anything is written.
 
 The default is ``safetensors`` + ``official``. ``--out`` is checked first (empty, a folder, under a file:
 one line naming it); when a later writer fails its check, the outputs this call created are removed.

@@ -11,10 +11,10 @@ students that follow the same contract). The ONNX graph has
   (normalised cxcywh), nothing else (no auxiliary layers);
 * dynamic ``batch``, ``height`` and ``width`` axes (checked: the export is also compared at a second size).
 
-Transformers families: DETR, Conditional DETR, DAB-DETR, Deformable DETR, RT-DETR, RT-DETRv2, LW-DETR and RF-DETR
-export; the others are refused before anything is written, by name and with the reason
-(:func:`check_onnx_exportable`, :data:`ONNX_REFUSED`). A family kd-detr does not know yet is refused until it is
-checked.
+Transformers families: DETR, Conditional DETR, DAB-DETR, Deformable DETR, RT-DETR, RT-DETRv2, D-FINE, DEIMv2,
+LW-DETR and RF-DETR export (:data:`ONNX_FAMILIES`); a family kd-detr does not know yet is refused by name before
+anything is written, until it is checked (:func:`check_onnx_exportable`, :data:`ONNX_REFUSED`). The top-k
+families (:data:`ONNX_TOPK_FAMILIES`) need encoder scores that do not tie, which an untrained model's do.
 
 It is traced with the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``, which needs
 only the ``onnx`` package; the dynamo exporter would also need ``onnxscript``), opset 17. Four things
@@ -66,21 +66,14 @@ OUTPUT_NAMES = ("pred_logits", "pred_boxes")
 
 # transformers families whose traced graph onnxruntime runs with the PyTorch outputs (checked at two sizes)
 ONNX_FAMILIES = frozenset({"detr", "conditional_detr", "dab_detr", "deformable_detr", "rt_detr", "rt_detr_v2",
-                           "lw_detr", "rf_detr"})
-# of these, the ones whose encoder picks the decoder's queries by top-k over encoder tokens: masked anchors share
-# one score, and onnxruntime orders such ties differently from PyTorch, so a model whose top-k reaches them
-# (an untrained one) fails the check; a trained model's scores do not tie
-ONNX_TOPK_FAMILIES = frozenset({"rt_detr", "rt_detr_v2"})
-# why the others are refused (found by exporting the tiny models and comparing in onnxruntime)
-ONNX_REFUSED: dict[str, str] = {
-    "d_fine": "its encoder picks the decoder's queries by top-k over scores that an untrained or lightly trained "
-              "model leaves tied or within float32 rounding of each other, and onnxruntime's rounding picks other "
-              "queries (boxes off by up to 0.9); no single operator differs, so a faithful graph cannot be "
-              "promised",
-    "deimv2": "as D-FINE: its encoder picks the decoder's queries by top-k over scores within float32 rounding "
-              "of each other, and onnxruntime's rounding picks other queries; no single operator differs, so a "
-              "faithful graph cannot be promised",
-}
+                           "d_fine", "deimv2", "lw_detr", "rf_detr"})
+# of these, the ones whose encoder picks the decoder's queries by top-k over encoder tokens in which transformers'
+# init leaves every score equal (or within float32 rounding, ~1e-6, of each other): onnxruntime orders such ties
+# differently from PyTorch, so such a model (an untrained one) fails the check; a model whose scores are apart
+# (trained, or given a variance-preserving init: D-FINE and DEIMv2 then match within 2e-6) exports
+ONNX_TOPK_FAMILIES = frozenset({"rt_detr", "rt_detr_v2", "d_fine", "deimv2"})
+# families refused by name, with why (none now: every family kd-detr registers exports)
+ONNX_REFUSED: dict[str, str] = {}
 
 
 def check_onnx_exportable(config) -> None:
@@ -266,8 +259,8 @@ def check_onnx(path: str | os.PathLike, model: nn.Module, inputs: list[tuple[Ten
                     hint = ""
                     family = getattr(getattr(model, "config", None), "family", None)
                     if family in ONNX_TOPK_FAMILIES:
-                        hint = ("; its top-k query selection meets tied encoder scores (an untrained model's "
-                                "masked anchors), which onnxruntime orders differently: export a trained model")
+                        hint = ("; its top-k query selection meets tied encoder scores (an untrained model's), "
+                                "which onnxruntime orders differently: export a trained model")
                     elif tuple(images.shape) != tuple(inputs[0][0].shape):
                         hint = ("; the traced graph does not generalise to other sizes (shapes traced as "
                                 "constants): export with dynamic=False and the size you will run")
