@@ -127,7 +127,9 @@ def test_onnx_export_matches_pytorch_with_dynamic_shapes(run, cli_export):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images", "mask"]
     assert [o.name for o in session.get_outputs()] == ["pred_logits", "pred_boxes"]
-    for b, h, w in [(2, 64, 64), (3, 96, 80)]:  # the traced size and another batch / image size
+    # the traced size, another batch / image size, and one whose padding starts on a row the mask's nearest
+    # resize to the 4x2 C5 map reads (112 -> 4: row 56; onnxruntime's own Resize read row 55)
+    for b, h, w in [(2, 64, 64), (3, 96, 80), (2, 112, 48)]:
         images, mask = _batch(b, h, w, seed=b)
         with torch.no_grad():
             ref = model(images, mask)
