@@ -19,7 +19,8 @@ __all__ = ["TESTED", "parse_version", "untested", "untested_warnings"]
 TESTED: dict[str, tuple[str, str]] = {
     # 5.17.0: the GPU machine's image; 5.25.0: what a fresh install brought (2026-12-07)
     "transformers": ("5.17.0", "5.26"),
-    # 0.6.2 (checkpoint and cache tests) and 0.8.0 (the whole suite)
+    # 0.6.2: the checkpoint and cache tests without transformers (transformers 5.17+ itself needs >=0.8);
+    # 0.8.0: the whole suite
     "safetensors": ("0.6.2", "0.9"),
     # 2.60.0; 2.64 drops map_batches' max_restarts / max_task_retries (see pyproject.toml)
     "ray": ("2.60.0", "2.64"),

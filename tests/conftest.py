@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Before Ray is first imported (it reads this once): the shared Ray session's autoscaler would otherwise print
+# "No available node types can fulfill resource request" to this process's stdout for minutes after a test that
+# asks for a GPU on purpose, into the output of whatever CLI test runs then.
+os.environ.setdefault("RAY_SCHEDULER_EVENTS", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Two cores: keep intra-op threads at 2 so timings and results are stable across machines.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

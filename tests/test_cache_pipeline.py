@@ -162,6 +162,17 @@ def test_a_pool_the_cluster_cannot_place_fails_in_one_line(world, ray_session, m
         _build(world, root, pipeline="stream", num_gpus=1)
     assert time.monotonic() - t0 < 90 and "\n" not in str(e.value)
     assert json.loads((root / "manifest.json").read_text())["shards"] == []  # nothing half-written
+    # and no teacher actor stays queued on the cluster for a GPU after the build gave up
+    from ray._private.state import actors as actor_table
+
+    deadline = time.monotonic() + 10
+    while True:
+        queued = [a for a in actor_table().values()
+                  if "TeacherStage" in str(a.get("ActorClassName")) and a.get("State") != "DEAD"]
+        if not queued or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert queued == []
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")

@@ -219,6 +219,7 @@ def _run_once(rows: list[dict[str, Any]], data: dict[str, Any], job: dict[str, A
                        "entry": {k[len(_ENTRY):]: np.asarray(v) for k, v in row.items() if k.startswith(_ENTRY)}}
         except Exception as e:  # noqa: BLE001 - Ray Data wraps the actor's death in its own errors
             if _in_chain(e, ray.exceptions.GetTimeoutError) is not None:
+                _kill_queued_teacher_actors()
                 raise TeacherActorError(f"the {actors} teacher actor(s) did not all start within {WAIT_FOR_ACTORS_S}"
                                         " s: the cluster lacks the CPUs/GPUs for --actors, or loading the teacher "
                                         "hangs") from None
@@ -226,6 +227,24 @@ def _run_once(rows: list[dict[str, Any]], data: dict[str, Any], job: dict[str, A
             if actor_error is None:
                 raise
             raise actor_error from None
+
+
+def _kill_queued_teacher_actors() -> None:
+    """Kill this job's teacher-stage actors still waiting for resources. Ray Data drops a pool that did not start
+    without killing them, and they stay queued on the cluster (taking a GPU the moment one frees) for as long as
+    this process lives: a driver that goes on (a notebook, a test session, ``compare``) keeps them. Uses Ray's
+    actor table and core worker (no public call kills an actor by id); best effort."""
+    try:
+        from ray._private.state import actors as actor_table
+
+        job = ray.get_runtime_context().get_job_id()
+        core = ray._private.worker.global_worker.core_worker
+        for info in actor_table().values():
+            if (info.get("JobID") == job and info.get("State") == "PENDING_CREATION"
+                    and TeacherStage.__name__ in str(info.get("ActorClassName"))):
+                core.kill_actor(ray.ActorID.from_hex(info["ActorID"]), True)
+    except Exception as e:  # noqa: BLE001 - the build's own error is what the user must see
+        log.debug("could not cancel the queued teacher actors: %s", e)
 
 
 def _task_pool(size: int) -> dict[str, Any]:
