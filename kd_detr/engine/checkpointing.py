@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from kd_detr.atomic import atomic_write, write_json_atomic
+from kd_detr.pickle_scan import pickle_globals, starts_like_pickle, unsafe_globals
 from kd_detr.folder_lock import LOCK_NAME, FolderLock, LockBusy, LockFileRefused, LockUnsupported
 
 log = logging.getLogger("kd_detr.train")
@@ -211,16 +212,16 @@ def load_training_state(point: ResumePoint | str | os.PathLike) -> dict[str, Any
             warnings.filterwarnings("ignore", message=".*pickle protocol")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - classified and re-raised with the file name
-        if not zipfile.is_zipfile(path) and _starts_like_pickle(path):
+        if not zipfile.is_zipfile(path) and starts_like_pickle(path):
             # kd-detr writes torch's zip format only: a plain pickle or a legacy-format torch file is not one of
             # its training states (torch's own message would suggest weights_only=False, i.e. running it)
-            found = _pickle_globals(path)
+            found = pickle_globals(path)
             holds = f" holding Python objects ({', '.join(found[:5])})" if found else ""
             raise CheckpointRefused(
                 f"{path} is a plain pickle or legacy-format torch file{holds}, not a training state kd-detr writes "
                 f"(torch's zip format): refused, nothing of it was run; use a checkpoint kd-detr wrote (this one "
                 f"may have been tampered with)") from None
-        unsafe = _unsafe_globals(path)
+        unsafe = unsafe_globals(path)
         if unsafe and all(name.split(".")[0] == "numpy" for name in unsafe):
             raise CheckpointRefused(
                 f"{path} was written by an older kd-detr (training-state format 1, which pickles numpy "
@@ -245,61 +246,6 @@ def load_training_state(point: ResumePoint | str | os.PathLike) -> dict[str, Any
     if missing:
         raise CheckpointUnreadable(f"{path} is incomplete: no {', '.join(missing)}")
     return state
-
-
-def _starts_like_pickle(path: Path) -> bool:
-    """The file begins with a pickle protocol 2+ header (``\\x80`` and a protocol number)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(2)
-    except OSError:
-        return False
-    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
-
-
-def _pickle_globals(path: Path, max_pickles: int = 6) -> list[str]:
-    """The ``module.name`` globals the pickles at the start of ``path`` would import (a legacy torch file is a few
-    pickles in a row, then raw storage bytes), found by reading the opcodes with :mod:`pickletools`, never by
-    unpickling. Best effort: stops at the first byte that is not a pickle."""
-    import pickletools
-
-    found: list[str] = []
-    try:
-        with open(path, "rb") as f:
-            for _ in range(max_pickles):
-                strings: list[str] = []  # the strings pushed so far (STACK_GLOBAL takes the last two)
-                memo: dict[int, str] = {}
-                for op, arg, _pos in pickletools.genops(f):
-                    name = op.name
-                    if name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING",
-                                "BINSTRING", "STRING"):
-                        strings.append(str(arg))
-                    elif name in ("MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT") and strings:
-                        memo[len(memo) if name == "MEMOIZE" else int(arg)] = strings[-1]
-                    elif name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:
-                        strings.append(memo[int(arg)])
-                    elif name == "GLOBAL":
-                        found.append(str(arg).replace(" ", "."))
-                    elif name == "STACK_GLOBAL" and len(strings) >= 2:
-                        found.append(f"{strings[-2]}.{strings[-1]}")
-                if not f.peek(1):
-                    break
-    except Exception:  # noqa: BLE001 - raw bytes after the pickles, or a cut file: keep what was found
-        pass
-    safe = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.slice")
-    return sorted({g for g in found if not g.startswith(safe)})
-
-
-def _unsafe_globals(path: Path) -> list[str]:
-    """The Python globals a torch file would import beyond what ``weights_only`` allows; found by reading
-    its pickle, never by running it. Empty when the file is not readable that far."""
-    finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
-    if finder is None:
-        return []
-    try:
-        return sorted(finder(path))
-    except Exception:  # noqa: BLE001 - a corrupt file: reported as unreadable by the caller
-        return []
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections import OrderedDict
 from typing import Callable
 
@@ -117,12 +118,22 @@ def weights_load_error(path: str | os.PathLike, exc: BaseException) -> ValueErro
     A pickle that would import code is named as such, with the global it asks for: ``torch.load`` runs with
     ``weights_only=True``, which refuses it, and that stays so (torch's own advice to load it with
     ``weights_only=False`` would run the code, so it is never repeated)."""
+    from kd_detr.pickle_scan import unsafe_globals
+
     text = str(exc)
     found = re.search(r"GLOBAL ([\w.]+)", text)
-    if found or "weights_only" in text or "Weights only load failed" in text:
-        what = f"would import {found.group(1)}" if found else "holds objects other than tensors"
-        return ValueError(f"{path}: a torch pickle that {what} (code, not tensor data), refused: only tensors and "
-                          "plain values are read from pickles; use a .safetensors file")
+    refused = "weights_only" in text or "Weights only load failed" in text
+    code = [found.group(1)] if found else (unsafe_globals(path) if refused else [])
+    if code:
+        return ValueError(f"{path}: a torch pickle that would import {', '.join(code[:3])} (code, not tensor "
+                          "data), refused: only tensors and plain values are read from pickles; use a "
+                          ".safetensors file")
+    if refused:  # torch's weights-only reader stopped, and the file asks for no code: it is no checkpoint at all
+        op = re.search(r"Unsupported operand \S+|invalid load key[^.\n]*", text)
+        return ValueError(f"{path}: not a torch checkpoint (its pickle is unreadable"
+                          + (f": {op.group(0)}" if op else "") + "); use a .safetensors or .pth file of tensors")
+    if "PytorchStreamReader" in text:
+        return ValueError(f"{path}: a truncated or corrupt torch checkpoint (its zip archive cannot be read)")
     first = " ".join(text.split()) if text else ""
     first = first[:300] + (" ..." if len(first) > 300 else "")
     if "safetensor" in type(exc).__name__.lower() or "deserializing header" in text:
@@ -150,7 +161,8 @@ def read_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
             import argparse
 
             # Official training checkpoints also carry `args` (an argparse.Namespace).
-            with torch.serialization.safe_globals([argparse.Namespace]):
+            with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*pickle protocol")  # a refused pickle is named below
                 data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised in one line with the file name
         raise weights_load_error(path, exc) from None
