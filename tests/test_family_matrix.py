@@ -154,11 +154,13 @@ def test_family_trains_resumes_evaluates_distils_and_exports(name, env, tmp_path
     if family in ONNX_TOPK_FAMILIES:
         # two steps from transformers' init leave the masked anchors' encoder scores tied, and onnxruntime's
         # top-k orders ties differently (the export check refuses that); a trained model's scores differ, as
-        # they do after this perturbation
+        # they do after this perturbation (D-FINE / DEIMv2: smaller, or activations grow to ~1e4, where float32
+        # rounding alone passes the check's 1e-4; RT-DETR's scores stay tied below 0.3)
+        scale = 0.1 if family in ("d_fine", "deimv2") else 0.3
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for p in final.parameters():
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
+                p.add_(scale * torch.randn(p.shape, generator=g))
         save_model(final, tmp_path / "perturbed.safetensors", label_map=meta["label_map"])
         assert export(tmp_path / "perturbed.safetensors", tmp_path / "exp" / "perturbed", ["onnx"])["onnx"].is_file()
     elif family in ONNX_FAMILIES:
