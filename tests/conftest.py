@@ -36,3 +36,17 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def no_ray_init(monkeypatch):
+    """Ray looks not started in this process (the shared session may be), and reaching ``ray.init`` fails the
+    test: for the checks kd-detr makes before joining a cluster."""
+    from kd_detr.teacher import ray_session
+
+    monkeypatch.setattr(ray_session.ray, "is_initialized", lambda: False)
+
+    def init(*a, **kw):
+        raise AssertionError(f"ray.init reached with {a} {kw}")
+
+    monkeypatch.setattr(ray_session.ray, "init", init)

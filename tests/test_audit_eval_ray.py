@@ -238,18 +238,7 @@ def test_join_where_a_non_ray_server_listens_fails_in_bounded_time_with_one_line
     assert not _ray_processes_with_mark()
 
 
-def _no_ray_init(monkeypatch):
-    """Ray looks not started here (the shared session may be), and ray.init must not be reached."""
-    monkeypatch.setattr(rsession.ray, "is_initialized", lambda: False)
-
-    def init(*a, **kw):
-        raise AssertionError(f"ray.init reached with {a} {kw}")
-
-    monkeypatch.setattr(rsession.ray, "init", init)
-
-
-def test_join_at_a_silent_or_a_non_ray_server_never_reaches_ray_init(monkeypatch):
-    _no_ray_init(monkeypatch)
+def test_join_at_a_silent_or_a_non_ray_server_never_reaches_ray_init(no_ray_init, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv(rsession.CONNECT_TIMEOUT_ENV, "1")
     with _fake_server() as silent, _fake_server(b"HTTP/1.1 400 Bad Request\r\n\r\n") as garbage:

@@ -360,18 +360,7 @@ def test_disk_full_is_one_line_and_keeps_the_manifest(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- 6. Ray address
 
 
-def _no_ray_init(monkeypatch):
-    """Ray looks not started, and ray.init must not be reached."""
-    monkeypatch.setattr(ray_session.ray, "is_initialized", lambda: False)
-
-    def init(*a, **kw):
-        raise AssertionError(f"ray.init reached with {a} {kw}")
-
-    monkeypatch.setattr(ray_session.ray, "init", init)
-
-
-def test_unreachable_ray_address_fails_fast(monkeypatch):
-    _no_ray_init(monkeypatch)
+def test_unreachable_ray_address_fails_fast(no_ray_init, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     t0 = time.monotonic()
     with pytest.raises(ValueError) as e:
@@ -386,10 +375,9 @@ def test_unreachable_ray_address_fails_fast(monkeypatch):
         ray_session.ensure_ray("nohost")
 
 
-def test_ray_address_auto_unresolvable(monkeypatch):
+def test_ray_address_auto_unresolvable(no_ray_init, monkeypatch):
     import ray._private.services as services
 
-    _no_ray_init(monkeypatch)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
     def none_found(addr, temp_dir=None):
