@@ -22,6 +22,10 @@ __all__ = ["InProcessTeacher", "image_regions"]
 class InProcessTeacher:
     """Runs a frozen teacher model on each image of a padded batch alone: ``(images, mask) -> TeacherOutputs``.
 
+    The teacher runs in float32 whatever ``torch.autocast`` its caller is under: the trainer's ``--amp`` step
+    autocasts the student's forward, and a teacher run inside it in float16 would differ from the same teacher
+    in a Ray actor or a cache build (which run outside it), so the three sources would not give the same numbers.
+
     Args:
         model: the teacher detector; put in eval mode, parameters frozen.
         attn: ``per_head`` | ``mean`` | ``none``: how attention maps are returned (``mean`` saves
@@ -58,7 +62,8 @@ class InProcessTeacher:
         self.model.eval()  # the trainer's model.train() never reaches the teacher, but be sure
         h, w = image.shape[-2:]
         mask = torch.zeros((1, h, w), dtype=torch.bool, device=image.device)
-        out = self.model(image[None], mask, request=DetectorRequest(attention=self.attn != "none"))
+        with torch.autocast(image.device.type, enabled=False):  # float32: see the class docstring
+            out = self.model(image[None].float(), mask, request=DetectorRequest(attention=self.attn != "none"))
         return TeacherOutputs.from_model_output(out, self.attn)
 
 
