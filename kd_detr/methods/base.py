@@ -45,6 +45,12 @@ class Method(nn.Module, abc.ABC):
         (``teacher`` ``None`` without a teacher), ``criterion`` the student's ground-truth criterion."""
         return cls(cfg, student, criterion)
 
+    @classmethod
+    def requires(cls, cfg: Any) -> frozenset[str]:
+        """The student :data:`~kd_detr.models.detector.CAPABILITIES` the method needs with config ``cfg``
+        (checked against ``student.supports`` before the method is built)."""
+        return frozenset()
+
     @staticmethod
     def enabled(cfg: Any) -> bool:
         """Whether the recipe section switches the method on."""

@@ -255,6 +255,14 @@ class MixedSupervision(Method):
             self.weight_dict[f"ms_detr.loss_bbox.l{i}"] = float(cfg.bbox_weight)
             self.weight_dict[f"ms_detr.loss_giou.l{i}"] = float(cfg.giou_weight)
 
+    @classmethod
+    def requires(cls, cfg: MsDetrConfig) -> frozenset[str]:
+        # the o2m predictions go through the student's own heads and output norm (predictions())
+        needs = {"heads", "output_norm"}
+        if cfg.tap == "cross_attn":
+            needs.add("candidates")
+        return frozenset(needs)
+
     def extra_repr(self) -> str:
         c = self.cfg
         return (f"tap={c.tap}, class_head={c.class_head}, alpha={c.alpha}, threshold={c.threshold}, "

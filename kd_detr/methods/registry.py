@@ -10,7 +10,7 @@ from torch import nn
 
 from .base import Method
 
-__all__ = ["register_method", "get_method", "list_methods", "build_methods"]
+__all__ = ["register_method", "get_method", "list_methods", "build_methods", "check_capabilities"]
 
 _METHODS: dict[str, type[Method]] = {}
 
@@ -43,6 +43,19 @@ def list_methods() -> dict[str, type[Method]]:
     return dict(_METHODS)
 
 
+def check_capabilities(section: str, required: frozenset[str], student: Any) -> None:
+    """Refuse, before anything is built, a recipe section whose method needs a student capability
+    (:data:`~kd_detr.models.detector.CAPABILITIES`) that ``student`` (its config) lacks, naming the section, the
+    student's family and the capabilities."""
+    lacking = sorted(required - frozenset(getattr(student, "supports", required)))
+    if lacking:
+        family = getattr(student, "family", None)
+        who = f"{student.name} (transformers {family})" if family else str(getattr(student, "name", student))
+        raise ValueError(f"recipe section [{section}] needs the student's {', '.join(lacking)}, which the student "
+                         f"{who} does not have (it runs its own decoder): switch [{section}] off "
+                         f"({section}.enabled = false) or use kd-detr's Conditional DETR student")
+
+
 def build_methods(sections: dict[str, Any], student: Any, criterion: nn.Module,
                   teacher: Optional[Callable[[], Any]] = None) -> list[Method]:
     """The methods a recipe switches on (``sections``: section name -> config), in registration order.
@@ -54,6 +67,8 @@ def build_methods(sections: dict[str, Any], student: Any, criterion: nn.Module,
     """
     enabled = {name: cls for name, cls in _METHODS.items()
                if sections.get(name) is not None and cls.enabled(sections[name])}
+    for name, cls in enabled.items():
+        check_capabilities(name, cls.requires(sections[name]), student)
     built = {name: cls.build(sections[name], student, criterion)
              for name, cls in enabled.items() if not cls.uses_teacher}
     needs = [name for name, cls in enabled.items() if cls.uses_teacher]

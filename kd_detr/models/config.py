@@ -66,10 +66,10 @@ class ModelConfig:
 
     @property
     def supports(self) -> frozenset[str]:
-        """The :class:`~kd_detr.models.detector.DetectorRequest` fields this architecture honours: all."""
-        from .detector import REQUEST_FIELDS
+        """The :data:`~kd_detr.models.detector.CAPABILITIES` of this architecture: all of them."""
+        from .detector import CAPABILITIES
 
-        return frozenset(REQUEST_FIELDS)
+        return frozenset(CAPABILITIES)
 
     def validate(self) -> "ModelConfig":
         """Raise ``ValueError`` on an inconsistent configuration; return ``self``."""

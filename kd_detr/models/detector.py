@@ -8,7 +8,8 @@ implementing it.
 * **Config** (``detector.config``): ``num_classes`` (class logits ``C``), ``num_queries`` (``Q``),
   ``dec_layers`` (``L``), ``d_model`` (``d``), ``nheads`` (``H``), ``stride`` (of the map the decoder
   cross-attends to), ``dim_feedforward``, ``dropout``, ``activation``, ``pe_temperature`` (for methods that
-  build decoder-shaped modules), ``supports`` (the :class:`DetectorRequest` fields it can honour).
+  build decoder-shaped modules), ``supports`` (its :data:`CAPABILITIES`: the :class:`DetectorRequest` fields it
+  can honour and which of ``heads``, ``output_norm``, ``decode`` below it implements).
 * **Forward**: ``detector(images [B,3,H,W], mask [B,H,W] | None, request: DetectorRequest | None)``
   -> :class:`DetectorOutput`. One request argument says everything a method wants beyond the predictions.
 * ``heads(hs [...,B,Q,d], reference [B,Q,2])`` -> ``(logits [...,B,Q,C], boxes [...,B,Q,4])``: the shared
@@ -31,9 +32,13 @@ from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["Detector", "DetectorOutput", "DetectorRequest", "REQUEST_FIELDS"]
+__all__ = ["CAPABILITIES", "Detector", "DetectorOutput", "DetectorRequest", "METHOD_CAPABILITIES", "REQUEST_FIELDS"]
 
 REQUEST_FIELDS = ("attention", "query_groups", "candidates", "memory")
+# the detector methods beyond forward() that some training methods call on the student
+METHOD_CAPABILITIES = ("heads", "output_norm", "decode")
+# what ``config.supports`` may list; a method's ``requires`` is checked against it when a run is built
+CAPABILITIES = REQUEST_FIELDS + METHOD_CAPABILITIES
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,11 @@ class CollaborativeHybrid(Method):
                     self.weight_dict[f"co_detr.dec.{h}.{k}.l{layer}"] = criterion.weight_dict[k] * cfg.lambda1
         self.last_assignments: dict[str, dict[str, Any]] = {}
 
+    @classmethod
+    def requires(cls, cfg: CoDetrConfig) -> frozenset[str]:
+        # the auxiliary heads read the encoder's memory; their positive queries run through decode()
+        return frozenset({"memory", "decode"})
+
     def request(self, teacher=None) -> DetectorRequest:
         return DetectorRequest(memory=True)
 

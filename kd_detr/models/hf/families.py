@@ -89,7 +89,8 @@ class Family:
 
     @property
     def supports(self) -> frozenset[str]:
-        # the HF families run their own decoder: no injected query groups, candidates or decode()
+        # the HF families run their own decoder: no injected query groups, candidates, memory, shared heads,
+        # output norm or decode() (kd_detr.models.detector.CAPABILITIES)
         return frozenset({"attention"} if self.dense_attention else set())
 
 
