@@ -43,19 +43,17 @@ class KdDetrGroup(click.Group):
     """Turns expected user errors (bad files, bad options) into one clear line instead of a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from kd_detr.errors import UserError
+
         try:
             return super().invoke(ctx)
-        except (OSError, ValueError, KeyError) as e:
-            # OSError: FileNotFoundError, a full disk or a busy --output-dir (their messages name the file)
+        except (UserError, OSError, ValueError, KeyError) as e:
+            # UserError: kd-detr's own (a teacher actor that keeps dying, a refused lock, ...); OSError:
+            # FileNotFoundError, a full disk (their messages name the file); ValueError: bad content or options
             if ctx.obj and ctx.obj.get("verbose"):
                 raise
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
             raise click.ClickException(str(msg)) from e
-        except RuntimeError as e:  # a teacher actor that keeps dying (Ray is not imported just for this)
-            mod = sys.modules.get("kd_detr.teacher.ray_actor")
-            if mod is None or not isinstance(e, mod.TeacherActorError) or (ctx.obj and ctx.obj.get("verbose")):
-                raise
-            raise click.ClickException(str(e)) from e
 
 
 @click.group(cls=KdDetrGroup)

@@ -1,7 +1,7 @@
 """The one folder lock of kd-detr: an exclusive, non-blocking ``flock`` on ``<folder>/.lock``.
 
 Used by training runs (:class:`kd_detr.engine.checkpointing.OutputDirLock`, the output dir) and by teacher
-caches (:class:`kd_detr.teacher.cache.store.CacheLock`, the cache folder). The lock file holds the holder's
+caches (:class:`kd_detr.teacher.cache.lock.CacheLock`, the cache folder). The lock file holds the holder's
 pid; the kernel drops the lock when the holder exits (a crash leaves no stale lock).
 
 The lock file is opened without following symbolic links (``O_NOFOLLOW``) and must be a regular file with a
@@ -17,6 +17,8 @@ import os
 import stat
 from pathlib import Path
 
+from kd_detr.errors import UserError
+
 try:
     import fcntl
 except ImportError:  # not POSIX: no locking
@@ -31,7 +33,7 @@ _OPEN_FLAGS = (os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(o
                | getattr(os, "O_NONBLOCK", 0))
 
 
-class FolderLockError(OSError):
+class FolderLockError(UserError, OSError):
     """The folder's lock could not be taken (base class)."""
 
 

@@ -75,3 +75,4 @@ def test_cli_warns_once_per_untested_version(monkeypatch, caplog):
 def test_installed_versions_are_inside_the_tested_ranges():
     """The environment this suite runs in is one the ranges claim: a release outside them fails here first."""
     assert dependencies.untested_warnings() == []
+

@@ -40,6 +40,7 @@ LAYERS: dict[str, int] = {
     "zoo": 0,
     "schema": 0,
     "dependencies": 0,
+    "errors": 0,
     "pickle_scan": 0,
     # 1: data sets, transforms, collation.
     "data": 1,

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kd_detr.errors import UserError
 from .label_map import LabelMap, LabelMapError
 from .transforms import HIGH_BIT_DEPTH_MODES, AugmentationPolicy, View, apply_view, to_rgb, view_generator
 
@@ -84,7 +85,7 @@ def _last_exception_line(text: str, name: str) -> str | None:
     return None
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """Invalid dataset input; the message is one line naming the file and, where relevant, the record and key.
 
     A DataLoader worker's exception reaches the main process as ``DatasetError(text)`` where ``text`` is

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kd_detr.errors import UserError
+
 __all__ = ["COCO_CATEGORIES", "LabelMap", "LabelMapError"]
 
 
@@ -105,7 +107,7 @@ COCO_CATEGORIES: list[dict[str, Any]] = [
 ]
 
 
-class LabelMapError(ValueError):
+class LabelMapError(UserError, ValueError):
     """Raised for invalid or incompatible label maps."""
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kd_detr.errors import UserError
 from kd_detr.atomic import atomic_write, write_json_atomic
 from kd_detr.pickle_scan import pickle_globals, starts_like_pickle, unsafe_globals
 from kd_detr.folder_lock import LOCK_NAME, FolderLock, LockBusy, LockFileRefused, LockUnsupported
@@ -45,12 +46,12 @@ STATE_FORMAT = 2
 _STATE_KEYS = ("optimizer", "scheduler", "epoch", "batch_in_epoch", "iteration", "rng")
 
 
-class CheckpointUnreadable(ValueError):
+class CheckpointUnreadable(UserError, ValueError):
     """A checkpoint file that cannot be read (truncated, corrupt, not a checkpoint); ``--resume auto``
     falls back to an older checkpoint on this error."""
 
 
-class CheckpointRefused(ValueError):
+class CheckpointRefused(UserError, ValueError):
     """A training state that is refused rather than read: Python objects beyond plain values (a crafted
     file, or format 1 written by an older kd-detr), or a format this kd-detr does not know."""
 
@@ -356,11 +357,11 @@ def _fields(cfg: dict[str, Any], keys: list[str], limit: int = 6) -> str:
 
 
 # --------------------------------------------------------------------------- output-dir lock
-class OutputDirInUse(OSError):
+class OutputDirInUse(UserError, OSError):
     """Another run holds the output dir's lock."""
 
 
-class OutputDirLockRefused(OSError):
+class OutputDirLockRefused(UserError, OSError):
     """The output dir's ``.lock`` is not a regular file (a link to another file, ...): refused, not written."""
 
 

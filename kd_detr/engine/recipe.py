@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kd_detr.errors import UserError
 from kd_detr.schema import check_value, show_value, tomllib
 from kd_detr.zoo import RECIPES
 
@@ -49,7 +50,7 @@ CLI_FIELDS = ("model", "model_overrides", "data", "train_ann", "train_images", "
               "output_dir", "resume")
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """An invalid recipe: the message names the dotted key and the file (or ``--set``)."""
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import ray
 import torch
 
+from kd_detr.errors import UserError
 from kd_detr.data import CocoDetection, LabelMap
 from kd_detr.data.transforms import AugmentationPolicy
 from kd_detr.data.view_plan import ViewPlan
@@ -46,7 +47,7 @@ MAX_TASK_RETRIES = 3
 ACTOR_OPTIONS = {"max_restarts": MAX_RESTARTS, "max_task_retries": MAX_TASK_RETRIES}
 
 
-class TeacherActorError(RuntimeError):
+class TeacherActorError(UserError, RuntimeError):
     """A teacher actor is gone for good (restarts used up) or could not load its teacher."""
 
 
@@ -187,8 +188,8 @@ class TeacherWorker:
 
 def load_plan_data(data: dict[str, Any]) -> tuple[CocoDetection, ViewPlan]:
     """The training set and view plan of a :func:`plan_job`, rebuilt in a worker process; a plan whose
-    fingerprint is not the driver's raises :class:`~kd_detr.teacher.cache.store.CacheError`."""
-    from .cache.store import CacheError
+    fingerprint is not the driver's raises :class:`~kd_detr.teacher.cache.manifest.CacheError`."""
+    from .cache.manifest import CacheError
 
     d, p = data["dataset"], data["plan"]
     # the views come from the plan's policy (replayed with get_view)
