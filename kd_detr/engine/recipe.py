@@ -124,9 +124,6 @@ class Recipe:
         """Keyword arguments for ``TrainConfig`` (the recipe's ``[train]`` values)."""
         return dict(self.train)
 
-    def to_toml(self) -> str:
-        return recipe_to_toml(self.to_dict())
-
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> Recipe:
         """Validate a recipe given as a dict (e.g. :meth:`to_dict` output); ``extends`` is not followed."""

@@ -94,11 +94,6 @@ def lr_lambda(warmup_iters: int, drop_iter: int | None):
     return f
 
 
-def dataset_files(cfg: TrainConfig, split: str) -> tuple[str, str]:
-    """The (annotation JSON, image folder) of ``split`` of a run (see :class:`~kd_detr.data.DataSpec`)."""
-    return kd_data.DataSpec.of(cfg).files(split)
-
-
 class Trainer:
     """Trains a detector with ``cfg`` (default: the official Conditional DETR recipe) and, given a ``recipe``,
     the methods it switches on.
