@@ -30,7 +30,8 @@ from kd_detr.engine.checkpointing import CheckpointRefused, OutputDirLock, Outpu
 from kd_detr.engine.logger import RunLogger
 from kd_detr.folder_lock import FolderLock, LockBusy, LockFileRefused
 from kd_detr.teacher.cache import CacheError, CacheReader, CacheWriter, StoreConfig, pipeline
-from kd_detr.teacher.cache.store import CacheLock, verify_report
+from kd_detr.teacher.cache.lock import CacheLock
+from kd_detr.teacher.cache.verify import verify_report
 
 from test_teacher_cache_store import build_cache as build_small, make_header
 
@@ -227,7 +228,7 @@ def test_distill_from_an_incomplete_cache_stops_at_start_in_one_line(synth_data,
 
 
 def test_verify_never_reads_a_file_the_manifest_names_outside_the_cache(tmp_path, monkeypatch):
-    from kd_detr.teacher.cache import store
+    from kd_detr.teacher.cache import verify as verify_mod
 
     root = tmp_path / "c"
     build_small(root)[0].close()
@@ -237,8 +238,8 @@ def test_verify_never_reads_a_file_the_manifest_names_outside_the_cache(tmp_path
     m["dataset"]["annotations"], m["teacher"]["checkpoint"] = str(secret), str(secret)
     (root / "manifest.json").write_text(json.dumps(m))
     hashed = []
-    real = store.sha256_file
-    monkeypatch.setattr(store, "sha256_file", lambda p, *a: hashed.append(Path(p)) or real(p, *a))
+    real = verify_mod.sha256_file
+    monkeypatch.setattr(verify_mod, "sha256_file", lambda p, *a: hashed.append(Path(p)) or real(p, *a))
     report = verify_report(root)
     assert secret not in hashed and all(p.parent == root for p in hashed)
     assert report.unchecked == [

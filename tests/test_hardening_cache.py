@@ -29,8 +29,10 @@ from kd_detr.data.view_plan import PlanViews, ViewPlan
 from kd_detr.models import build_model, save_model
 from kd_detr.models.checkpoint import save_official_checkpoint
 from kd_detr.teacher.cache import CacheError, CacheReader, CacheWriter, StoreConfig, verify_cache
-from kd_detr.teacher.cache import store as store_mod
-from kd_detr.teacher.cache.store import IMAGES_FINGERPRINT, CacheLock, dataset_fingerprint, images_problem
+from kd_detr.teacher.cache import writer as writer_mod
+from kd_detr.teacher.cache.fingerprint import dataset_fingerprint, images_problem
+from kd_detr.teacher.cache.lock import CacheLock
+from kd_detr.teacher.cache.manifest import IMAGES_FINGERPRINT
 from kd_detr.teacher.loading import check_teacher_fits, describe_teacher, load_teacher, resolve_teacher
 from kd_detr.teacher import ray_session
 
@@ -314,14 +316,14 @@ def test_disk_full_is_one_line_and_keeps_the_manifest(tmp_path, monkeypatch):
     w.write_shard("shard-00000.safetensors", 0, {0: encode_view(0, 0, cfg)}, [100])
     enc = encode_view(1, 0, cfg)
     before = (root / "manifest.json").read_bytes()
-    real_save = store_mod.save_file
+    real_save = writer_mod.save_file
 
     def full(tensors, path, metadata=None):
         with open(path, "wb") as f:
             f.write(b"partial")  # a half-written temp file that must not survive
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(store_mod, "save_file", full)
+    monkeypatch.setattr(writer_mod, "save_file", full)
     with pytest.raises(CacheError) as e:
         w.write_shard("shard-00001.safetensors", 0, {1: enc}, [101])
     msg = str(e.value)
@@ -333,21 +335,21 @@ def test_disk_full_is_one_line_and_keeps_the_manifest(tmp_path, monkeypatch):
     def full_rust(tensors, path, metadata=None):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(store_mod, "save_file", full_rust)
+    monkeypatch.setattr(writer_mod, "save_file", full_rust)
     with pytest.raises(CacheError, match=r"shard-00001.safetensors.*No space left on device.*no space left on dev"):
         w.write_shard("shard-00001.safetensors", 0, {1: enc}, [101])
-    monkeypatch.setattr(store_mod, "save_file", real_save)
+    monkeypatch.setattr(writer_mod, "save_file", real_save)
     # the manifest write itself fails
-    real_json = store_mod.write_json_atomic
+    real_json = writer_mod.write_json_atomic
 
     def full_json(path, obj, indent=2):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(store_mod, "write_json_atomic", full_json)
+    monkeypatch.setattr(writer_mod, "write_json_atomic", full_json)
     with pytest.raises(CacheError, match=r"manifest.*no space left on device\?"):
         w.write_shard("shard-00001.safetensors", 0, {1: enc}, [101])
     assert w.done() == {"shard-00000.safetensors"}  # not listed in memory either
-    monkeypatch.setattr(store_mod, "write_json_atomic", real_json)
+    monkeypatch.setattr(writer_mod, "write_json_atomic", real_json)
     assert (root / "manifest.json").read_bytes() == before
     assert not [p.name for p in root.iterdir() if p.name.endswith(".tmp")]
     assert verify_cache(root) == [] and CacheReader(root).keys() == [(0, 0)]

@@ -270,7 +270,7 @@ def test_cache_and_compare_on_a_two_node_cluster(two_node_cluster, synth_data, t
     assert all(n > 0 for n in by_node.values()) and sum(by_node.values()) == 24, by_node
 
     # 2. the cache is complete and intact
-    from kd_detr.teacher.cache.store import verify_cache
+    from kd_detr.teacher.cache.verify import verify_cache
 
     assert verify_cache(cache) == []
 

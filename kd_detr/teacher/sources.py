@@ -173,7 +173,7 @@ class CacheSource(TeacherSource):
         (any batch size reads it: it holds one entry per image view). Returns the
         :class:`~kd_detr.teacher.cache.CacheReader` (it also fixes the view plan)."""
         from .cache import CacheReader, sha256_file
-        from .cache.store import images_problem
+        from .cache.fingerprint import images_problem
 
         reader = CacheReader(self.cache)
         m = reader.manifest

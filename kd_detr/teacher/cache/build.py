@@ -9,14 +9,14 @@ the manifest does not list yet with one of two pipelines (``pipeline=``, :data:`
 * ``stream``: :mod:`~kd_detr.teacher.cache.pipeline`, a Ray Data pipeline of decode tasks feeding a pool of
   teacher actors (``teacher_batch_size`` views per call); the driver collects each shard's views.
 
-Either way the driver writes each shard, whole, with the one :class:`~kd_detr.teacher.cache.store.CacheWriter`
+Either way the driver writes each shard, whole, with the one :class:`~kd_detr.teacher.cache.writer.CacheWriter`
 (actors only compute; a single writer keeps the manifest consistent), and both compute every entry with the
 same :func:`~kd_detr.teacher.ray_actor.replay_view` and :meth:`~kd_detr.teacher.ray_actor.TeacherWorker.view_entry`.
 
 * **Resumable**: a shard is listed in the manifest only once complete; a rerun verifies the listed
   shards (SHA-256), skips the good ones and computes the rest (an interrupted build loses at most the
   shards in flight; a corrupt shard is rebuilt).
-* **One build per folder**: the build holds the folder's lock (:class:`~kd_detr.teacher.cache.store.CacheLock`)
+* **One build per folder**: the build holds the folder's lock (:class:`~kd_detr.teacher.cache.lock.CacheLock`)
   from its start; a second build into the same folder fails at once, before starting Ray.
 * **Fault tolerant**: actors are created with a few restarts (:data:`~kd_detr.teacher.ray_actor.MAX_RESTARTS`),
   so an actor process that dies is restarted (reloading data and teacher) and its pending shard (or teacher
@@ -53,8 +53,10 @@ from ..ray_actor import TeacherActor, plan_job, teacher_actor_error, teacher_job
 from ..ray_session import actor_options, ensure_ray, from_numpy, shutdown_ray
 
 from .attention_codec import StoreConfig
-from .store import (IMAGES_FINGERPRINT, MANIFEST, QUERIES, CacheError, CacheLock, CacheWriter, dataset_fingerprint,
-                    images_problem, sha256_file)
+from .fingerprint import dataset_fingerprint, images_problem
+from .lock import CacheLock
+from .manifest import IMAGES_FINGERPRINT, MANIFEST, QUERIES, CacheError, sha256_file
+from .writer import CacheWriter
 
 log = logging.getLogger("kd_detr.teacher.cache")
 
@@ -75,7 +77,7 @@ def cache_header(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, stor
 
     A resumed build must produce the same header (the writer compares them field by field), so it
     holds only what decides the stored numbers: teacher file (by SHA-256), annotations (by SHA-256),
-    images (by :func:`~kd_detr.teacher.cache.store.dataset_fingerprint`: names, sizes, modification
+    images (by :func:`~kd_detr.teacher.cache.fingerprint.dataset_fingerprint`: names, sizes, modification
     times), plan and store config.
     """
     return {
