@@ -15,7 +15,10 @@ def test_user_errors_are_one_line_on_the_command_line(monkeypatch):
     from kd_detr.folder_lock import FolderLockError
     from kd_detr.teacher.ray_actor import TeacherActorError
 
+    from kd_detr.teacher.cache import CacheError
+
     assert issubclass(TeacherActorError, RuntimeError) and issubclass(FolderLockError, OSError)
+    assert all(issubclass(e, UserError) for e in (TeacherActorError, FolderLockError, CacheError))
 
     @cli.main.command("boom-user", hidden=True)
     @click.argument("kind")

@@ -48,6 +48,7 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from kd_detr.errors import UserError
 from kd_detr.folder_lock import LOCK_NAME
 
 from .attention_codec import store_section_defaults
@@ -66,7 +67,7 @@ HEADER_SECTIONS = ("teacher", "dataset", "plan", "store")
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors$")
 
 
-class CacheError(ValueError):
+class CacheError(UserError, ValueError):
     """A teacher cache is missing, incomplete, corrupt, or was built for another teacher/data/plan."""
 
 
