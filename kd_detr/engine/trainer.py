@@ -36,6 +36,7 @@ from kd_detr.teacher.checks import check_teacher_ap
 
 from . import checkpointing, distributed
 from .logger import Progress, RunLogger, truncate_log
+from .loss_logs import loss_logs
 from .run_record import run_record
 from .sampler import ResumableBatchSampler
 from .train_config import TrainConfig  # noqa: F401  (re-exported: kd_detr.engine.trainer.TrainConfig)
@@ -426,27 +427,7 @@ class Trainer:
         total, gt, terms, weights = batch_losses(self.model, self.criterion, batch.images, batch.mask,
                                                  batch.targets, self.methods, teacher, aux_loss=self.cfg.aux_loss,
                                                  raw_model=self.raw_model)
-        logs: dict[str, float] = {}
-        sums: dict[str, float] = {}
-
-        def add(key: str, value: float) -> None:
-            sums[key] = sums.get(key, 0.0) + value
-
-        wd = self.criterion.weight_dict
-        for k, v in gt.items():
-            if k in wd:
-                value = float(v.detach())
-                logs[k] = value * wd[k]
-                logs[k + "_unscaled"] = value
-                add("student.total", value * wd[k])
-        for k, v in terms.items():
-            value = float(v.detach())
-            logs[k] = value * weights[k]
-            logs[k + "_unscaled"] = value
-            add(k.rsplit(".l", 1)[0], value * weights[k])
-            add(k.split(".")[0] + ".total", value * weights[k])
-        logs.update(sums)
-        return total, logs
+        return total, loss_logs(gt, self.criterion.weight_dict, terms, weights)
 
     def step(self, batch: Batch) -> dict[str, float]:
         self.model.train()
