@@ -36,15 +36,10 @@ transforming an item            raised in a DataLoader worker (see :class:`Datas
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import logging
 import math
 import os
-import re
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,12 +48,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kd_detr.errors import UserError
+from .annotations import coco_paths, load_coco_json, make_coco, read_categories
+from .dataset_error import DatasetError, one_line
+from .images import _WARNED_HIGH_BIT, bomb_message, read_image, read_rgb, warn_high_bit  # noqa: F401
 from .label_map import LabelMap, LabelMapError
-from .transforms import HIGH_BIT_DEPTH_MODES, AugmentationPolicy, View, apply_view, to_rgb, view_generator
+from .transforms import HIGH_BIT_DEPTH_MODES, AugmentationPolicy, View, apply_view, view_generator
 
 __all__ = ["CocoDetection", "DatasetError", "DatasetReport", "coco_paths", "load_coco_json", "read_categories",
            "read_image"]
+
+# data/view_plan.py imports one_line from here as _one_line; the tests reset _WARNED_HIGH_BIT through this module
+_one_line = one_line
 
 logger = logging.getLogger(__name__)
 
@@ -74,252 +74,6 @@ PROBLEM_KINDS = (
 )
 INFO_KINDS = ("crowd", "image_without_annotations", "high_bit_depth")
 
-
-def _last_exception_line(text: str, name: str) -> str | None:
-    """The message of the last ``[module.]name: message`` line of a formatted traceback."""
-    pat = re.compile(rf"^(?:[\w.]+\.)?{re.escape(name)}: (.*\S)\s*$")
-    for line in reversed(text.splitlines()):
-        m = pat.match(line)
-        if m:
-            return m.group(1)
-    return None
-
-
-class DatasetError(UserError, ValueError):
-    """Invalid dataset input; the message is one line naming the file and, where relevant, the record and key.
-
-    A DataLoader worker's exception reaches the main process as ``DatasetError(text)`` where ``text`` is
-    torch's "Caught DatasetError in DataLoader worker process N. Original Traceback ..." (the whole
-    worker traceback). The constructor recognises that text and keeps only the original one-line
-    message as ``str(error)`` (what the CLI prints); the worker traceback stays available as
-    ``error.worker_traceback`` (and as an exception note, shown in full tracebacks with ``-v``).
-    """
-
-    def __init__(self, message: Any = "", *args: Any) -> None:
-        text = message if isinstance(message, str) else str(message)
-        worker_traceback = None
-        if text.startswith("Caught ") and "\nOriginal Traceback" in text:
-            line = _last_exception_line(text, type(self).__name__)
-            if line is not None:
-                worker_traceback, message = text, line
-        super().__init__(message, *args)
-        self.worker_traceback = worker_traceback
-        if worker_traceback is not None and hasattr(self, "add_note"):  # Python >= 3.11
-            self.add_note(worker_traceback.rstrip())
-
-
-def _one_line(e: BaseException) -> str:
-    """``Type: message`` of an exception, whitespace (newlines included) collapsed, at most 300 characters."""
-    text = " ".join(str(e).split())
-    if len(text) > 300:
-        text = text[:297] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def _bomb_message(path: Path, e: BaseException, where: str) -> str:
-    m = re.search(r"\((\d+) pixels\) exceeds limit of (\d+) pixels", str(e))
-    size = f"{int(m.group(1)):,} pixels, over PIL's decompression-bomb limit of {int(m.group(2)):,}" if m else str(e)
-    return (f"image file {path}{where} is too large to open safely: {size} (PIL.Image.MAX_IMAGE_PIXELS = "
-            f"{Image.MAX_IMAGE_PIXELS}; PIL refuses twice that and warns above it); if the file is trusted, "
-            f"raise the limit before loading (e.g. `PIL.Image.MAX_IMAGE_PIXELS = None` to disable it) or "
-            f"downscale the image")
-
-
-def _read_rgb(path: Path, where: str = "") -> tuple[Image.Image, str | None]:
-    """``(8-bit RGB image, source mode if it was high-bit-depth else None)``; any failure is a
-    :class:`DatasetError` naming ``path`` (``where``: extra context such as " (image id 3, ann.json)")."""
-    try:
-        with Image.open(path) as im:
-            mode = im.mode
-            image = to_rgb(im)
-    except FileNotFoundError:
-        raise DatasetError(f"image file {path}{where} does not exist") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DatasetError(_bomb_message(path, e, where)) from None
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, EOFError, ...
-        raise DatasetError(f"cannot read image file {path}{where}: {_one_line(e)}") from e
-    return image, (mode if mode in HIGH_BIT_DEPTH_MODES else None)
-
-
-_WARNED_HIGH_BIT: set[str] = set()  # data sets (or folders) already warned about, per process
-
-
-def _warn_high_bit(key: str, path: Path, mode: str) -> None:
-    if key in _WARNED_HIGH_BIT:
-        return
-    _WARNED_HIGH_BIT.add(key)
-    how = ("16-bit values divided by 257" if mode.startswith("I;16") else
-           "values scaled to 0..255 (see kd_detr.data.transforms.to_rgb)")
-    logger.warning("%s: image %s is %s (high bit depth): converting such images to 8-bit RGB, %s; "
-                   "no further warning for this data set", key, path, mode, how)
-
-
-def read_image(path: str | os.PathLike) -> Image.Image:
-    """An image file as an 8-bit RGB PIL image, as the data sets read it.
-
-    16-bit and other high-bit-depth grayscale files are scaled to 8 bits (:func:`~kd_detr.data.transforms.to_rgb`)
-    with one warning per folder and process; a missing, corrupt or too large (decompression bomb) file
-    is a one-line :class:`DatasetError` naming it.
-    """
-    path = Path(path)
-    image, mode = _read_rgb(path)
-    if mode is not None:
-        _warn_high_bit(str(path.parent), path, mode)
-    return image
-
-
-def coco_paths(root: str | os.PathLike, split: str) -> tuple[Path, Path]:
-    """``(ann_file, img_dir)`` of the standard tree ``annotations/instances_{split}2017.json`` + ``{split}2017/``.
-
-    ``split`` is ``"train"`` or ``"val"`` (a full name such as ``"val2017"`` is accepted too). Raises
-    :class:`DatasetError` listing every missing path.
-    """
-    root = Path(root)
-    name = split if split.endswith("2017") else f"{split}2017"
-    ann_file = root / "annotations" / f"instances_{name}.json"
-    img_dir = root / name
-    if not root.is_dir():
-        raise DatasetError(f"dataset root {root} does not exist or is not a directory")
-    missing = [str(p) for p, ok in ((ann_file, ann_file.is_file()), (img_dir, img_dir.is_dir())) if not ok]
-    if missing:
-        raise DatasetError(
-            f"COCO tree under {root} is incomplete for split {split!r}: missing {', '.join(missing)} "
-            f"(expected annotations/instances_{name}.json and {name}/)"
-        )
-    return ann_file, img_dir
-
-
-def _require(record: Any, keys: tuple[str, ...], where: str, ann_file: Path) -> None:
-    if not isinstance(record, Mapping):
-        raise DatasetError(f"{ann_file}: {where} must be a JSON object, got {type(record).__name__}")
-    for k in keys:
-        if k not in record:
-            raise DatasetError(f"{ann_file}: {where} is missing required key {k!r}")
-
-
-def _read_json(ann_file: Path) -> dict[str, Any]:
-    try:
-        text = ann_file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DatasetError(f"annotation file {ann_file} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"cannot read annotation file {ann_file}: {e}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DatasetError(
-            f"{ann_file}: malformed JSON at line {e.lineno} column {e.colno} (char {e.pos}): {e.msg}"
-        ) from None
-    if not isinstance(data, dict):
-        raise DatasetError(f"{ann_file}: top level must be a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _check_categories(data: dict[str, Any], ann_file: Path) -> None:
-    seen_cats: set[Any] = set()
-    for i, cat in enumerate(data["categories"]):
-        _require(cat, ("id",), f"categories[{i}]", ann_file)
-        if isinstance(cat["id"], bool) or not isinstance(cat["id"], int):
-            raise DatasetError(f"{ann_file}: categories[{i}] 'id' must be an integer, got {cat['id']!r}")
-        if cat["id"] in seen_cats:
-            raise DatasetError(f"{ann_file}: categories[{i}] repeats category id {cat['id']!r}")
-        seen_cats.add(cat["id"])
-
-
-def read_categories(ann_file: str | os.PathLike) -> list[dict[str, Any]]:
-    """The validated ``categories`` list of a COCO JSON (to build a :class:`LabelMap` without a dataset)."""
-    ann_file = Path(ann_file)
-    data = _read_json(ann_file)
-    if not isinstance(data.get("categories"), list):
-        raise DatasetError(f"{ann_file}: missing required top-level key 'categories' (a list)")
-    _check_categories(data, ann_file)
-    return data["categories"]
-
-
-def _check_unique_ids(records: list[Any], key: str, ann_file: Path, effect: str, fix: str) -> None:
-    """One :class:`DatasetError` for every repeated ``id`` of ``records`` (count, first ids and records)."""
-    counts = Counter(r["id"] for r in records if "id" in r)
-    dups = [i for i, n in counts.items() if n > 1]
-    if not dups:
-        return
-    extra = sum(counts[i] - 1 for i in dups)
-    first = dups[0]
-    at = [f"{key}[{j}]" for j, r in enumerate(records) if r.get("id") == first][:2]
-    shown = ", ".join(repr(i) for i in dups[:5]) + (", ..." if len(dups) > 5 else "")
-    raise DatasetError(
-        f"{ann_file}: {extra} {key} repeat an id already used in '{key}' ({len(dups)} duplicated ids: {shown}; "
-        f"id {first!r} at {' and '.join(at)}); pycocotools indexes {key} by id, so duplicates silently "
-        f"corrupt {effect} -- {fix}"
-    )
-
-
-def load_coco_json(ann_file: str | os.PathLike) -> dict[str, Any]:
-    """Read and structurally validate a COCO detection JSON.
-
-    Checks that ``images``, ``annotations`` and ``categories`` exist and are lists, every image has
-    ``id/file_name/width/height``, every annotation ``image_id/bbox/category_id`` (``bbox`` a list of 4
-    numbers) and every category ``id``, and that image, annotation and category ids are unique (two merged
-    files each numbered from 1 would otherwise corrupt pycocotools' id-keyed index and the AP). Raises
-    :class:`DatasetError` naming the file, key and record (for duplicates: the count and the first ids).
-    """
-    ann_file = Path(ann_file)
-    data = _read_json(ann_file)
-    for key in ("images", "annotations", "categories"):
-        if key not in data:
-            raise DatasetError(f"{ann_file}: missing required top-level key {key!r}")
-        if not isinstance(data[key], list):
-            raise DatasetError(f"{ann_file}: {key!r} must be a list, got {type(data[key]).__name__}")
-    for i, img in enumerate(data["images"]):
-        _require(img, ("id", "file_name", "width", "height"), f"images[{i}]", ann_file)
-        if isinstance(img["id"], bool) or not isinstance(img["id"], int):
-            raise DatasetError(f"{ann_file}: images[{i}] 'id' must be an integer, got {img['id']!r}")
-        for k in ("width", "height"):
-            v = img[k]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise DatasetError(f"{ann_file}: images[{i}] (id {img['id']}) has invalid {k} {v!r}")
-    for i, ann in enumerate(data["annotations"]):
-        _require(ann, ("image_id", "bbox", "category_id"), f"annotations[{i}]", ann_file)
-        for k in ("image_id", "category_id"):
-            if isinstance(ann[k], bool) or not isinstance(ann[k], int):
-                raise DatasetError(f"{ann_file}: annotations[{i}] {k!r} must be an integer, got {ann[k]!r}")
-        b = ann["bbox"]
-        if (
-            not isinstance(b, list)
-            or len(b) != 4
-            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in b)
-        ):
-            raise DatasetError(f"{ann_file}: annotations[{i}] 'bbox' must be [x, y, w, h] numbers, got {b!r}")
-        if "id" in ann and isinstance(ann["id"], (list, dict)):
-            raise DatasetError(f"{ann_file}: annotations[{i}] 'id' must be an integer, got {ann['id']!r}")
-    _check_categories(data, ann_file)
-    _check_unique_ids(data["images"], "images", ann_file, "training targets and evaluation (AP)",
-                      "give every image a unique 'id' and point each annotation's 'image_id' at the right one")
-    _check_unique_ids(data["annotations"], "annotations", ann_file, "evaluation (AP)",
-                      "renumber the annotations with unique ids (e.g. 1..N in order)")
-    # pycocotools indexes annotations by 'id'; give id-less records unique ids instead of crashing there
-    used = {a["id"] for a in data["annotations"] if "id" in a}
-    next_id = max((x for x in used if isinstance(x, int)), default=0) + 1
-    for a in data["annotations"]:
-        if "id" not in a:
-            a["id"] = next_id
-            next_id += 1
-    data.setdefault("info", {})
-    data.setdefault("licenses", [])
-    return data
-
-
-def _make_coco(data: dict[str, Any], ann_file: str | os.PathLike | None = None):
-    """pycocotools ``COCO`` from an already-parsed dict, without its "creating index..." prints; with
-    ``ann_file``, its path as ``coco.kd_detr_ann_file`` (evaluation names the file in what it logs)."""
-    from pycocotools.coco import COCO
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO()
-        coco.dataset = data
-        coco.createIndex()
-    if ann_file is not None:
-        coco.kd_detr_ann_file = str(ann_file)
-    return coco
 
 
 @dataclass
@@ -467,7 +221,7 @@ class CocoDetection(torch.utils.data.Dataset):
         if not isinstance(label_map, LabelMap):
             raise TypeError(f"label_map must be a LabelMap, 'contiguous' or 'raw_ids', got {label_map!r}")
         self.label_map: LabelMap = label_map
-        self.coco = _make_coco(data, self.ann_file)
+        self.coco = make_coco(data, self.ann_file)
         self.report = DatasetReport(
             ann_file=str(self.ann_file), num_images=len(data["images"]), num_annotations=len(data["annotations"])
         )
@@ -574,7 +328,7 @@ class CocoDetection(torch.utils.data.Dataset):
         except Exception:  # a bad file is reported when it is read
             return
         if mode in HIGH_BIT_DEPTH_MODES:
-            _warn_high_bit(str(self.ann_file), path, mode)
+            warn_high_bit(str(self.ann_file), path, mode)
 
     def _check_file(self, r: _Record) -> bool:
         path = self.img_dir / r.file_name
@@ -586,17 +340,17 @@ class CocoDetection(torch.utils.data.Dataset):
                 size, mode = im.size, im.mode
                 im.verify()  # decodes enough to catch truncated / corrupt files cheaply
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            self.report.add("unreadable_file", _bomb_message(path, e, ""))
+            self.report.add("unreadable_file", bomb_message(path, e, ""))
             return False
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, EOFError, ...
-            self.report.add("unreadable_file", f"{path}: {_one_line(e)}")
+            self.report.add("unreadable_file", f"{path}: {one_line(e)}")
             return False
         if size != (r.width, r.height):
             self.report.add("size_mismatch", f"{path}: file {size[0]}x{size[1]} vs JSON {r.width}x{r.height}")
             return False
         if mode in HIGH_BIT_DEPTH_MODES:
             self.report.add("high_bit_depth", f"{path}: mode {mode}")
-            _warn_high_bit(str(self.ann_file), path, mode)
+            warn_high_bit(str(self.ann_file), path, mode)
         return True
 
     # -- access -----------------------------------------------------------------------------------
@@ -626,9 +380,9 @@ class CocoDetection(torch.utils.data.Dataset):
         """Untransformed item: RGB PIL image and target with absolute ``xyxy`` boxes (clipped)."""
         r = self._records[index]
         path = self.img_dir / r.file_name
-        image, mode = _read_rgb(path, f" (image id {r.image_id}, {self.ann_file})")
+        image, mode = read_rgb(path, f" (image id {r.image_id}, {self.ann_file})")
         if mode is not None:
-            _warn_high_bit(str(self.ann_file), path, mode)
+            warn_high_bit(str(self.ann_file), path, mode)
         if image.size != (r.width, r.height):
             raise DatasetError(
                 f"image file {path} is {image.size[0]}x{image.size[1]} but {self.ann_file} says "
@@ -664,7 +418,7 @@ class CocoDetection(torch.utils.data.Dataset):
         try:
             return apply_view(image, target, view)
         except Exception as e:
-            raise DatasetError(f"cannot transform image file {self._where(index)}: {_one_line(e)}") from e
+            raise DatasetError(f"cannot transform image file {self._where(index)}: {one_line(e)}") from e
 
     def _where(self, index: int) -> str:
         r = self._records[index]
@@ -687,7 +441,7 @@ class CocoDetection(torch.utils.data.Dataset):
         except DatasetError:
             raise
         except Exception as e:
-            raise DatasetError(f"cannot load item {index}, image file {self._where(index)}: {_one_line(e)}") from e
+            raise DatasetError(f"cannot load item {index}, image file {self._where(index)}: {one_line(e)}") from e
 
     def __repr__(self) -> str:
         return (
