@@ -1,6 +1,6 @@
 """Data: COCO-format datasets, label maps, replayable DETR augmentation, synthetic data, collation."""
 
-from .batch import Batch
+from .batch import Batch, TeacherPayload, ViewOutputsReader
 from .coco import CocoDetection, DatasetError, DatasetReport, coco_paths, load_coco_json, read_categories
 from .collate import collate_fn, pad_images
 from .label_map import COCO_CATEGORIES, LabelMap, LabelMapError
@@ -24,6 +24,8 @@ __all__ = [
     "IMAGENET_STD",
     "AugmentationPolicy",
     "Batch",
+    "TeacherPayload",
+    "ViewOutputsReader",
     "CocoDetection",
     "DataSpec",
     "DatasetError",

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .batch import Batch
+from .batch import Batch, ViewOutputsReader
 from .coco import DatasetError, _one_line
 from .collate import collate_fn
 from .transforms import AugmentationPolicy, View, view_generator
@@ -141,15 +141,15 @@ class PlanViewSampler(Sampler[list[ViewKey]]):
 
 class PlanViews(Dataset):
     """Item ``(i, k)`` -> view ``k`` of image ``i`` as ``(image [3,H,W], target)``, plus the teacher's outputs for
-    that view alone when a ``teacher_source`` (e.g. a teacher cache reader with ``view_outputs(i, k)``) is
-    given: ``(image, target, TeacherOutputs)`` with ``B = 1``. :meth:`collate` pads a list of items into a
+    that view alone when a ``teacher_source`` (a :class:`~kd_detr.data.ViewOutputsReader`, e.g. a teacher cache
+    reader) is given: ``(image, target, TeacherOutputs)`` with ``B = 1``. :meth:`collate` pads a list of items into a
     batch (and stacks the teacher outputs: :meth:`~kd_detr.teacher.outputs.TeacherOutputs.stack_views`).
 
     Use with ``DataLoader(PlanViews(...), batch_sampler=PlanViewSampler(...), collate_fn=PlanViews.collate)``:
     the loader workers then read the images and the cached teacher tensors.
     """
 
-    def __init__(self, dataset, plan: ViewPlan, teacher_source=None):
+    def __init__(self, dataset, plan: ViewPlan, teacher_source: Optional[ViewOutputsReader] = None):
         if len(dataset) != plan.num_images:
             raise ValueError(f"the view plan covers {plan.num_images} images but the data set has {len(dataset)}")
         self.dataset, self.plan, self.teacher_source = dataset, plan, teacher_source

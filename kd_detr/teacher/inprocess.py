@@ -16,29 +16,42 @@ from torch import Tensor, nn
 
 from .outputs import ATTN_MODES, TeacherOutputs
 
-__all__ = ["InProcessTeacher", "image_regions"]
+__all__ = ["InProcessTeacher", "PRECISIONS", "check_precision", "image_regions"]
+
+# ``teacher.precision``: the dtype the teacher's forward autocasts to (``None``: float32, autocast off). Every
+# source applies it the same way (in process, in a Ray actor, in a cache build), so their outputs agree.
+PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_precision(precision: str, option: str = "teacher.precision") -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"{option} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
 
 
 class InProcessTeacher:
     """Runs a frozen teacher model on each image of a padded batch alone: ``(images, mask) -> TeacherOutputs``.
 
-    The teacher runs in float32 whatever ``torch.autocast`` its caller is under: the trainer's ``--amp`` step
-    autocasts the student's forward, and a teacher run inside it in float16 would differ from the same teacher
-    in a Ray actor or a cache build (which run outside it), so the three sources would not give the same numbers.
+    The teacher runs at its own ``precision`` whatever ``torch.autocast`` its caller is under (the student's
+    ``--amp`` step must not change the teacher's numbers): float32 with autocast off, or autocast to bfloat16 /
+    float16 (tensor cores on a GPU). Its outputs are float32 either way. The Ray actors and the cache build run
+    this same class, so the three teacher sources give the same numbers at the same precision.
 
     Args:
         model: the teacher detector; put in eval mode, parameters frozen.
         attn: ``per_head`` | ``mean`` | ``none``: how attention maps are returned (``mean`` saves
             memory when the recipe compares head-averaged maps).
+        precision: ``float32`` | ``bfloat16`` | ``float16`` (:data:`PRECISIONS`).
     """
 
-    def __init__(self, model: nn.Module, attn: str = "per_head"):
+    def __init__(self, model: nn.Module, attn: str = "per_head", precision: str = "float32"):
         if attn not in ATTN_MODES:
             raise ValueError(f"attn must be one of {ATTN_MODES}, got {attn!r}")
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.attn = attn
+        self.precision = check_precision(precision)
 
     @property
     def config(self):
@@ -62,9 +75,12 @@ class InProcessTeacher:
         self.model.eval()  # the trainer's model.train() never reaches the teacher, but be sure
         h, w = image.shape[-2:]
         mask = torch.zeros((1, h, w), dtype=torch.bool, device=image.device)
-        with torch.autocast(image.device.type, enabled=False):  # float32: see the class docstring
+        dtype = PRECISIONS[self.precision]
+        # the teacher's own precision, not its caller's autocast: see the class docstring
+        with torch.autocast(image.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             out = self.model(image[None].float(), mask, request=DetectorRequest(attention=self.attn != "none"))
-        return TeacherOutputs.from_model_output(out, self.attn)
+        outputs = TeacherOutputs.from_model_output(out, self.attn)
+        return outputs if dtype is None else outputs.float()
 
 
 def image_regions(images: Tensor, mask: Tensor) -> list[Tensor]:

@@ -17,6 +17,7 @@ from kd_detr.models import ModelConfig, config_from_dict, get_config, load_model
 from kd_detr.models.hf.config import HF_PREFIX
 
 from .card import TeacherCard, find_card, load_card
+from .inprocess import check_precision
 
 log = logging.getLogger("kd_detr.teacher")
 
@@ -42,10 +43,17 @@ class TeacherSpec:
     # --allow-partial-weights: an hf:DIR teacher may load with tensors missing or mis-shaped (random values,
     # warned); kd-detr and official files always load strictly
     allow_partial_weights: bool = False
+    # teacher.precision (--teacher-precision): the dtype the teacher's forward runs at, in every source
+    # (kd_detr.teacher.inprocess.PRECISIONS); a teacher cache records it
+    precision: str = "float32"
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision, "--teacher-precision")
 
     def to_dict(self) -> dict[str, Any]:
         d = {"name": self.name, "model": self.model, "checkpoint": str(self.checkpoint), "format": self.format,
-             "card": self.card, "known_ap": self.known_ap, "image_size": self.image_size}
+             "card": self.card, "known_ap": self.known_ap, "image_size": self.image_size,
+             "precision": self.precision}
         if self.allow_partial_weights:
             d["allow_partial_weights"] = True
         return d
@@ -128,7 +136,7 @@ def _file_format(path: Path, fmt: str) -> str:
 
 
 def resolve_teacher(teacher: str, checkpoint: Optional[str] = None,
-                    allow_partial_weights: bool = False) -> TeacherSpec:
+                    allow_partial_weights: bool = False, precision: str = "float32") -> TeacherSpec:
     """``--teacher`` / ``--teacher-checkpoint`` -> :class:`TeacherSpec`.
 
     A name with a card in ``teachers/`` (or a path to a card ``.toml``) uses the card; its checkpoint
@@ -141,10 +149,10 @@ def resolve_teacher(teacher: str, checkpoint: Optional[str] = None,
     the card's class space and image size still describe it.
 
     ``allow_partial_weights`` (``--allow-partial-weights``) is recorded on the spec; only a transformers folder
-    (``hf:DIR``) can use it.
+    (``hf:DIR``) can use it. ``precision`` (``--teacher-precision``): the dtype the teacher runs at.
     """
     spec = _resolve_teacher(teacher, checkpoint)
-    return dataclasses.replace(spec, allow_partial_weights=True) if allow_partial_weights else spec
+    return dataclasses.replace(spec, allow_partial_weights=bool(allow_partial_weights), precision=precision)
 
 
 def _resolve_teacher(teacher: str, checkpoint: Optional[str]) -> TeacherSpec:

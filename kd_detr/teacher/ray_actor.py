@@ -123,8 +123,9 @@ class TeacherWorker:
 
             self.store = StoreConfig.from_dict(store)
         self.device = torch.device(job["device"])
-        model, _, _ = load_teacher(spec_from_dict(job["spec"]), label_map)
-        self.teacher = InProcessTeacher(model.to(self.device), attn=job["attn_mode"])
+        spec = spec_from_dict(job["spec"])
+        model, _, _ = load_teacher(spec, label_map)
+        self.teacher = InProcessTeacher(model.to(self.device), attn=job["attn_mode"], precision=spec.precision)
         self.matcher = HungarianMatcher()  # the teacher's own GT matching: default 2/5/2 costs
 
     def ping(self) -> int:

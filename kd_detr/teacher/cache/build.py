@@ -83,6 +83,7 @@ def cache_header(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, stor
     return {
         "teacher": {"name": spec.name, "model": spec.model, "checkpoint": str(spec.checkpoint),
                     "checkpoint_sha256": teacher_weights_sha256(spec), "card": spec.card,
+                    "precision": spec.precision,
                     "config": teacher_config(spec, label_map), **teacher_family_record(spec)},
         "dataset": {"annotations": str(dataset.ann_file), "annotations_sha256": sha256_file(dataset.ann_file),
                     "image_dir": str(dataset.img_dir), IMAGES_FINGERPRINT: dataset_fingerprint(dataset),
