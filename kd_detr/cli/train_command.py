@@ -1,11 +1,38 @@
-"""``kd-detr train``: a detector trained on ground truth alone."""
+"""``kd-detr train``: a detector trained on ground truth alone. Its options are :class:`TrainConfig` fields
+of the same name except those in :data:`RENAMED` and :data:`NEGATED`; :mod:`kd_detr.runs.assemble` builds
+the run, as for ``kd-detr distill``."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import click
 
 from .group import main
 from .options import data_options, partial_weights_option, student_overrides
+
+__all__ = ["RENAMED", "NEGATED", "train_config_fields", "train_cmd"]
+
+# `kd-detr train`'s options whose TrainConfig field has another name (model_opt: KEY=VALUE pairs, parsed below)
+RENAMED = {"model_name": "model", "model_opt": "model_overrides"}
+# --no-X flags: the field they switch off
+NEGATED = {"no_augment": "augment", "no_aux_loss": "aux_loss", "no_progress": "progress"}
+
+
+def train_config_fields(options: dict[str, Any]) -> dict[str, Any]:
+    """``TrainConfig`` field -> value of ``kd-detr train``'s click ``options`` (keyed by parameter name), with
+    ``model_overrides`` parsed from ``--model-opt`` (and ``--allow-partial-weights``, which is no field)."""
+    options = dict(options)
+    allow_partial = options.pop("allow_partial_weights")
+    fields: dict[str, Any] = {}
+    for name, value in options.items():
+        if name in NEGATED:
+            fields[NEGATED[name]] = not value
+        else:
+            fields[RENAMED.get(name, name)] = value
+    fields["model_overrides"] = student_overrides(fields["model"], fields["model_overrides"], "--model-opt",
+                                                  allow_partial)
+    return fields
 
 
 @main.command("train")
@@ -47,30 +74,17 @@ from .options import data_options, partial_weights_option, student_overrides
 @click.option("--deterministic", is_flag=True, help="torch.use_deterministic_algorithms (warn-only).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @partial_weights_option
-def train_cmd(model_name, model_opt, backbone_weights, init_checkpoint, data, train_ann, train_images, val_ann,
-              val_images, image_size, label_map, num_workers, no_augment, batch_size, lr, lr_backbone, weight_decay,
-              clip_max_norm, epochs, max_iters, lr_drop, lr_drop_iter, warmup_iters, amp, output_dir, seed,
-              device, log_every, checkpoint_every, keep_checkpoints, eval_every_epochs, eval_every_iters,
-              eval_batch_size, eval_max_images, resume, no_aux_loss, deterministic, no_progress,
-              allow_partial_weights) -> None:
+def train_cmd(**options: Any) -> None:
     """Train a Conditional DETR (official recipe by default). Multi-GPU: torchrun --nproc_per_node N -m kd_detr train ..."""
-    from kd_detr.engine.trainer import TrainConfig, train
+    from kd_detr.data import DataSpec
+    from kd_detr.runs.assemble import assemble_train_run
 
-    cfg = TrainConfig(
-        model=model_name,
-        model_overrides=student_overrides(model_name, model_opt, "--model-opt", allow_partial_weights),
-        backbone_weights=backbone_weights, init_checkpoint=init_checkpoint, data=data, train_ann=train_ann,
-        train_images=train_images, val_ann=val_ann, val_images=val_images, image_size=image_size,
-        label_map=label_map, num_workers=num_workers, augment=not no_augment, batch_size=batch_size, lr=lr, lr_backbone=lr_backbone,
-        weight_decay=weight_decay, clip_max_norm=clip_max_norm, epochs=epochs, max_iters=max_iters,
-        lr_drop=lr_drop, lr_drop_iter=lr_drop_iter, warmup_iters=warmup_iters, amp=amp, output_dir=output_dir,
-        seed=seed, device=device, log_every=log_every, checkpoint_every=checkpoint_every,
-        keep_checkpoints=keep_checkpoints,
-        eval_every_epochs=eval_every_epochs, eval_every_iters=eval_every_iters, eval_batch_size=eval_batch_size,
-        eval_max_images=eval_max_images, resume=resume, aux_loss=not no_aux_loss, deterministic=deterministic,
-        progress=not no_progress)
-    metrics = train(cfg)
+    fields = train_config_fields(options)
+    data = DataSpec(**{name: fields.pop(name) for name in DataSpec.__dataclass_fields__})
+    run = assemble_train_run(fields.pop("model"), data, fields.pop("output_dir"),
+                             model_overrides=fields.pop("model_overrides"), resume=fields.pop("resume"),
+                             train_options=fields)
+    metrics = run.run()
     if metrics:
         click.echo(f"final AP {100 * metrics['AP']:.1f} (best {100 * metrics['best_ap']:.1f}); "
-                   f"outputs in {output_dir}")
-
+                   f"outputs in {run.cfg.output_dir}")

@@ -1,5 +1,6 @@
 """One way to assemble a run: a recipe plus overrides, a student, a data spec and a teacher source spec
-become a configured :class:`Run` (``kd-detr distill``, each run of ``kd-detr compare``, the quickstart)."""
+become a configured :class:`Run` (``kd-detr distill``, each run of ``kd-detr compare``, the quickstart);
+a model, a data spec and training options without a recipe become one too (``kd-detr train``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from kd_detr.engine.recipe import Recipe, load_recipe
 from kd_detr.engine.trainer import TrainConfig, train
 from kd_detr.teacher import CacheSource, InProcessSource, RaySource, TeacherSource, resolve_teacher
 
-__all__ = ["TeacherSourceSpec", "Run", "assemble_run", "build_teacher_source"]
+__all__ = ["TeacherSourceSpec", "Run", "assemble_run", "assemble_train_run", "build_teacher_source"]
 
 
 @dataclass
@@ -31,6 +32,7 @@ class TeacherSourceSpec:
     prefetch: int = 2
     address: Optional[str] = None
     allow_partial_weights: bool = False  # a transformers teacher may load with tensors missing or re-initialised
+    precision: str = "float32"  # --teacher-precision: float32 | bfloat16 | float16, the same in every source
 
     def __post_init__(self) -> None:
         if self.serve not in ("inprocess", "ray"):
@@ -45,13 +47,14 @@ def build_teacher_source(spec: TeacherSourceSpec, recipe: Recipe) -> Optional[Te
     """The teacher source of a run. A recipe without a teacher gets none, except a cache (it fixes the
     view plan, so that a baseline trains on the same batches as its distilled twins)."""
     if spec.cache:
-        return CacheSource(spec.cache, resolve_teacher(spec.teacher, spec.checkpoint, spec.allow_partial_weights)
-                           if recipe.distils and spec.teacher else None)
+        return CacheSource(spec.cache, resolve_teacher(spec.teacher, spec.checkpoint, spec.allow_partial_weights,
+                                                       spec.precision)
+                           if recipe.distils and spec.teacher else None, precision=spec.precision)
     if not recipe.distils:
         return None
     if spec.teacher is None:
         raise ValueError(f"recipe {recipe.name} distils from a teacher: give --teacher or --teacher-cache")
-    teacher = resolve_teacher(spec.teacher, spec.checkpoint, spec.allow_partial_weights)
+    teacher = resolve_teacher(spec.teacher, spec.checkpoint, spec.allow_partial_weights, spec.precision)
     if spec.serve == "ray":
         return RaySource(teacher, actors=spec.actors, prefetch=spec.prefetch, address=spec.address)
     return InProcessSource(teacher)
@@ -59,10 +62,11 @@ def build_teacher_source(spec: TeacherSourceSpec, recipe: Recipe) -> Optional[Te
 
 @dataclass
 class Run:
-    """A configured run: what :func:`kd_detr.engine.trainer.train` needs."""
+    """A configured run: what :func:`kd_detr.engine.trainer.train` needs (``recipe`` ``None``: ground truth
+    only, ``kd-detr train``)."""
 
     cfg: TrainConfig
-    recipe: Recipe
+    recipe: Optional[Recipe]
     teacher: Optional[TeacherSource] = None
     views: Optional[int] = None
     view_seed: int = 0
@@ -86,8 +90,27 @@ def assemble_run(student: str, recipe: str, data: DataSpec, teacher: TeacherSour
     kwargs = dict(r.train_config_kwargs())
     given = {"image_size": data.image_size, "label_map": data.label_map, **(train_options or {})}
     kwargs.update({k: v for k, v in given.items() if v is not None})
-    cfg = TrainConfig(model=student, model_overrides=dict(student_overrides or {}), output_dir=output_dir,
-                      resume=resume, **data.paths(), **kwargs)
+    cfg = _train_config(student, data, output_dir, student_overrides, resume, kwargs)
     source = build_teacher_source(teacher, r)
     return Run(cfg, r, source, views=views, view_seed=view_seed,
                record={"teacher_source": asdict(teacher)})
+
+
+def assemble_train_run(model: str, data: DataSpec, output_dir: str, *,
+                       model_overrides: Optional[dict[str, Any]] = None,
+                       train_options: Optional[dict[str, Any]] = None, resume: Optional[str] = None) -> Run:
+    """``model`` trained on ground truth alone: no recipe, no teacher (``kd-detr train``).
+
+    ``train_options``: the other ``TrainConfig`` fields, each as given (``None`` included; a field left out
+    keeps ``TrainConfig``'s default); ``data.image_size`` and ``data.label_map`` are used when set.
+    """
+    given = {k: v for k, v in (("image_size", data.image_size), ("label_map", data.label_map)) if v is not None}
+    return Run(_train_config(model, data, output_dir, model_overrides, resume, {**given, **(train_options or {})}),
+               recipe=None)
+
+
+def _train_config(model: str, data: DataSpec, output_dir: str, model_overrides: Optional[dict[str, Any]],
+                  resume: Optional[str], options: dict[str, Any]) -> TrainConfig:
+    """The ``TrainConfig`` of a run: ``options`` and the data spec's paths."""
+    return TrainConfig(model=model, model_overrides=dict(model_overrides or {}), output_dir=output_dir,
+                       resume=resume, **data.paths(), **options)
