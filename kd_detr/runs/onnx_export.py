@@ -72,7 +72,7 @@ ONNX_FAMILIES = frozenset({"detr", "conditional_detr", "dab_detr", "deformable_d
 # differently from PyTorch, so such a model (an untrained one) fails the check; a model whose scores are apart
 # (trained, or given a variance-preserving init: D-FINE and DEIMv2 then match within 2e-6) exports
 ONNX_TOPK_FAMILIES = frozenset({"rt_detr", "rt_detr_v2", "d_fine", "deimv2"})
-# families refused by name, with why (none now: every family kd-detr registers exports)
+# families refused by name, with why (empty: every family kd-detr registers exports)
 ONNX_REFUSED: dict[str, str] = {}
 
 

@@ -42,7 +42,7 @@ ATTENTION_REST_SCHEMES = ("uniform", "renorm")  # how a topk row's other keys ar
 DEFAULT_ATTENTION_REST = "uniform"
 
 # What `kd-detr cache` stores unless told otherwise: the default d3etr recipe's cache at the official sizes in
-# 244,820 bytes per view (the budget: 0.25 MB; 0.30x the 806,416 of topk:32 with dense classes), with
+# 244,820 bytes per view (within a 0.25 MB budget; 0.30x the 806,416 of topk:32 with dense classes), with
 # every KD term within 1% of a dense float32 cache's (benchmarks/cache_store_kd.py, docs/teacher_cache.md).
 DEFAULT_ATTENTION_SPEC = "topk:14"
 DEFAULT_CLASSES_SPEC = "topk:4"

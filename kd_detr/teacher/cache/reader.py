@@ -67,10 +67,6 @@ class CacheReader:
     def manifest(self) -> dict[str, Any]:
         return self._manifest
 
-    @property
-    def store_config(self) -> StoreConfig:
-        return self.store
-
     def keys(self) -> list[tuple[int, int]]:
         """Every stored ``(i, k)`` (image index, view), sorted."""
         return sorted(self._index)
