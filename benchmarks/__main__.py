@@ -299,7 +299,8 @@ def main() -> None:
     full_t = steps.teacher(batch[0], batch[1])
     out = steps.student(batch[0], batch[1],
                         request=DetectorRequest(query_groups=steps.kd.extra_groups(full_t), attention=True))
-    full_terms = steps.kd(out, full_t, batch[2])
+    nb = steps.criterion.num_boxes(batch[2], batch[0].device)
+    full_terms = steps.kd(steps.student, out, batch[2], nb, full_t)
     for k in (4, 8, 32):
         from kd_detr.teacher.cache import decode_attention, encode_attention
         cfg = StoreConfig.parse(f"topk:{k}")
@@ -308,7 +309,7 @@ def main() -> None:
         c_keys = full_t.cross_attn.shape[-1]
         t_k.self_attn = decode_attention(encode_attention(full_t.self_attn, cfg), cfg, s_keys)
         t_k.cross_attn = decode_attention(encode_attention(full_t.cross_attn, cfg), cfg, c_keys)
-        terms = steps.kd(out, t_k, batch[2])
+        terms = steps.kd(steps.student, out, batch[2], nb, t_k)
         for kind in ("self_attn", "cross_attn"):
             a = sum(float(v.detach()) for n_, v in full_terms.items() if f".{kind}." in n_)
             b = sum(float(v.detach()) for n_, v in terms.items() if f".{kind}." in n_)

@@ -113,14 +113,15 @@ def main() -> None:
             L, B, N = t.logits.shape[:3]
             t.gt_assignment = torch.full((B, N), -1, dtype=torch.int64)  # the codec requires one; unused here
             out = student(images, mask, request=DetectorRequest(query_groups=kd.extra_groups(t)))
-            c, tot = pred_sums(kd(out, t, targets), weights)
+            nb = criterion.num_boxes(targets, images.device)
+            c, tot = pred_sums(kd(student, out, targets, nb, t), weights)
             ref_cls.append(c)
             ref_tot.append(tot)
             p = t.logits.sigmoid()
             top_mass.append([float(p.topk(min(k, C), -1).values.sum() / p.sum()) for k in ks])
             for name, cfg in configs:
                 dec = decode_batch(encode_batch(t, torch.arange(B), cfg), cfg, t.query_embed)
-                c, tot = pred_sums(kd(out, dec, targets), weights)
+                c, tot = pred_sums(kd(student, out, targets, nb, dec), weights)
                 got[name][0].append(c)
                 got[name][1].append(tot)
 

@@ -108,11 +108,12 @@ def main() -> None:
                 v.gt_assignment = torch.full((1, v.num_queries), -1, dtype=torch.int64)  # required by the codec
             t = TeacherOutputs.stack_views(views)
             out = student(images, mask, request=DetectorRequest(query_groups=kd.extra_groups(t), attention=True))
-            ref.append(family_sums(kd(out, t, targets), weights))
+            nb = criterion.num_boxes(targets, images.device)
+            ref.append(family_sums(kd(student, out, targets, nb, t), weights))
             for n, cfg in enumerate(stores):
                 dec = TeacherOutputs.stack_views([decode_batch(encode_batch(v, torch.tensor([b]), cfg), cfg,
                                                                v.query_embed) for b, v in enumerate(views)])
-                got[n].append(family_sums(kd(out, dec, targets), weights))
+                got[n].append(family_sums(kd(student, out, targets, nb, dec), weights))
 
     def errs(vals: list[dict], fam: str) -> tuple[float, float]:
         worst = max(abs(v[fam] - r[fam]) / abs(r[fam]) for v, r in zip(vals, ref))

@@ -46,7 +46,7 @@ def kd_loss(student, teacher, recipe="d3etr", **overrides):
 def run(kd, student, teacher, images, mask, targets):
     t = InProcessTeacher(teacher, attn=kd.attn_mode)(images, mask)
     out = student(images, mask, request=DetectorRequest(query_groups=kd.extra_groups(t), attention=kd.needs_attn))
-    return kd(out, t, targets), out, t
+    return kd(student, out, targets, kd.criterion.num_boxes(targets, images.device), t), out, t
 
 
 def test_identical_teacher_and_student_give_identity_matchings_and_zero_losses():

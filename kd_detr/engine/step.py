@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from kd_detr.criterion import weighted_total
-from kd_detr.methods import Method
+from kd_detr.methods import Method, TermWeights
 from kd_detr.models import DetectorRequest
 from kd_detr.teacher import TeacherOutputs
 
@@ -29,11 +29,14 @@ def to_float32(obj: Any) -> Any:
 def batch_losses(model: torch.nn.Module, criterion, images: torch.Tensor, mask: torch.Tensor, targets: Sequence[dict],
                  methods: Sequence[Method] = (), teacher: Optional[TeacherOutputs] = None, aux_loss: bool = True,
                  raw_model: Optional[torch.nn.Module] = None
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], TermWeights]:
     """The student's forward (with what every method asks of it) and every loss of one batch.
 
     Returns ``(total, gt_terms, method_terms, method_weights)``: the weighted total and the unweighted term
-    dicts (GT weights in ``criterion.weight_dict``, the methods' in ``method_weights``).
+    dicts (GT weights in ``criterion.weight_dict``, the methods' in ``method_weights``, a
+    :class:`~kd_detr.methods.TermWeights` that carries each method term's declared log group in ``.groups``
+    for :func:`~kd_detr.engine.loss_logs.loss_logs`). Each method is called as ``method(model, outputs,
+    targets, num_boxes, teacher)`` (:meth:`~kd_detr.methods.Method.forward`).
 
     Args:
         model: the student (possibly DDP-wrapped); ``raw_model`` the unwrapped detector (default ``model``),
@@ -61,12 +64,12 @@ def batch_losses(model: torch.nn.Module, criterion, images: torch.Tensor, mask: 
         gt_outputs = out32 if aux_loss else {k: v for k, v in out32.items() if k != "aux_outputs"}
         gt = criterion(gt_outputs, targets)
         terms: dict[str, torch.Tensor] = {}
-        weights: dict[str, float] = {}
+        weights = TermWeights()
         if methods:
             num_boxes = criterion.num_boxes(targets, images.device)
             for m in methods:
-                terms.update(m.loss(raw_model if raw_model is not None else model, out32, targets, num_boxes, teacher))
-                weights.update(m.weight_dict)
+                terms.update(m(detector, out32, targets, num_boxes, teacher))
+                weights.add(m)
     total = weighted_total(gt, criterion.weight_dict)
     if terms:
         total = total + weighted_total(terms, weights)

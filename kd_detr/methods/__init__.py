@@ -9,7 +9,7 @@ Importing this package registers them, in this order (the order their terms are 
 """
 
 from . import d3etr, ms_detr, co_detr  # noqa: F401  (registration, in this order)
-from .base import Method
+from .base import Method, TermGroup, TermWeights
 from .registry import build_methods, get_method, list_methods, register_method
 
-__all__ = ["Method", "build_methods", "get_method", "list_methods", "register_method"]
+__all__ = ["Method", "TermGroup", "TermWeights", "build_methods", "get_method", "list_methods", "register_method"]

@@ -29,6 +29,7 @@ from torchvision.ops import box_convert, box_iou
 
 from kd_detr.models import DetectorRequest
 from kd_detr.schema import check_config, opt
+from kd_detr.teacher import TeacherOutputs
 
 from .base import Method
 from .registry import register_method
@@ -215,7 +216,8 @@ class MixedSupervision(Method):
     supervises exactly the o2o predictions.
 
     Loss terms ``ms_detr.loss_ce.l{l}``, ``ms_detr.loss_bbox.l{l}``, ``ms_detr.loss_giou.l{l}`` for
-    ``l = 0..L-1``, unweighted; :attr:`weight_dict` holds the recipe's weights.
+    ``l = 0..L-1``, unweighted; :attr:`weight_dict` holds the recipe's weights. Logged in the group
+    ``ms_detr`` (``ms_detr.total``), each term also summed over layers (``ms_detr.loss_ce``).
 
     Args:
         cfg: :class:`MsDetrConfig` (``[ms_detr]``).
@@ -249,11 +251,9 @@ class MixedSupervision(Method):
             self.class_head = nn.Linear(d, int(model_config.num_classes))
             prior_prob = 0.01  # the focal prior of the student's class head: every class starts at 0.01
             nn.init.constant_(self.class_head.bias, -math.log((1 - prior_prob) / prior_prob))
-        self.weight_dict: dict[str, float] = {}
-        for i in range(self.num_layers):
-            self.weight_dict[f"ms_detr.loss_ce.l{i}"] = float(cfg.class_weight)
-            self.weight_dict[f"ms_detr.loss_bbox.l{i}"] = float(cfg.bbox_weight)
-            self.weight_dict[f"ms_detr.loss_giou.l{i}"] = float(cfg.giou_weight)
+        for i in range(self.num_layers):  # logged summed over layers (ms_detr.loss_ce) and in ms_detr.total
+            for k, w in (("loss_ce", cfg.class_weight), ("loss_bbox", cfg.bbox_weight), ("loss_giou", cfg.giou_weight)):
+                self.add_term(f"ms_detr.{k}.l{i}", float(w), subgroup=f"ms_detr.{k}")
 
     @classmethod
     def requires(cls, cfg: MsDetrConfig) -> frozenset[str]:
@@ -293,9 +293,10 @@ class MixedSupervision(Method):
             logits = self.class_head(feats)
         return logits, boxes
 
-    def forward(self, model: nn.Module, outputs: Mapping[str, Any], targets: Sequence[dict],
-                num_boxes: float) -> dict[str, Tensor]:
-        """Unweighted o2m terms of one batch (see the class docstring); ``model`` is the unwrapped student."""
+    def forward(self, model: nn.Module, outputs: Mapping[str, Any], targets: Sequence[dict], num_boxes: float,
+                teacher: Optional[TeacherOutputs] = None) -> dict[str, Tensor]:
+        """Unweighted o2m terms of one batch (see the class docstring); ``model`` is the unwrapped student,
+        ``teacher`` unused (:meth:`Method.forward`)."""
         cfg = self.cfg
         logits, boxes = self.predictions(model, outputs)
         losses: dict[str, Tensor] = {}

@@ -16,7 +16,7 @@ detector: the trained student is a plain Conditional DETR.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,7 @@ from torchvision.ops import box_convert
 
 from kd_detr.models import DetectorRequest
 from kd_detr.schema import check_config
+from kd_detr.teacher import TeacherOutputs
 
 from ..base import Method
 from ..registry import register_method
@@ -59,7 +60,9 @@ class CollaborativeHybrid(Method):
             loss weights supervise the positive queries).
 
     Loss terms (unweighted; weights in :attr:`weight_dict`): ``co_detr.<head>.<term>`` for the heads and
-    ``co_detr.dec.<head>.<loss_ce|loss_bbox|loss_giou>.l<layer>`` for the positive queries.
+    ``co_detr.dec.<head>.<loss_ce|loss_bbox|loss_giou>.l<layer>`` for the positive queries. Logged in the
+    group ``co_detr`` (``co_detr.total``), with each head's own terms summed (``co_detr.atss``) and each
+    decoder term over layers (``co_detr.dec.atss.loss_ce``).
 
     After each call, :attr:`last_assignments` maps every head to what supervised its queries (detached):
     ``selection`` (:class:`QuerySelection`), ``labels [B,M]`` (``-1`` = background), ``target_boxes
@@ -94,13 +97,13 @@ class CollaborativeHybrid(Method):
                                     content_from_features=with_features, head_embedding_form=cfg.head_embedding_form,
                                     num_heads=len(cfg.heads)) for h in cfg.heads})
 
-        self.weight_dict: dict[str, float] = {}
-        for h in cfg.heads:
-            for k, w in HEAD_LOSS_WEIGHTS[h].items():
-                self.weight_dict[f"co_detr.{h}.{k}"] = w * self.num_layers * cfg.lambda2
+        for h in cfg.heads:  # logged in co_detr.total; a head's own terms summed (co_detr.atss), each
+            for k, w in HEAD_LOSS_WEIGHTS[h].items():  # decoder term over layers (co_detr.dec.atss.loss_ce)
+                self.add_term(f"co_detr.{h}.{k}", w * self.num_layers * cfg.lambda2, subgroup=f"co_detr.{h}")
             for k in DECODER_LOSSES:
                 for layer in range(self.num_layers):
-                    self.weight_dict[f"co_detr.dec.{h}.{k}.l{layer}"] = criterion.weight_dict[k] * cfg.lambda1
+                    self.add_term(f"co_detr.dec.{h}.{k}.l{layer}", criterion.weight_dict[k] * cfg.lambda1,
+                                  subgroup=f"co_detr.dec.{h}.{k}")
         self.last_assignments: dict[str, dict[str, Any]] = {}
 
     @classmethod
@@ -147,8 +150,10 @@ class CollaborativeHybrid(Method):
         return sup, indices
 
     # ------------------------------------------------------------------ loss
-    def forward(self, model: nn.Module, outputs: Mapping[str, Any], targets: Sequence[dict],
-                num_boxes: float) -> dict[str, Tensor]:
+    def forward(self, model: nn.Module, outputs: Mapping[str, Any], targets: Sequence[dict], num_boxes: float,
+                teacher: Optional[TeacherOutputs] = None) -> dict[str, Tensor]:
+        """Unweighted terms of one batch (see the class docstring); ``model`` is the unwrapped student (its
+        ``decode`` runs the positive queries), ``teacher`` unused (:meth:`Method.forward`)."""
         if "encoded" not in outputs:
             raise ValueError("co_detr needs the encoder memory: run the model with "
                              "request=DetectorRequest(memory=True) (CollaborativeHybrid.request)")

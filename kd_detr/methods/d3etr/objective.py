@@ -13,7 +13,10 @@ The ground-truth loss of group P is the plain criterion, computed by the trainer
 
 Loss names (all unweighted in the loss dict; weights in :attr:`D3ETRLoss.weight_dict`):
 ``distill.{adaptive|fixed}.{pred_cls|pred_l1|pred_giou|self_attn|cross_attn}.l{l}`` and
-``fixed_gt.{loss_ce|loss_bbox|loss_giou}.l{l}`` (``l`` = student decoder layer, 0-based).
+``fixed_gt.{loss_ce|loss_bbox|loss_giou}.l{l}`` (``l`` = student decoder layer, 0-based). All of them are
+logged in the group ``distill``: ``distill.total`` is the whole D3ETR objective, the auxiliary group's GT loss
+included (it is also logged alone as the part ``fixed_gt.total``); each term is also summed over layers
+(``distill.adaptive.self_attn``, ``fixed_gt.loss_ce``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -132,7 +135,7 @@ class D3ETRLoss(Method):
         self.attn_mode = "none"
         if attn_on:
             self.attn_mode = "per_head" if any(getattr(cfg, a).per_head for a in attn_on) else "mean"
-        self.weight_dict = self._weights()
+        self._declare_terms()
         # seconds spent in matchings since the last reset (benchmarks/distill_step.py reads them)
         self.match_seconds = {"adaptive": 0.0, "gt": 0.0}
 
@@ -153,12 +156,6 @@ class D3ETRLoss(Method):
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"distill_projection": self.projection} if self.projection is not None else {}
-
-    def loss(self, model: nn.Module, outputs: dict[str, Any], targets: Sequence[dict], num_boxes: float,
-             teacher: Optional[TeacherOutputs] = None) -> dict[str, Tensor]:
-        if teacher is None:
-            raise ValueError("D3ETR distils from a teacher: the run has no teacher outputs for this batch")
-        return self(outputs, teacher.float(), targets, num_boxes=num_boxes)
 
     # ------------------------------------------------------------------ setup helpers
     @property
@@ -184,18 +181,18 @@ class D3ETRLoss(Method):
             out.append(("fixed", self.cfg.fixed_weight))
         return out
 
-    def _weights(self) -> dict[str, float]:
-        w: dict[str, float] = {}
+    def _declare_terms(self) -> None:
+        """Every term's weight and log group (:meth:`Method.add_term`): all in ``distill``, each summed over
+        layers; the auxiliary group's GT loss also as the part ``fixed_gt``."""
         for group, gw in self._groups():
             for term, tw in self._terms():
                 for layer in self.layers:
-                    w[f"distill.{group}.{term}.l{layer}"] = gw * tw
+                    self.add_term(f"distill.{group}.{term}.l{layer}", gw * tw, subgroup=f"distill.{group}.{term}")
         if self.cfg.fixed and self.cfg.fixed_group.gt_loss:
             base = {k: self.criterion.weight_dict[k] for k in ("loss_ce", "loss_bbox", "loss_giou")}
             for layer in range(self.num_layers):
                 for k, v in base.items():
-                    w[f"fixed_gt.{k}.l{layer}"] = v
-        return w
+                    self.add_term(f"fixed_gt.{k}.l{layer}", v, subgroup=f"fixed_gt.{k}", part="fixed_gt")
 
     def extra_groups(self, teacher: TeacherOutputs) -> Optional[list[dict[str, Tensor]]]:
         """The auxiliary query group for the student's forward (``None`` without Fixed Matching)."""
@@ -269,17 +266,21 @@ class D3ETRLoss(Method):
                 s_layer, t_maps[m], t_idx, s_idx, kind=kind, loss=acfg.loss, per_head=acfg.per_head)
         return {k: v for k, v in out.items() if k in self.weight_dict}
 
-    def forward(self, outputs: dict[str, Any], teacher: TeacherOutputs, targets: Sequence[dict],
-                num_boxes: Optional[float] = None) -> dict[str, Tensor]:
-        """All distillation terms (unweighted) of one batch.
+    def forward(self, model: nn.Module, outputs: Mapping[str, Any], targets: Sequence[dict], num_boxes: float,
+                teacher: Optional[TeacherOutputs] = None) -> dict[str, Tensor]:
+        """All distillation terms (unweighted) of one batch (:meth:`Method.forward`).
 
         Args:
+            model: the unwrapped student (unused: its outputs carry everything D3ETR reads).
             outputs: the student's output with ``groups`` (when Fixed Matching is on) and attention maps
                 (when attention distillation is on), float32.
-            teacher: the teacher's outputs for the same padded batch, float32.
             targets: ground truth (for the auxiliary group's loss).
-            num_boxes: GT normaliser (default: computed like the criterion does).
+            num_boxes: the GT normaliser of the batch (``criterion.num_boxes(targets, device)``).
+            teacher: the teacher's outputs for the same padded batch (cast to float32 here); required.
         """
+        if teacher is None:
+            raise ValueError("D3ETR distils from a teacher: the run has no teacher outputs for this batch")
+        teacher = teacher.float()
         s_logits, s_boxes = stack_layers(outputs)
         if s_logits.shape[0] != self.num_layers:
             raise ValueError(f"the student output has {s_logits.shape[0]} decoder layers, expected {self.num_layers} "
@@ -316,8 +317,6 @@ class D3ETRLoss(Method):
                                              group.get("self_attn"), group.get("cross_attn"), teacher, *ident,
                                              crop=crop))
             if self.cfg.fixed_group.gt_loss:
-                if num_boxes is None:
-                    num_boxes = self.criterion.num_boxes(targets, a_logits.device)
                 losses.update(self.fixed_gt_losses(a_logits, a_boxes, teacher, targets, num_boxes))
         return losses
 
