@@ -153,3 +153,25 @@ def test_the_manifest_records_the_precision_and_a_run_asking_another_is_refused(
     with pytest.raises(ValueError, match="ran in bfloat16, this run asks for float16"):
         CacheSource(str(cache), dataclasses.replace(spec, precision="float16")).view_plan(ds, ds.label_map, 64, None)
     assert CacheSource(str(cache), precision="bfloat16").view_plan(ds, ds.label_map, 64, None) is not None
+
+
+def test_distill_from_a_cache_needs_its_precision_on_the_command_line(bf16_setup, synth_data, tmp_path):
+    """``--teacher-precision`` reaches the cache source: without it a bfloat16 cache is refused in one line
+    naming the option; with it the run starts (and trains one step)."""
+    from click.testing import CliRunner
+
+    from kd_detr.cli import main
+
+    spec, ds, plan, cache = bf16_setup
+    args = ["distill", "--teacher-cache", str(cache), "--student", "cond_detr_r10_tiny", "--student-opt",
+            "num_queries=10", "--recipe", "d3etr", "--data", str(synth_data), "--image-size", "64",
+            "--set", "train.max_iters=1", "--set", "train.batch_size=2", "--set", "train.eval_every_epochs=0",
+            "--set", "train.eval_max_images=2", "--num-workers", "0", "--no-progress", "--device", "cpu"]
+    refused = CliRunner().invoke(main, args + ["--output-dir", str(tmp_path / "a")])
+    assert refused.exit_code != 0
+    assert "teacher precision: the cache's teacher ran in bfloat16, this run asks for float32" in refused.output
+    assert "--teacher-precision bfloat16" in refused.output and "Traceback" not in refused.output
+    ok = CliRunner().invoke(main, args + ["--output-dir", str(tmp_path / "b"), "--teacher-precision", "bfloat16"])
+    assert ok.exit_code == 0, ok.output
+    record = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert record["config"]["teacher_serving"]["precision"] == "bfloat16"

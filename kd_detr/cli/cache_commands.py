@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .group import main
-from .options import partial_weights_option
+from .options import partial_weights_option, teacher_precision_option
 
 # `kd-detr cache`'s storage defaults: kd_detr.teacher.cache.attention_codec.DEFAULT_ATTENTION_SPEC /
 # DEFAULT_CLASSES_SPEC, spelled out here so that `--help` does not import torch (a test asserts they agree)
@@ -46,10 +46,11 @@ DEFAULT_CLASSES_SPEC = "topk:4"
               help="Image views per teacher-stage call of the stream pipeline (each still runs alone).")
 @click.option("--no-progress", is_flag=True)
 @partial_weights_option
+@teacher_precision_option
 @click.pass_context
 def cache_group(ctx, teacher, teacher_checkpoint, data, train_ann, train_images, image_size, label_map, out, views,
                 view_seed, actors, attention, dtype, heads, classes, images_per_shard, address, pipeline,
-                teacher_batch_size, no_progress, allow_partial_weights):
+                teacher_batch_size, no_progress, allow_partial_weights, teacher_precision):
     """Precompute a teacher's decoder outputs on K recorded views per image into a safetensors cache.
 
     Resumable: rerunning skips finished shards. `kd-detr cache verify CACHE` checks it, `kd-detr cache
@@ -69,7 +70,7 @@ def cache_group(ctx, teacher, teacher_checkpoint, data, train_ann, train_images,
         store = StoreConfig.parse(attention, dtype=dtype, heads=heads, classes=classes)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    spec = resolve_teacher(teacher, teacher_checkpoint, allow_partial_weights)
+    spec = resolve_teacher(teacher, teacher_checkpoint, allow_partial_weights, teacher_precision)
     dataset = DataSpec(data, train_ann, train_images, image_size=image_size, label_map=label_map).train_set()
     config, t_label_map, t_image_size = describe_teacher(spec, dataset.label_map)  # the actors load the weights
     check_teacher_fits(spec, t_label_map, t_image_size, dataset.label_map, config.num_classes, image_size)

@@ -10,7 +10,8 @@ import click
 from kd_detr.runs.quickstart import TEACHER_ITERS as QUICKSTART_TEACHER_ITERS  # light: no torch at import
 
 from .group import main
-from .options import data_options, parse_seeds, partial_weights_option, student_overrides
+from .options import (data_options, parse_seeds, partial_weights_option, student_overrides,
+                      teacher_precision_option)
 
 
 @main.command("recipes")
@@ -48,6 +49,7 @@ def recipes_cmd(name: str | None, overrides: tuple[str, ...]) -> None:
 @click.option("--teacher-serve", type=click.Choice(["inprocess", "ray"]), default="inprocess", show_default=True,
               help="Run the teacher in this process, or in Ray actors ahead of the student.")
 @click.option("--teacher-actors", type=int, default=1, show_default=True, help="Ray teacher actors (--teacher-serve ray).")
+@teacher_precision_option
 @click.option("--views", type=int, default=None,
               help="Train on K recorded views per image with fixed batches (the plan a cache is built on).")
 @click.option("--view-seed", type=int, default=0, show_default=True, help="Seed of the view plan (--views).")
@@ -68,7 +70,8 @@ def recipes_cmd(name: str | None, overrides: tuple[str, ...]) -> None:
 @click.option("--amp", is_flag=True, default=None, help="Mixed precision (CUDA only).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @partial_weights_option
-def distill_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_serve, teacher_actors, views, view_seed, student,
+def distill_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_serve, teacher_actors, teacher_precision, views,
+                view_seed, student,
                 student_opt, recipe_name, overrides, data, train_ann,
                 train_images, val_ann, val_images, image_size, num_workers, label_map, output_dir, resume, seed,
                 device, amp, no_progress, allow_partial_weights) -> None:
@@ -90,7 +93,7 @@ def distill_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_serve, teach
                        DataSpec(data, train_ann, train_images, val_ann, val_images, image_size, label_map),
                        TeacherSourceSpec(teacher=teacher, checkpoint=teacher_checkpoint, cache=teacher_cache,
                                          serve=teacher_serve, actors=teacher_actors,
-                                         allow_partial_weights=allow_partial_weights),
+                                         allow_partial_weights=allow_partial_weights, precision=teacher_precision),
                        output_dir,
                        student_overrides=student_overrides(student, student_opt, "--student-opt",
                                                            allow_partial_weights, teacher),
@@ -107,6 +110,7 @@ def distill_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_serve, teach
 @click.option("--teacher-checkpoint", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--teacher-cache", type=click.Path(exists=True, file_okay=False), default=None,
               help="Distil every recipe from this cache (baseline runs on the same view plan).")
+@teacher_precision_option
 @click.option("--student", required=True, help="Student architecture.")
 @click.option("--student-opt", multiple=True, metavar="KEY=VALUE", help="Student model config override (repeatable).")
 @click.option("--recipes", required=True, help="Comma-separated recipe names or paths, e.g. baseline,d3etr.")
@@ -126,7 +130,8 @@ def distill_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_serve, teach
 @click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray).")
 @click.option("--no-progress", is_flag=True)
 @partial_weights_option
-def compare_cmd(teacher, teacher_checkpoint, teacher_cache, student, student_opt, recipes, budget, seeds, overrides,
+def compare_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_precision, student, student_opt, recipes, budget,
+                seeds, overrides,
                 data, train_ann, train_images, val_ann, val_images, image_size, num_workers, label_map, eval_points,
                 views, out, device, no_ray, parallel, address, no_progress, allow_partial_weights) -> None:
     """Run several recipes (and seeds) on one budget and write a comparison table and plots.
@@ -142,6 +147,7 @@ def compare_cmd(teacher, teacher_checkpoint, teacher_cache, student, student_opt
     cfg = CompareConfig(student=student, recipes=[r.strip() for r in recipes.split(",") if r.strip()], out=out,
                         budget=budget, teacher=teacher, teacher_checkpoint=teacher_checkpoint,
                         teacher_cache=teacher_cache, allow_partial_weights=allow_partial_weights,
+                        teacher_precision=teacher_precision,
                         student_overrides=student_overrides(student, student_opt, "--student-opt",
                                                             allow_partial_weights, teacher),
                         seeds=seed_list, overrides=list(overrides),

@@ -43,6 +43,16 @@ def partial_weights_option(f):
              "load every tensor, and a student may re-initialise only its class head.")(f)
 
 
+def teacher_precision_option(f):
+    """``--teacher-precision`` (distill, compare, cache): the teacher's forward dtype, the same in every source."""
+    return click.option(
+        "--teacher-precision", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+        show_default=True,
+        help="The dtype the teacher runs at (autocast; outputs float32), the same in process, in Ray actors and "
+             "in a cache build, whatever the student's --amp. A cache records it; distilling from a cache needs "
+             "the same value.")(f)
+
+
 def is_hf_model(name: str | None) -> bool:
     """Whether ``name`` is a transformers model (``hf:DIR`` or a registered tiny transformers model)."""
     from kd_detr.models.hf import is_hf_name

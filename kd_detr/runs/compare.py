@@ -48,6 +48,7 @@ class CompareConfig:
     teacher_cache: Optional[str] = None
     student_overrides: dict[str, Any] = field(default_factory=dict)
     allow_partial_weights: bool = False  # the transformers teacher (the student's is in student_overrides)
+    teacher_precision: str = "float32"  # --teacher-precision, every run's teacher (a cache's must match)
     seeds: list[int] = field(default_factory=lambda: [0])
     overrides: list[str] = field(default_factory=list)  # --set, applied to every recipe
     data: DataSpec = field(default_factory=DataSpec)  # paths, image-size preset, label map
@@ -122,7 +123,7 @@ def run_one(cfg_dict: dict[str, Any], recipe: str, seed: int) -> dict[str, Any]:
         run = assemble_run(
             cfg.student, recipe, cfg.data,
             TeacherSourceSpec(teacher=cfg.teacher, checkpoint=cfg.teacher_checkpoint, cache=cfg.teacher_cache,
-                              allow_partial_weights=cfg.allow_partial_weights),
+                              allow_partial_weights=cfg.allow_partial_weights, precision=cfg.teacher_precision),
             str(out), student_overrides=cfg.student_overrides,
             overrides=[*cfg.overrides, f"train.max_iters={cfg.budget}", f"train.eval_every_iters={every}",
                        f"train.seed={seed}"],
@@ -372,7 +373,8 @@ def evaluate_teacher(cfg: CompareConfig) -> Optional[dict[str, float]]:
     data = cfg.data
     lm = data.train_label_map()
     val = data.val_set(lm, log_report=False)
-    model, _, _ = load_teacher(resolve_teacher(cfg.teacher, cfg.teacher_checkpoint, cfg.allow_partial_weights), lm)
+    model, _, _ = load_teacher(resolve_teacher(cfg.teacher, cfg.teacher_checkpoint, cfg.allow_partial_weights,
+                                               cfg.teacher_precision), lm)
     result, _ = evaluate_model(model, eval_loader(val, batch_size=2), val.coco, lm, resolve_device(cfg.device),
                                progress=False)
     return result.metrics
