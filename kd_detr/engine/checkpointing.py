@@ -12,7 +12,7 @@ save (e.g. a full disk) removes the half-written pair and leaves ``latest.json``
 
 The training state holds tensors and plain values only (numbers, strings, lists, dicts; the numpy and
 Python RNG states are stored as a tensor and lists), so it loads with ``torch.load(weights_only=True)``: a
-crafted ``state.pth`` cannot run code. Format 1 (kd-detr before this change) pickled numpy objects and is
+crafted ``state.pth`` cannot run code. A format-1 state (older kd-detr releases) pickles numpy objects and is
 refused with a message saying so.
 
 ``--resume auto`` falls back to the previous kept checkpoint when the newest one is unreadable
