@@ -58,6 +58,12 @@ def train_config_fields(options: dict[str, Any]) -> dict[str, Any]:
 @click.option("--lr-drop-iter", type=int, default=None, help="Iteration after which lr x0.1 (wins over --lr-drop).")
 @click.option("--warmup-iters", type=int, default=0, show_default=True)
 @click.option("--amp", is_flag=True, help="Mixed precision (CUDA only).")
+@click.option("--ema", is_flag=True,
+              help="Keep an exponential moving average of the weights; it is evaluated (the run's AP), saved as "
+                   "model_best/model_final and exported (the raw weights are evaluated beside it).")
+@click.option("--ema-decay", type=float, default=0.9999, show_default=True, help="EMA decay (--ema).")
+@click.option("--ema-warmup", type=int, default=2000, show_default=True,
+              help="EMA ramp in updates: decay * (1 - exp(-updates / N)) (--ema).")
 @click.option("--output-dir", default="runs/train", show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")

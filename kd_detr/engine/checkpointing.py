@@ -96,8 +96,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(checkpoint_dir: str | os.PathLike, model: torch.nn.Module, *, optimizer, scheduler,
                     scaler, epoch: int, batch_in_epoch: int, iteration: int, metadata: dict[str, Any],
-                    label_map=None, keep_last: int = 2, extra: dict[str, Any] | None = None) -> ResumePoint:
-    """Save a resumable checkpoint at an iteration boundary and prune older ones."""
+                    label_map=None, keep_last: int = 2, extra: dict[str, Any] | None = None,
+                    ema: dict[str, Any] | None = None) -> ResumePoint:
+    """Save a resumable checkpoint at an iteration boundary and prune older ones. ``model`` is the raw student
+    (training resumes from it); ``ema``, the state of its weights' moving average, is kept in the training
+    state."""
     from kd_detr.models import save_model
 
     ckpt_dir = Path(checkpoint_dir)
@@ -118,6 +121,7 @@ def save_checkpoint(checkpoint_dir: str | os.PathLike, model: torch.nn.Module, *
             "iteration": iteration,
             "rng": rng_state(),
             "extra": extra or {},  # state of modules trained beside the model (e.g. a distillation projection)
+            **({"ema": ema} if ema is not None else {}),
         }, state_path)
         write_json_atomic(latest, {"iteration": iteration, "weights": weights.name, "state": state_path.name})
     except BaseException:

@@ -111,7 +111,9 @@ class PeriodicCheckpoint(HookBase):
 class PeriodicEvaluation(HookBase):
     """COCO evaluation on the validation set every ``every_iters`` steps (else every ``every_epochs``
     epochs) and after the last step; ``model_best.safetensors``, ``metrics.json`` and ``results.json`` follow
-    each one. A run that ends without evaluating its final weights (a finished run resumed) evaluates them."""
+    each one. A run that ends without evaluating its final weights (a finished run resumed) evaluates them.
+    With ``train.ema`` the EMA is the run's model (``eval/AP``, best, metrics); the raw weights are evaluated
+    beside it and logged as ``eval_raw/...``."""
 
     def __init__(self, every_iters: int | None, every_epochs: int):
         self.every_iters, self.every_epochs = every_iters, every_epochs
@@ -144,19 +146,22 @@ class PeriodicEvaluation(HookBase):
         """Evaluate on every rank; rank 0 logs, writes the metrics and keeps them as the run's."""
         t = self.trainer
         result, results = t.evaluate()
+        raw = t.evaluate(t.raw_model)[0] if t.ema is not None else None
         self.last_eval_iteration = t.iteration
         if not t.main:
             return
         ap = result.metrics["AP"]
         t.logger.log({"iteration": t.iteration, "epoch": t.epoch,
-                      **{f"eval/{k}": v for k, v in result.metrics.items()}})
+                      **{f"eval/{k}": v for k, v in result.metrics.items()},
+                      **({f"eval_raw/{k}": v for k, v in raw.metrics.items()} if raw is not None else {})})
         log.info("evaluation at iteration %d:\n%s", t.iteration, result.summary_text)
         if ap > self.best_ap:
             self.best_ap = ap
             t.save_model("model_best.safetensors", AP=ap)
         write_json_atomic(t.out / "results.json", results, indent=None)
         t.metrics = {"iteration": t.iteration, **result.metrics, "best_ap": self.best_ap,
-                     "per_class": result.per_class, "summary": result.summary_text}
+                     "per_class": result.per_class, "summary": result.summary_text,
+                     **({"raw": raw.metrics} if raw is not None else {})}
         write_json_atomic(t.out / "metrics.json", t.metrics)
 
 

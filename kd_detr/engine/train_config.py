@@ -41,6 +41,10 @@ class TrainConfig:
     lr_drop_iter: int | None = None  # the same in iterations (wins over lr_drop)
     warmup_iters: int = 0
     amp: bool = False
+    # exponential moving average of the weights (engine/ema.py): evaluated, saved and exported instead of them
+    ema: bool = False
+    ema_decay: float = 0.9999  # RT-DETR / D-FINE / DEIM
+    ema_warmup: int = 2000  # updates; the ramp decay * (1 - exp(-updates / ema_warmup))
     # loss (official)
     cost_class: float = 2.0
     cost_bbox: float = 5.0
@@ -91,6 +95,10 @@ class TrainConfig:
         check("num_workers", self.num_workers, 0)
         check("lr_drop", self.lr_drop, 0, optional=True)
         check("lr_drop_iter", self.lr_drop_iter, 0, optional=True)
+        check("ema_warmup", self.ema_warmup, 0)
+        if isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)) \
+                or not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay!r} (in a recipe: train.ema_decay)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -26,6 +26,7 @@ from kd_detr.models import get_config, save_model
 from kd_detr.teacher import TeacherSource
 
 from . import checkpointing, distributed
+from .ema import ModelEMA
 from .hooks import HookBase, LogWindow, PeriodicCheckpoint, PeriodicEvaluation, RunRecord
 from .logger import RunLogger, truncate_log
 from .loss_logs import loss_logs
@@ -95,6 +96,7 @@ class Trainer:
         self.train_set, self.val_set, self.label_map = self.data.train_set, self.data.val_set, self.data.label_map
         self.raw_model = build_student(cfg, self.label_map.num_classes).to(self.device)
         self.criterion = build_criterion(cfg, self.raw_model, self.label_map.num_classes).to(self.device)
+        self.ema = ModelEMA(self.raw_model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema else None
         self.objectives = build_objectives(self.recipe, self.raw_model, self.criterion, self.teacher, self.data, cfg,
                                            self.device, self.dist)
         self.model = self.raw_model
@@ -129,6 +131,12 @@ class Trainer:
         self.raw_model.load_state_dict(loaded.model.state_dict(), strict=True)
         state = loaded.state
         self.objectives.load_state_dict(state.get("extra") or {})
+        if (self.ema is not None) != ("ema" in state):
+            raise ValueError(f"--resume: {loaded.point.state} was written with train.ema = {'ema' in state}, this run "
+                             f"has train.ema = {self.ema is not None}: resume with the same setting, or start a new "
+                             "--output-dir")
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
@@ -195,6 +203,8 @@ class Trainer:
         else:
             self.optimizer.step()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.raw_model)
         logs["loss"] = float(loss.detach())
         logs["grad_norm"] = float(grad_norm)
         return logs
@@ -252,13 +262,20 @@ class Trainer:
                 self.out / "checkpoints", self.raw_model, optimizer=self.optimizer, scheduler=self.scheduler,
                 scaler=self.scaler, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
                 iteration=self.iteration, metadata=self.model_metadata(), label_map=self.label_map,
-                keep_last=self.cfg.keep_checkpoints, extra=self.objectives.state_dict())
+                keep_last=self.cfg.keep_checkpoints, extra=self.objectives.state_dict(),
+                ema=self.ema.state_dict() if self.ema is not None else None)
         distributed.barrier()
 
+    @property
+    def run_model(self) -> torch.nn.Module:
+        """The model the run evaluates, saves and exports: the EMA of the weights with ``train.ema``, else them."""
+        return self.ema.module if self.ema is not None else self.raw_model
+
     def save_model(self, name: str, **metadata: Any) -> None:
-        """The student's weights as ``<output_dir>/<name>`` (main rank)."""
-        save_model(self.raw_model, self.out / name, label_map=self.label_map,
-                   extra_metadata={**self.model_metadata(), **metadata})
+        """The run's model (:attr:`run_model`) as ``<output_dir>/<name>`` (main rank)."""
+        save_model(self.run_model, self.out / name, label_map=self.label_map,
+                   extra_metadata={**self.model_metadata(), **metadata,
+                                   **({"ema": True} if self.ema is not None else {})})
 
     def model_metadata(self) -> dict[str, Any]:
         """Stored with every saved model: eval/predict reuse the training image-size preset."""
@@ -284,17 +301,17 @@ class Trainer:
             rc.update(self.objectives.teacher_metrics)
         return rc
 
-    def evaluate(self) -> tuple[Any, list]:
-        """COCO evaluation of the student on the validation set (every rank its share):
-        ``(EvalResult, COCO results)``."""
+    def evaluate(self, model: Optional[torch.nn.Module] = None) -> tuple[Any, list]:
+        """COCO evaluation of ``model`` (default: :attr:`run_model`) on the validation set (every rank its
+        share): ``(EvalResult, COCO results)``."""
         from kd_detr.evaluation import eval_loader, evaluate_model
 
         cfg = self.cfg
         loader = eval_loader(self.val_set, cfg.eval_batch_size, cfg.eval_max_images, cfg.num_workers,
                              distributed=(self.dist.rank, self.dist.world_size) if self.dist.enabled else None,
                              generator=loader_generator(cfg.seed, self.dist.rank))
-        return evaluate_model(self.raw_model, loader, self.val_set.coco, self.label_map, self.device,
-                              progress=self.main and cfg.progress)
+        return evaluate_model(model if model is not None else self.run_model, loader, self.val_set.coco,
+                              self.label_map, self.device, progress=self.main and cfg.progress)
 
 
 def train(cfg: TrainConfig, recipe: Any = None, teacher: Optional[TeacherSource] = None,
