@@ -39,8 +39,13 @@ def test_train_defaults_build_the_config_they_always_built(tmp_path, captured):
     assert res.exit_code == 0, res.output
     (cfg, recipe, teacher, views, view_seed), = captured
     assert (recipe, teacher, views, view_seed) == (None, None, None, 0)
-    # the click defaults, as train_cmd passed them to TrainConfig one by one
-    expected = TrainConfig(
+    # the click defaults, as train_cmd passed them to TrainConfig one by one; the optimisation fields come
+    # from the training preset (auto: official for a kd-detr model) and resolve to the same values
+    from kd_detr.engine.presets import PRESET_FIELDS, resolve_preset
+
+    assert all(getattr(cfg, k) is None for k in PRESET_FIELDS) and cfg.preset == "auto"
+    expected = TrainConfig(preset="official", schedule="step", flat_fraction=0.0, no_aug_fraction=0.0,
+        lr_min_factor=0.1, ema=False, ema_decay=0.9999, ema_warmup=2000,
         model="cond_detr_r18_tiny", model_overrides={}, backbone_weights=None, init_checkpoint=None,
         data=str(tmp_path), train_ann=None, train_images=None, val_ann=None, val_images=None, image_size=None,
         label_map="contiguous", num_workers=2, augment=True, batch_size=2, lr=1e-4, lr_backbone=1e-5,
@@ -48,7 +53,7 @@ def test_train_defaults_build_the_config_they_always_built(tmp_path, captured):
         warmup_iters=0, amp=False, output_dir="runs/train", seed=42, device="auto", log_every=10,
         checkpoint_every=500, keep_checkpoints=2, eval_every_epochs=1, eval_every_iters=None, eval_batch_size=2,
         eval_max_images=None, resume=None, aux_loss=True, deterministic=False, progress=True)
-    assert cfg.to_dict() == expected.to_dict()
+    assert resolve_preset(cfg)[0].to_dict() == expected.to_dict()
     assert res.output.strip().endswith("final AP 25.0 (best 50.0); outputs in runs/train")
 
 
@@ -63,6 +68,7 @@ def test_every_train_option_reaches_its_field(tmp_path, captured):
             "--num-workers", "0", "--label-map", "coco91", "--no-augment", "--batch-size", "3", "--lr", "2e-4",
             "--lr-backbone", "3e-5", "--weight-decay", "0.5", "--clip-max-norm", "0", "--epochs", "7",
             "--max-iters", "11", "--lr-drop", "5", "--lr-drop-iter", "9", "--warmup-iters", "4", "--amp",
+            "--preset", "d_fine", "--schedule", "flat_cosine", "--no-ema", "--ema-decay", "0.5", "--ema-warmup", "7",
             "--output-dir", tmp_path / "out", "--seed", "3", "--device", "cpu", "--log-every", "2",
             "--checkpoint-every", "6", "--keep-checkpoints", "0", "--eval-every-epochs", "0",
             "--eval-every-iters", "5", "--eval-batch-size", "4", "--eval-max-images", "8", "--resume", "auto",
@@ -77,6 +83,7 @@ def test_every_train_option_reaches_its_field(tmp_path, captured):
         train_images=str(tmp_path), val_ann=str(ann), val_images=str(tmp_path), image_size=96, label_map="coco91",
         num_workers=0, augment=False, batch_size=3, lr=2e-4, lr_backbone=3e-5, weight_decay=0.5, clip_max_norm=0.0,
         epochs=7, max_iters=11, lr_drop=5, lr_drop_iter=9, warmup_iters=4, amp=True, output_dir=str(tmp_path / "out"),
+        preset="d_fine", schedule="flat_cosine", ema=False, ema_decay=0.5, ema_warmup=7,
         seed=3, device="cpu", log_every=2, checkpoint_every=6, keep_checkpoints=0, eval_every_epochs=0,
         eval_every_iters=5, eval_batch_size=4, eval_max_images=8, resume="auto", aux_loss=False, deterministic=True,
         progress=False)

@@ -18,7 +18,7 @@ from kd_detr.engine.trainer import TrainConfig, Trainer
 def tiny_config(data, out, **kw):
     base = dict(model="cond_detr_r10_tiny", model_overrides={"num_queries": 10, "dim_feedforward": 128},
                 data=str(data), image_size=64, batch_size=4, num_workers=0, lr=1e-3, lr_backbone=1e-3,
-                lr_drop=None, output_dir=str(out), log_every=1, progress=False, eval_every_epochs=0,
+                lr_drop=1000, output_dir=str(out), log_every=1, progress=False, eval_every_epochs=0,
                 eval_max_images=4, ema=True, ema_decay=0.9, ema_warmup=3)
     base.update(kw)
     return TrainConfig(**base)

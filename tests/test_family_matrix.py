@@ -63,7 +63,7 @@ def _train(env, name, out, max_iters, resume=None):
     from kd_detr.engine.trainer import TrainConfig, Trainer
 
     cfg = TrainConfig(model=name, model_overrides=dict(STUDENT_OPTS), **env["train"].paths(), image_size=IMAGE_SIZE,
-                      batch_size=1, num_workers=0, lr=1e-3, lr_backbone=1e-3, lr_drop=None, max_iters=max_iters,
+                      batch_size=1, num_workers=0, lr=1e-3, lr_backbone=1e-3, lr_drop=1000, max_iters=max_iters,
                       checkpoint_every=1, eval_every_epochs=0, log_every=1, progress=False, output_dir=str(out),
                       resume=resume)
     Trainer(cfg).fit()

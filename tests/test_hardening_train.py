@@ -38,7 +38,7 @@ TINY_OPTS = {"num_queries": 10, "dim_feedforward": 128}
 
 def tiny_config(data, out, **kw):
     base = dict(model="cond_detr_r10_tiny", model_overrides=dict(TINY_OPTS), data=str(data), image_size=64,
-                batch_size=4, num_workers=0, lr=1e-4, lr_backbone=1e-4, lr_drop=None, output_dir=str(out),
+                batch_size=4, num_workers=0, lr=1e-4, lr_backbone=1e-4, lr_drop=1000, output_dir=str(out),
                 log_every=1, progress=False, eval_every_epochs=0, eval_max_images=2)
     base.update(kw)
     return TrainConfig(**base)

@@ -17,7 +17,7 @@ def read_log(path):
 def tiny_config(data, out, **kw):
     base = dict(model="cond_detr_r10_tiny", model_overrides={"num_queries": 10, "dim_feedforward": 128},
                 data=str(data), image_size=64, batch_size=4, num_workers=0, lr=1e-4, lr_backbone=1e-4,
-                lr_drop=None, output_dir=str(out), log_every=1, progress=False, eval_every_epochs=0)
+                lr_drop=1000, output_dir=str(out), log_every=1, progress=False, eval_every_epochs=0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -78,7 +78,7 @@ def test_tiny_model_overfits_a_handful_of_images(tmp_path):
     ann, img = str(root / "annotations" / "instances_train2017.json"), str(root / "train2017")
     cfg = TrainConfig(model="cond_detr_r10_tiny", model_overrides={"num_queries": 10, "dropout": 0.0},
                       train_ann=ann, train_images=img, val_ann=ann, val_images=img, image_size=64, augment=False,
-                      batch_size=4, num_workers=0, lr=1e-3, lr_backbone=1e-3, lr_drop=None, max_iters=100,
+                      batch_size=4, num_workers=0, lr=1e-3, lr_backbone=1e-3, lr_drop=1000, max_iters=100,
                       warmup_iters=20, eval_every_epochs=0, output_dir=str(tmp_path / "run"), log_every=10,
                       progress=False)
     start = Trainer(cfg)

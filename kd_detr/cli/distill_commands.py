@@ -39,6 +39,34 @@ def recipes_cmd(name: str | None, overrides: tuple[str, ...]) -> None:
     click.echo(recipe_to_toml(recipe.to_dict()), nl=False)
 
 
+@main.command("presets")
+@click.argument("name", required=False)
+def presets_cmd(name: str | None) -> None:
+    """List the training presets (train.preset), or print NAME's values, parameter groups and sources."""
+    from kd_detr.engine.presets import FAMILY_PRESETS, PRESETS, get_preset
+
+    if name is None:
+        for pname, preset in PRESETS.items():
+            families = ", ".join(f for f, p in FAMILY_PRESETS.items() if p == pname)
+            click.echo(f"{pname:12s} {preset.description}" + (f" [auto for: {families}]" if families else ""))
+        click.echo("\nauto: the student family's preset; official for kd-detr's models and the other families")
+        return
+    try:
+        preset = get_preset(name)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(f"# preset {preset.name}: {preset.description}")
+    for key, value in preset.values.items():
+        click.echo(f"{key} = {value!r}")
+    for rule in preset.groups:
+        wd = "the run's" if rule.weight_decay is None else f"{rule.weight_decay:g}"
+        scale = f"{rule.scale:g} x " if rule.scale != 1.0 else ""
+        click.echo(f"group {rule.name}: /{rule.pattern}/ lr {scale}{rule.lr}, weight decay {wd}")
+    click.echo("group rest: every other parameter, lr, the run's weight decay")
+    for source in preset.sources:
+        click.echo(f"# source: {source}")
+
+
 @main.command("distill")
 @click.option("--teacher", default=None,
               help="Teacher card name (teachers/NAME.toml) or a registered model name with --teacher-checkpoint.")

@@ -47,23 +47,31 @@ def train_config_fields(options: dict[str, Any]) -> dict[str, Any]:
 @click.option("--label-map", type=click.Choice(["contiguous", "coco91"]), default="contiguous", show_default=True,
               help="Class indices: the data's categories numbered 0..K-1, or COCO ids as indices (official 91 slots).")
 @click.option("--no-augment", is_flag=True, help="Train on the eval resize only (no flip/crop/multi-scale).")
+@click.option("--preset", default="auto", show_default=True,
+              help="Training preset: auto (the student family's: rt_detr, rt_detr_v2, d_fine, deimv2, lw_detr; "
+                   "official for the others), official (Conditional DETR's recipe) or a family's name. It fills "
+                   "every option below left unset; `kd-detr presets` lists them.")
 @click.option("--batch-size", type=int, default=2, show_default=True, help="Images per process.")
-@click.option("--lr", type=float, default=1e-4, show_default=True)
-@click.option("--lr-backbone", type=float, default=1e-5, show_default=True)
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
-@click.option("--clip-max-norm", type=float, default=0.1, show_default=True)
+@click.option("--lr", type=float, default=None, help="Base learning rate [default: the preset's; official 1e-4].")
+@click.option("--lr-backbone", type=float, default=None, help="Backbone learning rate [default: the preset's; "
+              "official 1e-5].")
+@click.option("--weight-decay", type=float, default=None, help="[default: the preset's; official 1e-4]")
+@click.option("--clip-max-norm", type=float, default=None, help="[default: the preset's; official 0.1]")
 @click.option("--epochs", type=int, default=50, show_default=True)
 @click.option("--max-iters", type=int, default=None, help="Iteration budget (overrides --epochs).")
-@click.option("--lr-drop", type=int, default=40, show_default=True, help="Epoch after which lr x0.1.")
+@click.option("--lr-drop", type=int, default=None, help="Epoch after which lr x0.1 [default: the preset's; official 40].")
 @click.option("--lr-drop-iter", type=int, default=None, help="Iteration after which lr x0.1 (wins over --lr-drop).")
-@click.option("--warmup-iters", type=int, default=0, show_default=True)
+@click.option("--warmup-iters", type=int, default=None, help="[default: the preset's; official 0]")
+@click.option("--schedule", type=click.Choice(["step", "flat_cosine"]), default=None,
+              help="Learning-rate schedule [default: the preset's; official step].")
 @click.option("--amp", is_flag=True, help="Mixed precision (CUDA only).")
-@click.option("--ema", is_flag=True,
+@click.option("--ema/--no-ema", default=None,
               help="Keep an exponential moving average of the weights; it is evaluated (the run's AP), saved as "
-                   "model_best/model_final and exported (the raw weights are evaluated beside it).")
-@click.option("--ema-decay", type=float, default=0.9999, show_default=True, help="EMA decay (--ema).")
-@click.option("--ema-warmup", type=int, default=2000, show_default=True,
-              help="EMA ramp in updates: decay * (1 - exp(-updates / N)) (--ema).")
+                   "model_best/model_final and exported (the raw weights are evaluated beside it) [default: the "
+                   "preset's; official off].")
+@click.option("--ema-decay", type=float, default=None, help="EMA decay [default: the preset's, 0.9999].")
+@click.option("--ema-warmup", type=int, default=None,
+              help="EMA ramp in updates: decay * (1 - exp(-updates / N)) [default: the preset's].")
 @click.option("--output-dir", default="runs/train", show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -81,7 +89,8 @@ def train_config_fields(options: dict[str, Any]) -> dict[str, Any]:
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @partial_weights_option
 def train_cmd(**options: Any) -> None:
-    """Train a Conditional DETR (official recipe by default). Multi-GPU: torchrun --nproc_per_node N -m kd_detr train ..."""
+    """Train a detector on ground truth alone, by its family's training preset (`kd-detr presets`; Conditional
+    DETR's official recipe for kd-detr's models). Multi-GPU: torchrun --nproc_per_node N -m kd_detr train ..."""
     from kd_detr.data import DataSpec
     from kd_detr.runs.assemble import assemble_train_run
 

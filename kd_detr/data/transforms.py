@@ -20,7 +20,7 @@ The recipe is the official DETR one (``datasets/coco.py::make_coco_transforms``)
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import replace, asdict, dataclass, fields
 from typing import Any, Union
 
 import numpy as np
@@ -290,6 +290,13 @@ class AugmentationPolicy:
             crop=(top, left, ch, cw),
             resize2=resize_size((ch, cw), size, self.max_size),
         )
+
+    def without_strong_augmentation(self) -> AugmentationPolicy:
+        """The policy of a schedule's last epochs (``train.no_aug_fraction``, as RT-DETR's, D-FINE's and DEIM's
+        ``stop_epoch``): no crop and no multi-scale (every image at the evaluation size); the flip stays."""
+        if not self.train:
+            return self
+        return replace(self, scales=(self.test_size,), crop_prob=0.0)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (cache metadata records the augmentation parameters)."""

@@ -1,5 +1,6 @@
 """What runs around the training step, as hook objects the loop calls in order (detectron2's ``HookBase``):
-``before_train``, then ``before_step`` / ``after_step`` around every step, then ``after_train``; ``close``
+``before_train``, ``before_epoch`` at the start of every epoch, ``before_step`` / ``after_step`` around every
+step, then ``after_train``; ``close``
 always, also after an error. The trainer builds the list (:meth:`~kd_detr.engine.trainer.Trainer.build_hooks`).
 
 A hook reads the trainer's state after a step: ``iteration`` (steps done), ``epoch`` / ``batch_in_epoch``
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kd_detr.train")
 
-__all__ = ["HookBase", "LogWindow", "PeriodicCheckpoint", "PeriodicEvaluation", "RunRecord"]
+__all__ = ["HookBase", "LogWindow", "PeriodicCheckpoint", "PeriodicEvaluation", "RunRecord", "AugmentationTail"]
 
 
 class HookBase:
@@ -35,6 +36,9 @@ class HookBase:
     trainer: "Trainer"
 
     def before_train(self) -> None:
+        pass
+
+    def before_epoch(self) -> None:
         pass
 
     def before_step(self) -> None:
@@ -180,3 +184,22 @@ class RunRecord(HookBase):
             self.trainer.save_model("model_final.safetensors")
 
 
+
+
+class AugmentationTail(HookBase):
+    """The last epochs without strong augmentation (``train.no_aug_fraction``; RT-DETR's, D-FINE's and DEIM's
+    ``stop_epoch``): from the first epoch that starts at or after iteration ``start``, the training set draws
+    its views from :meth:`~kd_detr.data.AugmentationPolicy.without_strong_augmentation`. Decided per epoch from
+    the iteration, so a resumed run switches where the uninterrupted one did."""
+
+    def __init__(self, start: int):
+        self.start, self.switched = start, False
+
+    def before_epoch(self) -> None:
+        t = self.trainer
+        if self.switched or t.iteration < self.start or t.train_set.transforms is None:
+            return
+        t.train_set.transforms = t.train_set.transforms.without_strong_augmentation()
+        self.switched = True
+        log.info("iteration %d: the last %d iterations train without crop and multi-scale (train.no_aug_fraction)",
+                 t.iteration, t.total_iters - t.iteration)

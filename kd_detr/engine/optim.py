@@ -1,30 +1,21 @@
-"""The optimizer and learning-rate schedule of a run: AdamW over the student's parameter groups and the
-methods' modules, linear warm-up then a step drop, at iteration granularity."""
+"""The optimizer and learning-rate schedule of a run: AdamW over the student's parameter groups (the training
+preset's rules, :mod:`.presets`) and the methods' modules; a step or flat-cosine schedule at iteration
+granularity."""
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Mapping
 
 import torch
 
+from .presets import TrainingPreset, grouped_parameters
 from .train_config import TrainConfig
 
-__all__ = ["param_groups", "lr_lambda", "build_optimizer", "build_scheduler"]
+log = logging.getLogger("kd_detr.train")
 
-
-def param_groups(model: torch.nn.Module, lr: float, lr_backbone: float, weight_decay: float) -> list[dict]:
-    """Official Conditional DETR groups: backbone parameters at ``lr_backbone``, the rest at ``lr``."""
-    backbone, rest = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (backbone if name.startswith("backbone.") else rest).append(p)
-    groups = [{"params": rest, "lr": lr, "name": "transformer"}]
-    if backbone:
-        groups.append({"params": backbone, "lr": lr_backbone, "name": "backbone"})
-    for g in groups:
-        g["weight_decay"] = weight_decay
-    return groups
+__all__ = ["lr_lambda", "flat_cosine_lambda", "build_optimizer", "build_scheduler"]
 
 
 def lr_lambda(warmup_iters: int, drop_iter: int | None):
@@ -41,10 +32,29 @@ def lr_lambda(warmup_iters: int, drop_iter: int | None):
     return f
 
 
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module,
-                    method_modules: Mapping[str, torch.nn.Module]) -> torch.optim.Optimizer:
-    """AdamW over the student's groups plus one group per method module (at the transformer's rate)."""
-    groups = param_groups(model, cfg.lr, cfg.lr_backbone, cfg.weight_decay)
+def flat_cosine_lambda(total_iters: int, warmup_iters: int, flat_iters: int, no_aug_iters: int,
+                       min_factor: float):
+    """D-FINE's and DEIM's flat-cosine schedule as a factor of the base lr: a quadratic warm-up
+    ``(it / warmup)^2``, flat until ``flat_iters``, a half cosine down to ``min_factor`` at
+    ``total - no_aug_iters``, then ``min_factor`` (the epochs without strong augmentation)."""
+
+    def f(it: int) -> float:
+        if warmup_iters > 0 and it <= warmup_iters:
+            return (it / warmup_iters) ** 2
+        if it <= flat_iters:
+            return 1.0
+        if it >= total_iters - no_aug_iters:
+            return min_factor
+        span = max(total_iters - flat_iters - no_aug_iters, 1)
+        return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * (it - flat_iters) / span))
+
+    return f
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, method_modules: Mapping[str, torch.nn.Module],
+                    preset: TrainingPreset) -> torch.optim.Optimizer:
+    """AdamW over the student's groups (the preset's rules) plus one group per method module (at ``lr``)."""
+    groups = grouped_parameters(model, preset, cfg)
     for name, mod in method_modules.items():
         params = [p for p in mod.parameters() if p.requires_grad]
         if params:
@@ -52,9 +62,17 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module,
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer,
-                    iters_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """``--warmup-iters`` then x0.1 after ``--lr-drop-iter`` (or ``--lr-drop`` epochs)."""
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, iters_per_epoch: int,
+                    total_iters: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``step``: ``warmup_iters`` then x0.1 after ``lr_drop_iter`` (or ``lr_drop`` epochs); ``flat_cosine``:
+    :func:`flat_cosine_lambda` over the run's ``total_iters``."""
+    if cfg.warmup_iters > total_iters // 4:
+        log.warning("the warm-up (train.warmup_iters = %d) takes more than a quarter of the run's %d iterations: "
+                    "set --warmup-iters / train.warmup_iters for a run this short", cfg.warmup_iters, total_iters)
+    if cfg.schedule == "flat_cosine":
+        f = flat_cosine_lambda(total_iters, cfg.warmup_iters, round(cfg.flat_fraction * total_iters),
+                               round(cfg.no_aug_fraction * total_iters), cfg.lr_min_factor)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
     drop = cfg.lr_drop_iter
     if drop is None and cfg.lr_drop is not None:
         drop = cfg.lr_drop * iters_per_epoch

@@ -29,22 +29,28 @@ class TrainConfig:
     label_map: str = "contiguous"  # contiguous | coco91
     augment: bool = True  # False: training images get the eval resize only (overfitting, debugging)
     num_workers: int = 2
-    # optimisation (official Conditional DETR defaults)
+    # optimisation. None: the training preset's value (engine/presets.py; official = Conditional DETR's
+    # 1e-4 / 1e-5 / 1e-4 / clip 0.1 / x0.1 after epoch 40, no EMA); a value given here wins over the preset
+    preset: str = "auto"  # auto (the student family's) | official | rt_detr | rt_detr_v2 | d_fine | deimv2 | lw_detr
     batch_size: int = 2
-    lr: float = 1e-4
-    lr_backbone: float = 1e-5
-    weight_decay: float = 1e-4
-    clip_max_norm: float = 0.1
+    lr: float | None = None
+    lr_backbone: float | None = None
+    weight_decay: float | None = None
+    clip_max_norm: float | None = None
     epochs: int = 50
     max_iters: int | None = None  # overrides epochs when set
-    lr_drop: int | None = 40  # epoch after which lr is multiplied by 0.1
+    lr_drop: int | None = None  # epoch after which lr is multiplied by 0.1 (schedule step)
     lr_drop_iter: int | None = None  # the same in iterations (wins over lr_drop)
-    warmup_iters: int = 0
+    warmup_iters: int | None = None
+    schedule: str | None = None  # step | flat_cosine
+    flat_fraction: float | None = None  # flat_cosine: the lr stays flat until this fraction of the run
+    no_aug_fraction: float | None = None  # the last fraction of the run at the final lr, without augmentation
+    lr_min_factor: float | None = None  # flat_cosine: the final lr is lr * lr_min_factor
     amp: bool = False
     # exponential moving average of the weights (engine/ema.py): evaluated, saved and exported instead of them
-    ema: bool = False
-    ema_decay: float = 0.9999  # RT-DETR / D-FINE / DEIM
-    ema_warmup: int = 2000  # updates; the ramp decay * (1 - exp(-updates / ema_warmup))
+    ema: bool | None = None
+    ema_decay: float | None = None  # RT-DETR / D-FINE / DEIM: 0.9999
+    ema_warmup: int | None = None  # updates; the ramp decay * (1 - exp(-updates / ema_warmup))
     # loss (official)
     cost_class: float = 2.0
     cost_bbox: float = 5.0
@@ -84,7 +90,7 @@ class TrainConfig:
         check("batch_size", self.batch_size, 1)
         check("epochs", self.epochs, 1)
         check("max_iters", self.max_iters, 1, optional=True)
-        check("warmup_iters", self.warmup_iters, 0)
+        check("warmup_iters", self.warmup_iters, 0, optional=True)
         check("log_every", self.log_every, 1)
         check("checkpoint_every", self.checkpoint_every, 1)
         check("keep_checkpoints", self.keep_checkpoints, 0, note=" (0 keeps every checkpoint)")
@@ -95,10 +101,18 @@ class TrainConfig:
         check("num_workers", self.num_workers, 0)
         check("lr_drop", self.lr_drop, 0, optional=True)
         check("lr_drop_iter", self.lr_drop_iter, 0, optional=True)
-        check("ema_warmup", self.ema_warmup, 0)
-        if isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)) \
-                or not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay!r} (in a recipe: train.ema_decay)")
+        check("ema_warmup", self.ema_warmup, 0, optional=True)
+        for name, low, high, closed in (("ema_decay", 0.0, 1.0, False), ("flat_fraction", 0.0, 1.0, True),
+                                        ("no_aug_fraction", 0.0, 1.0, True), ("lr_min_factor", 0.0, 1.0, True)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    low <= value <= high if closed else low <= value < high):
+                raise ValueError(f"--{name.replace('_', '-')} must be in [{low:g}, {high:g}{']' if closed else ')'}, "
+                                 f"got {value!r} (in a recipe: train.{name})")
+        if self.schedule not in (None, "step", "flat_cosine"):
+            raise ValueError(f"train.schedule must be step or flat_cosine, got {self.schedule!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -27,11 +27,12 @@ from kd_detr.teacher import TeacherSource
 
 from . import checkpointing, distributed
 from .ema import ModelEMA
-from .hooks import HookBase, LogWindow, PeriodicCheckpoint, PeriodicEvaluation, RunRecord
+from .hooks import AugmentationTail, HookBase, LogWindow, PeriodicCheckpoint, PeriodicEvaluation, RunRecord
 from .logger import RunLogger, truncate_log
 from .loss_logs import loss_logs
 from .objectives import build_objectives
-from .optim import build_optimizer, build_scheduler, lr_lambda, param_groups  # noqa: F401  (re-exported)
+from .optim import build_optimizer, build_scheduler, lr_lambda  # noqa: F401  (re-exported)
+from .presets import resolve_preset
 from .run_folder import held_output_dir, record_recipe
 from .runtime import loader_generator, resolve_device, seed_everything
 from .step import batch_losses
@@ -82,6 +83,9 @@ class Trainer:
             log.warning("--amp is only used on CUDA devices; training in float32 on %s", self.device)
         # fail fast on a bad model name or override, before any data is read
         get_config(cfg.model).replace(**cfg.model_overrides)
+        # the training preset fills what the recipe and the command line left unset (engine/presets.py)
+        self.cfg, self.preset = resolve_preset(cfg)
+        cfg = self.cfg
         seed_everything(cfg.seed + self.dist.rank)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -103,10 +107,10 @@ class Trainer:
         if self.dist.enabled:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.raw_model, device_ids=[self.dist.local_rank] if self.device.startswith("cuda") else None)
-        self.optimizer = build_optimizer(cfg, self.raw_model, self.objectives.modules())
+        self.optimizer = build_optimizer(cfg, self.raw_model, self.objectives.modules(), self.preset)
         self.iters_per_epoch = self.data.sampler.batches_per_epoch()
         self.total_iters = cfg.max_iters if cfg.max_iters is not None else cfg.epochs * self.iters_per_epoch
-        self.scheduler = build_scheduler(cfg, self.optimizer, self.iters_per_epoch)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.iters_per_epoch, self.total_iters)
         self.use_amp = cfg.amp and self.device.startswith("cuda")
         self.scaler = torch.amp.GradScaler("cuda") if self.use_amp else None
         self.iteration, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -157,6 +161,12 @@ class Trainer:
         if self.val_set is not None:
             hooks.append(PeriodicEvaluation(cfg.eval_every_iters, cfg.eval_every_epochs))
         hooks.append(RunRecord())
+        if cfg.no_aug_fraction > 0 and cfg.augment:
+            if self.data.plan is not None:  # a plan's views (a cache's) are recorded: they cannot change
+                log.warning("train.no_aug_fraction = %g is not applied: the run trains on a view plan's recorded "
+                            "views", cfg.no_aug_fraction)
+            else:
+                hooks.append(AugmentationTail(self.total_iters - round(cfg.no_aug_fraction * self.total_iters)))
         for h in hooks:
             h.trainer = self
         return hooks
@@ -234,6 +244,8 @@ class Trainer:
         while self.iteration < self.total_iters:
             self.train_set.set_epoch(self.epoch)
             self.data.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+            for h in hooks:
+                h.before_epoch()
             t0 = time.perf_counter()
             for batch in self.batches():
                 t1 = time.perf_counter()
