@@ -51,7 +51,7 @@ def test_recorded_commands_are_the_settings_train_teacher_uses(tmp_path, monkeyp
     from click.testing import CliRunner
 
     from kd_detr.cli import main
-    from kd_detr.engine import trainer
+    from kd_detr.runs import assemble
 
     monkeypatch.chdir(tmp_path)
     synth_cmd, train_cmd = quickstart.teacher_commands(iters=40, seed=3, num_train=8)
@@ -63,12 +63,12 @@ def test_recorded_commands_are_the_settings_train_teacher_uses(tmp_path, monkeyp
     assert info[0]["generator_params"] == info[1]["generator_params"] and info[0]["num_images"] == 8
 
     seen = {}
-    monkeypatch.setattr(trainer, "train", lambda cfg: seen.setdefault("cfg", cfg) and {})
+    monkeypatch.setattr(assemble, "train", lambda cfg, *run: seen.setdefault("cfg", cfg) and {})
     res = CliRunner().invoke(main, shlex.split(train_cmd)[1:], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     got = dataclasses.asdict(seen["cfg"])
     want = dataclasses.asdict(quickstart.teacher_train_config(Path("teacher_data"), Path("teacher"), 40, 3))
-    # --lr-drop-iter wins over the epoch-based lr_drop, which the CLI always fills in
+    # --lr-drop-iter wins over the epoch-based lr_drop (the preset fills it: not a setting of the teacher)
     for d in (got, want):
         d.pop("lr_drop")
         d.pop("progress")
