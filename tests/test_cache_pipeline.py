@@ -177,10 +177,10 @@ def test_a_pool_the_cluster_cannot_place_fails_in_one_line(world, ray_session, m
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
 def test_no_ray_process_outlives_a_stream_build(synth_data, tmp_path):
-    from test_d3etr import _save_teacher
+    from tests.support.runs import save_teacher
     from test_ray_cleanup import _assert_no_new_ray, _ray_processes, _run
 
-    teacher = _save_teacher(tmp_path, synth_data)
+    teacher = save_teacher(tmp_path, synth_data)
     before = _ray_processes()
     res = _run(["cache", "--teacher", "cond_detr_r10_tiny", "--teacher-checkpoint", str(teacher), "--data",
                 str(synth_data), "--image-size", "64", "--no-progress", "--out", str(tmp_path / "cache"),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_d3etr import _save_teacher
+from tests.support.runs import save_teacher
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ def _assert_no_new_ray(before: dict[int, str], what: str) -> None:
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
 def test_no_ray_process_outlives_cache_compare_and_ray_served_distillation(synth_data, tmp_path):
-    teacher = _save_teacher(tmp_path, synth_data)
+    teacher = save_teacher(tmp_path, synth_data)
     common = ["--data", str(synth_data), "--image-size", "64", "--no-progress"]
     teacher_args = ["--teacher", "cond_detr_r10_tiny", "--teacher-checkpoint", str(teacher)]
     student = ["--student", "cond_detr_r10_tiny", "--student-opt", "num_queries=10", "--student-opt",
