@@ -1,7 +1,7 @@
 """Golden training logs: short fixed-seed runs of every recipe and teacher source through the CLI.
 
 Recorded once on the code before a refactor (``python tests/support/golden_runs.py --write``) and asserted by
-``tests/test_golden_logs.py`` after it: every logged loss term, lr and grad norm must match to 1e-6, so
+``tests/engine/test_golden_logs.py`` after it: every logged loss term, lr and grad norm must match to 1e-6, so
 moving code cannot change what the toolkit computes. The runs use the session's synthetic data
 (``conftest.synth_data``: 24 train / 8 val images at 64 px, seed 3) and a seeded random tiny teacher.
 """

@@ -151,7 +151,7 @@ def test_a_detector_without_a_requested_output_is_refused_by_name():
 
 def test_methods_never_name_a_concrete_detector():
     """Methods depend on the protocol only: no import of ConditionalDETR or the models' internals."""
-    root = Path(__file__).resolve().parents[1] / "kd_detr" / "methods"
+    root = Path(__file__).resolve().parents[2] / "kd_detr" / "methods"
     offenders = []
     for path in root.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
