@@ -15,35 +15,15 @@ from kd_detr.engine.recipe import list_recipes, load_recipe
 from kd_detr.engine.step import batch_losses
 from kd_detr.methods import list_methods
 from kd_detr.methods.registry import build_methods
-from kd_detr.models import build_model
 from kd_detr.teacher import InProcessTeacher
 from kd_detr.zoo import builtin_dir
+from tests.support.tiny import NUM_CLASSES, tiny_batch, tiny_detector
 
-NUM_CLASSES = 5
 STUDENT = dict(num_queries=6, d_model=32, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64)
 TEACHER = dict(STUDENT, num_queries=8)  # another query count: the matchings are rectangular
 # sizes only, as in the golden runs: Co-DETR's 512 sampled RoIs per image (and up to 300 positive queries per
 # head) would make its step the slowest here by far; the recipe's switches stay as shipped
 SMALL = ["co_detr.roi_batch_size_per_image=64"]
-
-
-def _tiny(seed: int, **kw) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return build_model("cond_detr_r10_tiny", num_classes=NUM_CLASSES, **kw)
-
-
-def _batch():
-    """Two 64 px images, the second padded on the right (48 px wide), and their ground truth."""
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(2, 3, 64, 64, generator=g)
-    mask = torch.zeros(2, 64, 64, dtype=torch.bool)
-    mask[1, :, 48:] = True
-    targets = [
-        {"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.3, 0.3], [0.7, 0.6, 0.4, 0.5]]),
-         "size": torch.tensor([64, 64])},
-        {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.5, 0.4]]), "size": torch.tensor([64, 48])},
-    ]
-    return images, mask, targets
 
 
 def _teacher_attention(methods) -> str:
@@ -61,10 +41,10 @@ def test_every_shipped_recipe_is_smoke_tested():
 @pytest.mark.parametrize("name", sorted(list_recipes()))
 def test_recipe_runs_one_loss_step(name):
     recipe = load_recipe(name, SMALL)
-    student = _tiny(0, **STUDENT).train()
+    student = tiny_detector(0, **STUDENT).train()
     student.backbone.requires_grad_(False)  # the methods' terms and their gradients, without the CNN's backward
     criterion = SetCriterion(NUM_CLASSES, num_dec_layers=STUDENT["dec_layers"])
-    teacher = _tiny(1, **TEACHER) if recipe.distils else None
+    teacher = tiny_detector(1, **TEACHER) if recipe.distils else None
     methods = build_methods(recipe.sections, student.config, criterion,
                             teacher=(lambda: teacher.config) if teacher is not None else None)
 
@@ -73,7 +53,7 @@ def test_recipe_runs_one_loss_step(name):
     assert [m.section for m in methods] == enabled
     assert recipe.distils == any(m.uses_teacher for m in methods)
 
-    images, mask, targets = _batch()
+    images, mask, targets = tiny_batch()
     teacher_out = InProcessTeacher(teacher, attn=_teacher_attention(methods))(images, mask) if teacher else None
     total, gt, terms, weights = batch_losses(student, criterion, images, mask, targets, methods, teacher_out)
 
