@@ -3,7 +3,7 @@
 ``pyproject.toml`` pins the same ranges for a fresh install; this module covers an environment that got its
 packages another way (an image with its own transformers, ``pip install --no-deps``): kd-detr still runs,
 but says once per command that the version was not tested. The ranges are what the family matrix
-(``tests/test_family_matrix.py``) and the rest of the suite ran on; the README's "Tested versions" lists them.
+(``tests/models/test_family_matrix.py``) and the rest of the suite ran on; the README's "Tested versions" lists them.
 Standard library only (layer 0): imported by the CLI before torch.
 """
 

@@ -321,16 +321,16 @@ def test_distill_on_a_view_plan_resumes_exactly(synth_data, tmp_path):
     from click.testing import CliRunner
 
     from kd_detr.cli import main
-    from test_d3etr import _distill_args, _log, _save_teacher
+    from tests.support.runs import distill_args, read_log, save_teacher
 
-    teacher = _save_teacher(tmp_path, synth_data)
+    teacher = save_teacher(tmp_path, synth_data)
     runner = CliRunner()
     full, part = tmp_path / "full", tmp_path / "part"
     for out, iters, extra in ((full, 8, []), (part, 4, []), (part, 8, ["--resume", "auto"])):
-        res = runner.invoke(main, _distill_args(synth_data, out, teacher, "--views", "2",
-                                                "--set", f"train.max_iters={iters}", *extra))
+        res = runner.invoke(main, distill_args(synth_data, out, teacher, "--views", "2",
+                                               "--set", f"train.max_iters={iters}", *extra))
         assert res.exit_code == 0, res.output + repr(res.exception)
-    a, b = [r for r in _log(full) if "loss" in r], [r for r in _log(part) if "loss" in r]
+    a, b = [r for r in read_log(full) if "loss" in r], [r for r in read_log(part) if "loss" in r]
     assert [r["iteration"] for r in b] == list(range(1, 9))  # 6 batches per epoch: crosses an epoch boundary
     for ra, rb in zip(a, b):
         assert ra["loss"] == rb["loss"], ra["iteration"]

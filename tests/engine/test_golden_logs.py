@@ -1,7 +1,7 @@
 """Every recipe and teacher source logs the same loss terms as the recorded golden runs (to 1e-5;
 the Co-DETR runs to 1e-3: see the comment in the test).
 
-The fixture was recorded on the code before the "one open engine" refactor (tests/golden_runs.py);
+The fixture was recorded on the code before the "one open engine" refactor (tests/support/golden_runs.py);
 a change of any loss term, weight, lr or grad norm of baseline, d3etr (in-process, cache, Ray),
 ms_detr, co_detr, d3etr_ms or d3etr_co fails here. The runs with a teacher were re-recorded once, on
 purpose, when the teacher started to see each image view alone (cache format 2: entries per image view;
@@ -15,7 +15,7 @@ import math
 
 import pytest
 
-from golden_runs import GOLDEN, RUNS, run_all
+from tests.support.golden_runs import GOLDEN, RUNS, run_all
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from kd_detr.teacher.cache import (CacheError, CacheReader, CacheWriter, StoreCo
 from kd_detr.teacher.cache.attention_codec import batch_keys, decode_batch, encode_batch
 from kd_detr.teacher.cache.class_codec import (CLASS_REST_SCHEMES, DEFAULT_CLASS_REST, FLOOR_LOGIT,
                                                class_index_dtype, decode_class_logits, encode_class_logits)
-from test_teacher_cache_store import B, C, H, L, N, S, encode_view, make_header, make_outputs, view_outputs
+from tests.support.cache_store import B, C, H, L, N, S, encode_view, make_header, make_outputs, view_outputs
 
 # one query, 5 classes: the top 2 are classes 3 (2.0) and 0 (0.5); the rest are 1, 2, 4
 HAND = torch.tensor([0.5, -3.0, -1.0, 2.0, -6.0]).reshape(1, 1, 1, 5)
@@ -187,12 +187,12 @@ def _cache_args(synth_data, teacher, out, *extra):
 
 @pytest.fixture(scope="module")
 def class_caches(synth_data, tmp_path_factory, ray_session):
-    from test_d3etr import _save_teacher
+    from tests.support.runs import save_teacher
 
     from kd_detr.cli import main
 
     tmp = tmp_path_factory.mktemp("class_topk")
-    teacher = _save_teacher(tmp, synth_data)
+    teacher = save_teacher(tmp, synth_data)
     runner = CliRunner()
     for name, classes in (("dense", "dense"), ("top4", "topk:4")):
         res = runner.invoke(main, _cache_args(synth_data, teacher, tmp / name, "--attention", "topk:4",
@@ -202,7 +202,7 @@ def class_caches(synth_data, tmp_path_factory, ray_session):
 
 
 def test_topk_cache_distils_close_to_dense(synth_data, class_caches):
-    from test_d3etr import _distill_args, _log
+    from tests.support.runs import distill_args, read_log
 
     from kd_detr.cli import main
 
@@ -215,11 +215,11 @@ def test_topk_cache_distils_close_to_dense(synth_data, class_caches):
     assert runner.invoke(main, ["cache", "verify", str(tmp / "top4")]).exit_code == 0
     logs = {}
     for name in ("dense", "top4"):
-        res = runner.invoke(main, _distill_args(synth_data, tmp / f"run_{name}", teacher, "--teacher-cache",
-                                                str(tmp / name), "--set", "train.max_iters=2",
-                                                "--set", "distill.self_attn.per_head=false"))
+        res = runner.invoke(main, distill_args(synth_data, tmp / f"run_{name}", teacher, "--teacher-cache",
+                                               str(tmp / name), "--set", "train.max_iters=2",
+                                               "--set", "distill.self_attn.per_head=false"))
         assert res.exit_code == 0, res.output + repr(res.exception)
-        logs[name] = [r for r in _log(tmp / f"run_{name}") if "loss" in r]
+        logs[name] = [r for r in read_log(tmp / f"run_{name}") if "loss" in r]
     first_dense, first_top = logs["dense"][0], logs["top4"][0]  # the same student state: only the teacher differs
     weights = {"pred_cls": 1.0, "pred_l1": 5.0, "pred_giou": 2.0}  # recipes/d3etr.toml [distill.pred]
     total = {"dense": 0.0, "top4": 0.0}

@@ -15,6 +15,7 @@ from kd_detr.methods.d3etr import D3ETRLoss, resolve_layer_map
 from kd_detr.engine.recipe import load_recipe
 from kd_detr.teacher import InProcessTeacher, TeacherOutputs
 from kd_detr.models import build_model
+from tests.support.runs import distill_args, read_log, save_teacher
 
 TINY = dict(num_queries=6, dim_feedforward=64, d_model=32, nheads=4, dec_layers=3)
 
@@ -190,44 +191,18 @@ def test_teacher_outputs_mean_mode_is_head_average():
 
 
 # --------------------------------------------------------------------------- end to end (CLI)
-def _save_teacher(tmp_path, synth_data, image_size=64):
-    """A tiny teacher checkpoint with the data's label map (weights: a seeded random init)."""
-    from kd_detr.data import CocoDetection
-    from kd_detr.models import save_model
-
-    ds = CocoDetection(synth_data / "train2017", synth_data / "annotations" / "instances_train2017.json")
-    torch.manual_seed(7)
-    teacher = build_model("cond_detr_r10_tiny", num_classes=ds.label_map.num_classes,
-                          num_queries=10, dim_feedforward=128)
-    path = tmp_path / "teacher.safetensors"
-    save_model(teacher, path, label_map=ds.label_map, extra_metadata={"image_size": image_size})
-    return path
-
-
-def _distill_args(synth_data, out, teacher, *extra):
-    return ["distill", "--teacher", "cond_detr_r10_tiny", "--teacher-checkpoint", str(teacher),
-            "--student", "cond_detr_r10_tiny", "--student-opt", "num_queries=10", "--student-opt",
-            "dim_feedforward=128", "--data", str(synth_data), "--image-size", "64", "--num-workers", "0",
-            "--output-dir", str(out), "--no-progress", "--set", "train.batch_size=4", "--set", "train.log_every=1",
-            "--set", "train.eval_every_epochs=0", "--set", "train.lr_drop=1000", *extra]
-
-
-def _log(path):
-    return [json.loads(x) for x in (path / "log.jsonl").read_text().splitlines()]
-
-
 def test_distillation_loss_falls_and_export_loads_strictly(synth_data, tmp_path):
     from click.testing import CliRunner
 
     from kd_detr.cli import main
     from kd_detr.models import load_model, load_official_state_dict, read_official_checkpoint
 
-    teacher = _save_teacher(tmp_path, synth_data)
+    teacher = save_teacher(tmp_path, synth_data)
     out = tmp_path / "run"
-    res = CliRunner().invoke(main, _distill_args(synth_data, out, teacher, "--set", "train.max_iters=40",
-                                                 "--set", "train.lr=1e-3", "--set", "train.lr_backbone=1e-3"))
+    res = CliRunner().invoke(main, distill_args(synth_data, out, teacher, "--set", "train.max_iters=40",
+                                                "--set", "train.lr=1e-3", "--set", "train.lr_backbone=1e-3"))
     assert res.exit_code == 0, res.output + repr(res.exception)
-    log = [r for r in _log(out) if "loss" in r]
+    log = [r for r in read_log(out) if "loss" in r]
     assert len(log) == 40
     # every term is logged per group and layer, scaled and unscaled, with sums
     for key in ("distill.adaptive.pred_cls.l0", "distill.fixed.cross_attn.l1_unscaled", "fixed_gt.loss_ce.l1",
@@ -265,35 +240,35 @@ def test_distill_resume_and_baseline_and_refusals(synth_data, tmp_path):
 
     from kd_detr.cli import main
 
-    teacher = _save_teacher(tmp_path, synth_data)
+    teacher = save_teacher(tmp_path, synth_data)
     runner = CliRunner()
     # resume continues exactly (3 + 3 == 6)
     full, part = tmp_path / "full", tmp_path / "part"
     for out, iters, extra in ((full, 6, []), (part, 3, []), (part, 6, ["--resume", "auto"])):
-        res = runner.invoke(main, _distill_args(synth_data, out, teacher, "--set", f"train.max_iters={iters}", *extra))
+        res = runner.invoke(main, distill_args(synth_data, out, teacher, "--set", f"train.max_iters={iters}", *extra))
         assert res.exit_code == 0, res.output + repr(res.exception)
-    a, b = [r for r in _log(full) if "loss" in r], [r for r in _log(part) if "loss" in r]
+    a, b = [r for r in read_log(full) if "loss" in r], [r for r in read_log(part) if "loss" in r]
     assert [r["iteration"] for r in b] == list(range(1, 7))
     for ra, rb in zip(a, b):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5), ra["iteration"]
     # resuming with another recipe is refused
-    res = runner.invoke(main, _distill_args(synth_data, part, teacher, "--set", "train.max_iters=8",
-                                            "--set", "distill.fixed=false", "--resume", "auto"))
+    res = runner.invoke(main, distill_args(synth_data, part, teacher, "--set", "train.max_iters=8",
+                                           "--set", "distill.fixed=false", "--resume", "auto"))
     assert res.exit_code != 0 and "differs from the recipe" in res.output.replace("\n", " ")
     # the teacher AP check refuses a teacher far below min_ap
-    res = runner.invoke(main, _distill_args(synth_data, tmp_path / "weak", teacher, "--set", "train.max_iters=1",
-                                            "--set", "teacher_check.eval_images=4", "--set", "teacher_check.min_ap=50"))
+    res = runner.invoke(main, distill_args(synth_data, tmp_path / "weak", teacher, "--set", "train.max_iters=1",
+                                           "--set", "teacher_check.eval_images=4", "--set", "teacher_check.min_ap=50"))
     assert res.exit_code != 0 and "below teacher_check.min_ap" in res.output
     # baseline: no teacher needed, no distillation terms
-    res = runner.invoke(main, _distill_args(synth_data, tmp_path / "base", teacher, "--recipe", "baseline",
-                                            "--set", "train.max_iters=2"))
+    res = runner.invoke(main, distill_args(synth_data, tmp_path / "base", teacher, "--recipe", "baseline",
+                                           "--set", "train.max_iters=2"))
     assert res.exit_code == 0, res.output
-    assert not any(k.startswith("distill") for k in _log(tmp_path / "base")[0])
+    assert not any(k.startswith("distill") for k in read_log(tmp_path / "base")[0])
     # a teacher trained at another image size is refused, naming the option
     other = tmp_path / "t128"
     other.mkdir()
-    t128 = _save_teacher(other, synth_data, image_size=128)
-    res = runner.invoke(main, _distill_args(synth_data, tmp_path / "bad", t128, "--set", "train.max_iters=1"))
+    t128 = save_teacher(other, synth_data, image_size=128)
+    res = runner.invoke(main, distill_args(synth_data, tmp_path / "bad", t128, "--set", "train.max_iters=1"))
     assert res.exit_code != 0 and "teacher_check.image_size" in res.output
     # a model name without a checkpoint, and an unknown teacher
     res = runner.invoke(main, ["distill", "--teacher", "cond_detr_r18_tiny", "--student", "cond_detr_r10_tiny",
@@ -307,7 +282,7 @@ def test_distill_resume_and_baseline_and_refusals(synth_data, tmp_path):
                                "--data", str(synth_data)])
     assert res.exit_code != 0 and "ConditionalDETR_r101_epoch50.pth" in res.output
     # a bad recipe key names the key
-    res = runner.invoke(main, _distill_args(synth_data, tmp_path / "x", teacher, "--set", "distill.pred.temprature=2"))
+    res = runner.invoke(main, distill_args(synth_data, tmp_path / "x", teacher, "--set", "distill.pred.temprature=2"))
     assert res.exit_code != 0 and "distill.pred.temprature" in res.output
 
 
@@ -319,14 +294,14 @@ def test_distill_from_a_teacher_card_with_an_official_checkpoint(synth_data, tmp
     from kd_detr.models import load_model
     from kd_detr.models.checkpoint import save_official_checkpoint
 
-    teacher, _ = load_model(_save_teacher(tmp_path, synth_data))
+    teacher, _ = load_model(save_teacher(tmp_path, synth_data))
     (tmp_path / "ckpt").mkdir()
     save_official_checkpoint(teacher, tmp_path / "ckpt" / "teacher.pth")
     card = tmp_path / "tiny_teacher.toml"
     card.write_text('name = "tiny_teacher"\nmodel = "cond_detr_r10_tiny"\ncheckpoint = "ckpt/teacher.pth"\n'
                     f'format = "official"\nnum_classes = {teacher.config.num_classes}\nlabel_map = "contiguous"\n'
                     'image_size = 64\nknown_ap = 0.0\n[model_overrides]\nnum_queries = 10\ndim_feedforward = 128\n')
-    args = _distill_args(synth_data, tmp_path / "run", "unused", "--set", "train.max_iters=2")
+    args = distill_args(synth_data, tmp_path / "run", "unused", "--set", "train.max_iters=2")
     args[1:5] = ["--teacher", str(card)]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output + repr(res.exception)

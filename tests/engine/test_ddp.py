@@ -7,19 +7,17 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
 from kd_detr.criterion import SetCriterion, weighted_total
 from kd_detr.matcher import HungarianMatcher
 from kd_detr.models import build_model
-
-HERE = Path(__file__).parent
+from tests.support import REPO_ROOT, SUPPORT_DIR
 
 
 def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -48,7 +46,7 @@ def test_ddp_gradient_equals_single_process(tmp_path):
     batch = tmp_path / "batch.pt"
     torch.save({"build": build, "state": model.state_dict(), "images": images, "mask": mask,
                 "targets": targets, "weight_dict": criterion.weight_dict}, batch)
-    torchrun(str(HERE / "ddp_grad_worker.py"), str(batch), str(tmp_path / "grads.pt"))
+    torchrun(str(SUPPORT_DIR / "ddp_grad_worker.py"), str(batch), str(tmp_path / "grads.pt"))
     ddp = torch.load(tmp_path / "grads.pt")
     assert set(ddp) == set(single)
     for name, g in single.items():

@@ -8,7 +8,7 @@ import json
 from click.testing import CliRunner
 
 from kd_detr.cli import main
-from test_d3etr import _save_teacher
+from tests.support.runs import save_teacher
 
 
 def _args(synth_data, teacher, out, recipes, *extra):
@@ -20,7 +20,7 @@ def _args(synth_data, teacher, out, recipes, *extra):
 
 
 def test_compare_table_csv_plots_resume_and_failure(synth_data, tmp_path):
-    teacher = _save_teacher(tmp_path, synth_data)
+    teacher = save_teacher(tmp_path, synth_data)
     broken = tmp_path / "broken.toml"  # valid TOML and schema, fails when the run starts (no such teacher layer)
     broken.write_text('name = "broken"\nextends = "d3etr"\n[distill]\nlayer_map = [0, 7]\n')
     out = tmp_path / "cmp"
@@ -59,7 +59,7 @@ def test_compare_table_csv_plots_resume_and_failure(synth_data, tmp_path):
 
 
 def test_compare_seeds_give_mean_std_and_paired_gains(synth_data, tmp_path):
-    teacher = _save_teacher(tmp_path, synth_data)
+    teacher = save_teacher(tmp_path, synth_data)
     out = tmp_path / "cmp"
     res = CliRunner().invoke(main, _args(synth_data, teacher, out, "baseline,d3etr", "--no-ray", "--seeds", "0,1"))
     assert res.exit_code == 0, res.output + repr(res.exception)

@@ -20,13 +20,13 @@ def _scalars(folder):
 
 
 def test_distill_writes_every_logged_scalar_to_tensorboard(synth_data, tmp_path):
-    from test_d3etr import _distill_args, _save_teacher
+    from tests.support.runs import distill_args, save_teacher
 
-    teacher = _save_teacher(tmp_path, synth_data)
+    teacher = save_teacher(tmp_path, synth_data)
     out = tmp_path / "run"
-    res = CliRunner().invoke(main, _distill_args(synth_data, out, teacher, "--set", "train.max_iters=2",
-                                                 "--set", "train.eval_every_iters=2",
-                                                 "--set", "train.eval_max_images=4"))
+    res = CliRunner().invoke(main, distill_args(synth_data, out, teacher, "--set", "train.max_iters=2",
+                                                "--set", "train.eval_every_iters=2",
+                                                "--set", "train.eval_max_images=4"))
     assert res.exit_code == 0, res.output + repr(res.exception)
     tb = _scalars(out)
     records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]

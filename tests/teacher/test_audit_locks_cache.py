@@ -33,7 +33,7 @@ from kd_detr.teacher.cache import CacheError, CacheReader, CacheWriter, StoreCon
 from kd_detr.teacher.cache.lock import CacheLock
 from kd_detr.teacher.cache.verify import verify_report
 
-from test_teacher_cache_store import build_cache as build_small, make_header
+from tests.support.cache_store import build_cache as build_small, make_header
 
 
 def _manifest(root: Path) -> dict:
@@ -63,14 +63,14 @@ def test_a_symlinked_lock_of_an_output_dir_is_refused_and_its_target_kept(tmp_pa
 
 
 def test_distill_resume_auto_on_a_symlinked_lock_exits_1_and_keeps_the_target(synth_data, tmp_path, victim):
-    from test_d3etr import _distill_args, _save_teacher
+    from tests.support.runs import distill_args, save_teacher
 
-    teacher = _save_teacher(tmp_path, synth_data)
+    teacher = save_teacher(tmp_path, synth_data)
     run = tmp_path / "RUN"
     run.mkdir()
     (run / ".lock").symlink_to("../victim.txt")
-    res = CliRunner().invoke(main, _distill_args(synth_data, run, teacher, "--resume", "auto",
-                                                 "--set", "train.max_iters=1"))
+    res = CliRunner().invoke(main, distill_args(synth_data, run, teacher, "--resume", "auto",
+                                                "--set", "train.max_iters=1"))
     assert res.exit_code == 1, res.output
     assert res.output.strip().splitlines() == [f"Error: --output-dir: refusing the lock file {run / '.lock'}: it is "
                                                "a symbolic link (to ../victim.txt), and taking the lock would write "
@@ -167,7 +167,7 @@ def test_verify_reports_a_complete_cache(tmp_path):
     header = make_header(cfg)
     header["dataset"]["images"] = 2
     header["plan"]["num_views"] = 1
-    from test_teacher_cache_store import encode_view, make_outputs
+    from tests.support.cache_store import encode_view, make_outputs
 
     with CacheWriter(tmp_path / "c", header) as w:
         w.write_queries(make_outputs().query_embed)
@@ -211,12 +211,12 @@ def _incomplete_real_cache(synth_data, tmp_path, teacher) -> Path:
 
 
 def test_distill_from_an_incomplete_cache_stops_at_start_in_one_line(synth_data, tmp_path):
-    from test_d3etr import _distill_args, _save_teacher
+    from tests.support.runs import distill_args, save_teacher
 
-    teacher = _save_teacher(tmp_path, synth_data)
+    teacher = save_teacher(tmp_path, synth_data)
     cache = _incomplete_real_cache(synth_data, tmp_path, teacher)
-    res = CliRunner().invoke(main, _distill_args(synth_data, tmp_path / "RUN", teacher, "--teacher-cache", str(cache),
-                                                 "--set", "train.max_iters=1"))
+    res = CliRunner().invoke(main, distill_args(synth_data, tmp_path / "RUN", teacher, "--teacher-cache", str(cache),
+                                                "--set", "train.max_iters=1"))
     assert res.exit_code == 1, res.output
     assert res.output.strip().splitlines()[-1] == (
         f"Error: teacher cache {cache} is incomplete: 24 of the 24 image views this run reads are missing (view 0 of "
@@ -350,11 +350,11 @@ def test_a_stream_build_prints_no_ray_error_about_constructor_arguments(tmp_path
     from kd_detr.data.view_plan import ViewPlan
     from kd_detr.teacher.cache.build import build_cache
     from kd_detr.teacher.loading import resolve_teacher
-    from test_d3etr import _save_teacher
+    from tests.support.runs import save_teacher
 
     data = tmp_path / "data"
     generate_synthetic(data, num_train=4, num_val=1, image_size=64, seed=3)  # 4 image views: start-up is the cost
-    teacher = _save_teacher(tmp_path, data)
+    teacher = save_teacher(tmp_path, data)
     ds = CocoDetection(data / "train2017", data / "annotations" / "instances_train2017.json",
                        transforms=make_policy(True, 64), log_report=False)
     plan = ViewPlan.for_dataset(ds, num_views=1, seed=0)
@@ -389,11 +389,11 @@ def test_a_stream_teacher_actor_that_dies_is_replaced_by_the_driver(tmp_path, ra
     from kd_detr.data.view_plan import ViewPlan
     from kd_detr.teacher.cache.build import build_cache
     from kd_detr.teacher.loading import resolve_teacher
-    from test_d3etr import _save_teacher
+    from tests.support.runs import save_teacher
 
     data = tmp_path / "data"
     generate_synthetic(data, num_train=4, num_val=1, image_size=64, seed=3)
-    teacher = _save_teacher(tmp_path, data)
+    teacher = save_teacher(tmp_path, data)
     ds = CocoDetection(data / "train2017", data / "annotations" / "instances_train2017.json",
                        transforms=make_policy(True, 64), log_report=False)
     plan = ViewPlan.for_dataset(ds, num_views=1, seed=0)

@@ -18,8 +18,9 @@ from kd_detr.criterion import SetCriterion
 from kd_detr.engine.recipe import load_recipe
 from kd_detr.engine.step import batch_losses
 from kd_detr.methods import build_methods
-from kd_detr.models import ConditionalDETR, Detector, DetectorOutput, DetectorRequest, build_model
+from kd_detr.models import ConditionalDETR, Detector, DetectorOutput, DetectorRequest
 from kd_detr.teacher import InProcessTeacher
+from tests.support.tiny import tiny_batch, tiny_detector
 
 # The documented keys of a forward's output (models/detector.py); nothing else is passed on.
 DOCUMENTED = ("pred_logits", "pred_boxes", "aux_outputs", "hs", "reference_points", "query_embed", "feature_size",
@@ -62,26 +63,9 @@ class WrappedDetector(nn.Module):
         return [_repack(o) for o in self.net.decode(encoded, groups, request=request)]
 
 
-def _batch(seed=0, b=2, size=64):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(b, 3, size, size, generator=g)
-    mask = torch.zeros(b, size, size, dtype=torch.bool)
-    mask[1, :, size - 16:] = True
-    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.6, 0.5, 0.3, 0.2]]),
-                "size": torch.tensor([size, size])},
-               {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.4, 0.5, 0.3, 0.4]]),
-                "size": torch.tensor([size, size - 16])}]
-    return images, mask, targets
-
-
-def _tiny(seed, **kw):
-    torch.manual_seed(seed)
-    return build_model("cond_detr_r10_tiny", num_classes=5, num_queries=8, dim_feedforward=64, **kw)
-
-
 def test_wrapper_is_a_detector_and_not_a_conditional_detr():
-    w = WrappedDetector(_tiny(0))
-    assert isinstance(w, Detector) and isinstance(_tiny(0), Detector)
+    w = WrappedDetector(tiny_detector(0))
+    assert isinstance(w, Detector) and isinstance(tiny_detector(0), Detector)
     assert not isinstance(w, ConditionalDETR)
 
 
@@ -89,11 +73,11 @@ def test_wrapper_is_a_detector_and_not_a_conditional_detr():
 def test_methods_run_through_a_second_implementation_with_the_same_losses(recipe):
     overrides = ["co_detr.roi_batch_size_per_image=32", "co_detr.rpn_batch_size_per_image=32"] if recipe == "co_detr" else []
     r = load_recipe(recipe, overrides)
-    teacher = InProcessTeacher(_tiny(1).eval(), attn="mean")
-    images, mask, targets = _batch()
+    teacher = InProcessTeacher(tiny_detector(1).eval(), attn="mean")
+    images, mask, targets = tiny_batch()
     results = []
     for wrap in (False, True):
-        student = _tiny(2).train()
+        student = tiny_detector(2).train()
         model = WrappedDetector(student) if wrap else student
         criterion = SetCriterion(5, num_dec_layers=student.config.dec_layers)
         torch.manual_seed(3)  # method modules (FFNs, heads) initialise alike
@@ -132,26 +116,26 @@ class LimitedConfig:
 
 
 def test_a_detector_without_a_requested_output_is_refused_by_name():
-    student = _tiny(2)
+    student = tiny_detector(2)
     model = WrappedDetector(student)
     limited = LimitedConfig(student.config, {"query_groups"})  # e.g. a deformable decoder: no dense maps
     r = load_recipe("d3etr")
     criterion = SetCriterion(5, num_dec_layers=student.config.dec_layers)
-    teacher = InProcessTeacher(_tiny(1).eval(), attn="mean")
+    teacher = InProcessTeacher(tiny_detector(1).eval(), attn="mean")
     # refused when the recipe is built, before any training, naming the switch
     with pytest.raises(ValueError, match=r"distill.self_attn .*does not return.*distill.self_attn.enabled = false"):
         build_methods(r.sections, limited, criterion, teacher=lambda: teacher.config)
     # and by the training step, should a detector's config change under built methods
     methods = build_methods(r.sections, model.config, criterion, teacher=lambda: teacher.config)
     model.config = limited
-    images, mask, targets = _batch()
+    images, mask, targets = tiny_batch()
     with pytest.raises(ValueError, match=r"cannot return \['attention'\].*distill"):
         batch_losses(model, criterion, images, mask, targets, methods, teacher(images, mask))
 
 
 def test_methods_never_name_a_concrete_detector():
     """Methods depend on the protocol only: no import of ConditionalDETR or the models' internals."""
-    root = Path(__file__).resolve().parents[1] / "kd_detr" / "methods"
+    root = Path(__file__).resolve().parents[2] / "kd_detr" / "methods"
     offenders = []
     for path in root.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

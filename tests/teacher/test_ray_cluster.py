@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from test_d3etr import _save_teacher
+from tests.support.runs import save_teacher
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow,
               pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the cluster's processes in /proc")]
@@ -253,7 +253,7 @@ def _images_by_node(output: str) -> dict[str, int]:
 def test_cache_and_compare_on_a_two_node_cluster(two_node_cluster, synth_data, tmp_path):
     cluster = two_node_cluster
     assert set(cluster.nodes) == {"node1", "node2"} and len(set(cluster.nodes.values())) == 2
-    teacher = _save_teacher(tmp_path, synth_data)
+    teacher = save_teacher(tmp_path, synth_data)
     data = ["--data", str(synth_data), "--image-size", "64"]
 
     # 1. the teacher cache with the stream pipeline (Ray Data): 2 teacher actors of 0.75 CPU on a cluster of two

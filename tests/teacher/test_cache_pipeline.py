@@ -177,15 +177,15 @@ def test_a_pool_the_cluster_cannot_place_fails_in_one_line(world, ray_session, m
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
 def test_no_ray_process_outlives_a_stream_build(synth_data, tmp_path):
-    from test_d3etr import _save_teacher
-    from test_ray_cleanup import _assert_no_new_ray, _ray_processes, _run
+    from tests.support.runs import save_teacher
+    from tests.support.ray_processes import assert_no_new_ray, ray_processes, run_kd_detr
 
-    teacher = _save_teacher(tmp_path, synth_data)
-    before = _ray_processes()
-    res = _run(["cache", "--teacher", "cond_detr_r10_tiny", "--teacher-checkpoint", str(teacher), "--data",
-                str(synth_data), "--image-size", "64", "--no-progress", "--out", str(tmp_path / "cache"),
-                "--views", "1", "--actors", "1", "--pipeline", "stream", "--teacher-batch-size", "4"], tmp_path)
+    teacher = save_teacher(tmp_path, synth_data)
+    before = ray_processes()
+    res = run_kd_detr(["cache", "--teacher", "cond_detr_r10_tiny", "--teacher-checkpoint", str(teacher), "--data",
+                       str(synth_data), "--image-size", "64", "--no-progress", "--out", str(tmp_path / "cache"),
+                       "--views", "1", "--actors", "1", "--pipeline", "stream", "--teacher-batch-size", "4"], tmp_path)
     assert res.returncode == 0, f"{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
     assert re.search(r"pipeline stream, [\d.]+ img/s, teacher actors \d+% busy", res.stdout), res.stdout
-    _assert_no_new_ray(before, "kd-detr cache --pipeline stream")
+    assert_no_new_ray(before, "kd-detr cache --pipeline stream")
     assert verify_cache(tmp_path / "cache") == []

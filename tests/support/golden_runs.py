@@ -1,7 +1,7 @@
 """Golden training logs: short fixed-seed runs of every recipe and teacher source through the CLI.
 
-Recorded once on the code before a refactor (``python tests/golden_runs.py --write``) and asserted by
-``tests/test_golden_logs.py`` after it: every logged loss term, lr and grad norm must match to 1e-6, so
+Recorded once on the code before a refactor (``python tests/support/golden_runs.py --write``) and asserted by
+``tests/engine/test_golden_logs.py`` after it: every logged loss term, lr and grad norm must match to 1e-6, so
 moving code cannot change what the toolkit computes. The runs use the session's synthetic data
 (``conftest.synth_data``: 24 train / 8 val images at 64 px, seed 3) and a seeded random tiny teacher.
 """
@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-GOLDEN = Path(__file__).with_name("fixtures") / "golden_logs.json"
+GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "golden_logs.json"
 
 # Keys of a log record that measure the machine, not the computation.
 TIMING_KEYS = ("iter_time", "data_time", "peak_mem_mb", "eta_s")

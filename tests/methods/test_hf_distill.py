@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 from kd_detr.cli import main  # noqa: E402
 from kd_detr.models import build_model  # noqa: E402
-from test_d3etr import _log  # noqa: E402
+from tests.support.runs import read_log  # noqa: E402
 
 
 def _data_label_map(synth_data):
@@ -108,7 +108,7 @@ def test_cross_family_distillation_in_process_from_cache_and_ray(synth_data, tea
                                     "--teacher-serve", "ray", "--teacher-actors", "1", *common))
     assert res.exit_code == 0, res.output + repr(res.exception)
 
-    runs = {name: [r for r in _log(tmp_path / name) if "loss" in r] for name in ("inproc", "fromcache", "ray")}
+    runs = {name: [r for r in read_log(tmp_path / name) if "loss" in r] for name in ("inproc", "fromcache", "ray")}
     assert all(len(r) == 5 for r in runs.values())
     for key in ("loss", "distill.total", "distill.adaptive.pred_cls"):
         for i in range(5):
@@ -132,7 +132,7 @@ def test_cross_family_kd_loss_falls(synth_data, teacher_folder, tmp_path):
                                          "--set", "train.max_iters=30", "--set", "train.lr=1e-3",
                                          "--set", "train.lr_backbone=1e-3", "--set", "train.aux_loss=true"))
     assert res.exit_code == 0, res.output + repr(res.exception)
-    kd = [r["distill.total"] for r in _log(out) if "distill.total" in r]
+    kd = [r["distill.total"] for r in read_log(out) if "distill.total" in r]
     assert len(kd) == 30
     assert sum(kd[-5:]) / 5 < 0.8 * sum(kd[:5]) / 5
 

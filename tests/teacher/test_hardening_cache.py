@@ -36,7 +36,7 @@ from kd_detr.teacher.cache.manifest import IMAGES_FINGERPRINT
 from kd_detr.teacher.loading import check_teacher_fits, describe_teacher, load_teacher, resolve_teacher
 from kd_detr.teacher import ray_session
 
-from test_teacher_cache_store import build_cache as build_small, encode_view, make_header, make_outputs
+from tests.support.cache_store import build_cache as build_small, encode_view, make_header, make_outputs
 
 
 def _sha(path: Path) -> str:

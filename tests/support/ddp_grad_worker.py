@@ -1,4 +1,4 @@
-"""Run by tests/test_ddp.py under ``torchrun --nproc_per_node 2``: one DDP step on half a batch each.
+"""Run by tests/engine/test_ddp.py under ``torchrun --nproc_per_node 2``: one DDP step on half a batch each.
 
 Rank r takes images [r*B/2, (r+1)*B/2) of the saved global batch; rank 0 writes the averaged
 gradients, which must equal the single-process gradient of the whole batch.

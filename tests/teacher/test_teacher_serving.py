@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from kd_detr.cli import main
-from test_d3etr import _distill_args, _log, _save_teacher
+from tests.support.runs import distill_args, read_log, save_teacher
 
 
 def _cache_args(synth_data, teacher, out, *extra):
@@ -19,13 +19,13 @@ def _cache_args(synth_data, teacher, out, *extra):
 
 
 def _losses(run):
-    return [r for r in _log(run) if "loss" in r]
+    return [r for r in read_log(run) if "loss" in r]
 
 
 @pytest.fixture(scope="module")
 def cached(synth_data, tmp_path_factory, ray_session):
     tmp = tmp_path_factory.mktemp("cache")
-    teacher = _save_teacher(tmp, synth_data)
+    teacher = save_teacher(tmp, synth_data)
     runner = CliRunner()
     res = runner.invoke(main, _cache_args(synth_data, teacher, tmp / "full32", "--attention", "full",
                                           "--dtype", "float32", "--classes", "dense"))
@@ -44,10 +44,10 @@ def test_cached_distillation_equals_in_process(synth_data, cached):
     info = runner.invoke(main, ["cache", "info", str(tmp / "full32")]).output
     assert "full" in info and "float32" in info
     common = ["--set", "train.max_iters=7", "--set", "distill.self_attn.per_head=false"]
-    res = runner.invoke(main, _distill_args(synth_data, tmp / "inproc", teacher, "--views", "2", *common))
+    res = runner.invoke(main, distill_args(synth_data, tmp / "inproc", teacher, "--views", "2", *common))
     assert res.exit_code == 0, res.output + repr(res.exception)
-    res = runner.invoke(main, _distill_args(synth_data, tmp / "fromcache", teacher, "--teacher-cache",
-                                            str(tmp / "full32"), *common))
+    res = runner.invoke(main, distill_args(synth_data, tmp / "fromcache", teacher, "--teacher-cache",
+                                           str(tmp / "full32"), *common))
     assert res.exit_code == 0, res.output + repr(res.exception)
     a, b = _losses(tmp / "inproc"), _losses(tmp / "fromcache")
     assert len(a) == len(b) == 7  # 6 batches per view: crosses into the second view
@@ -57,8 +57,8 @@ def test_cached_distillation_equals_in_process(synth_data, cached):
     record = json.loads((tmp / "fromcache" / "config.json").read_text())
     assert record["config"]["teacher_serving"]["mode"] == "cache"
     # the topk cache gives the same predictions terms and close attention terms
-    res = runner.invoke(main, _distill_args(synth_data, tmp / "fromtopk", teacher, "--teacher-cache",
-                                            str(tmp / "topk"), *common))
+    res = runner.invoke(main, distill_args(synth_data, tmp / "fromtopk", teacher, "--teacher-cache",
+                                           str(tmp / "topk"), *common))
     assert res.exit_code == 0, res.output + repr(res.exception)
     c = _losses(tmp / "fromtopk")
     assert c[0]["distill.adaptive.pred_cls"] == pytest.approx(a[0]["distill.adaptive.pred_cls"], rel=1e-2)
@@ -68,10 +68,10 @@ def test_ray_served_teacher_equals_in_process(synth_data, cached):
     tmp, teacher = cached
     runner = CliRunner()
     common = ["--views", "2", "--set", "train.max_iters=3"]
-    res = runner.invoke(main, _distill_args(synth_data, tmp / "ray", teacher, "--teacher-serve", "ray",
-                                            "--teacher-actors", "2", *common))
+    res = runner.invoke(main, distill_args(synth_data, tmp / "ray", teacher, "--teacher-serve", "ray",
+                                           "--teacher-actors", "2", *common))
     assert res.exit_code == 0, res.output + repr(res.exception)
-    res = runner.invoke(main, _distill_args(synth_data, tmp / "inproc3", teacher, *common))
+    res = runner.invoke(main, distill_args(synth_data, tmp / "inproc3", teacher, *common))
     assert res.exit_code == 0, res.output + repr(res.exception)
     for ra, rb in zip(_losses(tmp / "inproc3"), _losses(tmp / "ray")):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4), ra["iteration"]
@@ -92,20 +92,20 @@ def test_mismatching_or_damaged_caches_are_refused(synth_data, cached, tmp_path)
     with torch.no_grad():
         model.class_embed.bias.add_(1.0)
     save_model(model, other / "teacher.safetensors", label_map=meta["label_map"], extra_metadata={"image_size": 64})
-    res = runner.invoke(main, _distill_args(synth_data, tmp_path / "r1", other / "teacher.safetensors",
-                                            "--teacher-cache", str(tmp / "full32"), "--set", "train.max_iters=1"))
+    res = runner.invoke(main, distill_args(synth_data, tmp_path / "r1", other / "teacher.safetensors",
+                                           "--teacher-cache", str(tmp / "full32"), "--set", "train.max_iters=1"))
     assert res.exit_code != 0 and "teacher:" in res.output
     # any batch size reads the cache (one entry per image view): here 3, which divides nothing of the build
-    res = runner.invoke(main, _distill_args(synth_data, tmp_path / "r2", teacher, "--teacher-cache", str(tmp / "full32"),
-                                            "--set", "train.batch_size=3", "--set", "train.max_iters=1"))
+    res = runner.invoke(main, distill_args(synth_data, tmp_path / "r2", teacher, "--teacher-cache", str(tmp / "full32"),
+                                           "--set", "train.batch_size=3", "--set", "train.max_iters=1"))
     assert res.exit_code == 0, res.output
     # other K
-    res = runner.invoke(main, _distill_args(synth_data, tmp_path / "r3", teacher, "--teacher-cache", str(tmp / "full32"),
-                                            "--views", "3", "--set", "train.max_iters=1"))
+    res = runner.invoke(main, distill_args(synth_data, tmp_path / "r3", teacher, "--teacher-cache", str(tmp / "full32"),
+                                           "--views", "3", "--set", "train.max_iters=1"))
     assert res.exit_code != 0 and "views" in res.output
     # the recipe compares per-head maps but the topk cache holds head averages
-    res = runner.invoke(main, _distill_args(synth_data, tmp_path / "r4", teacher, "--teacher-cache", str(tmp / "topk"),
-                                            "--set", "distill.self_attn.per_head=true", "--set", "train.max_iters=1"))
+    res = runner.invoke(main, distill_args(synth_data, tmp_path / "r4", teacher, "--teacher-cache", str(tmp / "topk"),
+                                           "--set", "distill.self_attn.per_head=true", "--set", "train.max_iters=1"))
     assert res.exit_code != 0 and "per_head" in res.output
     # a flipped byte in a shard: verify names it, and so does distill
     damaged = tmp_path / "damaged"
@@ -116,8 +116,8 @@ def test_mismatching_or_damaged_caches_are_refused(synth_data, cached, tmp_path)
     shard.write_bytes(bytes(raw))
     res = runner.invoke(main, ["cache", "verify", str(damaged)])
     assert res.exit_code != 0 and shard.name in res.output
-    res = runner.invoke(main, _distill_args(synth_data, tmp_path / "r5", teacher, "--teacher-cache", str(damaged),
-                                            "--set", "train.max_iters=12", "--num-workers", "0"))
+    res = runner.invoke(main, distill_args(synth_data, tmp_path / "r5", teacher, "--teacher-cache", str(damaged),
+                                           "--set", "train.max_iters=12", "--num-workers", "0"))
     assert res.exit_code != 0 and shard.name in res.output
 
 
