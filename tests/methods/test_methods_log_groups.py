@@ -17,7 +17,7 @@ from kd_detr.engine.step import batch_losses
 from kd_detr.methods import Method, TermGroup, TermWeights, build_methods, list_methods
 from kd_detr.teacher import InProcessTeacher
 
-from test_detector_contract import _batch, _tiny
+from tests.support.tiny import tiny_batch as _batch, tiny_detector as _tiny
 
 # small enough for a CPU step (the shipped Co-DETR recipe samples 512 RoIs per image)
 OVERRIDES = {"co_detr": ["co_detr.roi_batch_size_per_image=32", "co_detr.rpn_batch_size_per_image=32"]}
