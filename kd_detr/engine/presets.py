@@ -260,6 +260,14 @@ register_preset(TrainingPreset(
 # LW-DETR models/backbone/backbone.py: no weight decay on these ViT names (RF-DETR also on "embeddings")
 _VIT_NO_DECAY = r"(?:gamma|pos_embed|position_embeddings|rel_pos|bias|norm)"
 _DINO_NO_DECAY = r"(?:gamma|pos_embed|position_embeddings|rel_pos|bias|norm|embeddings)"
+
+
+def _vit_groups(no_decay: str) -> tuple[GroupRule, ...]:
+    """LW-DETR's and RF-DETR's grouping: the ViT encoder's no-decay names, the rest of the encoder (both at the
+    encoder's rate), the decoder at lr x lr_component_decay (0.7)."""
+    return (GroupRule("vit_no_decay", rf"backbone\.backbone\..*{no_decay}", "lr_backbone", weight_decay=0.0),
+            GroupRule("vit", r"backbone\.backbone\.", "lr_backbone"),
+            GroupRule("decoder", r"\.decoder\.", scale=0.7))
 register_preset(TrainingPreset(
     "lw_detr", "LW-DETR tiny: AdamW 1e-4, ViT encoder 1.5e-4 x 0.7^2 (component decay; the per-layer decay is "
     "not reproduced), decoder x0.7, constant lr, EMA 0.9997 without ramp",
@@ -272,11 +280,7 @@ register_preset(TrainingPreset(
                 flat_fraction=0.0, no_aug_fraction=0.0, lr_min_factor=0.1,
                 ema=True, ema_decay=0.9997, ema_warmup=0),  # main.py: --use_ema, --ema_decay 0.9997 (util/utils.py:
                 # ModelEma, a constant decay)
-    groups=(  # util/get_param_dicts.py: the ViT encoder's no-decay names, the encoder, the decoder at lr * 0.7
-        GroupRule("vit_no_decay", rf"backbone\.backbone\..*{_VIT_NO_DECAY}", "lr_backbone", weight_decay=0.0),
-        GroupRule("vit", r"backbone\.backbone\.", "lr_backbone"),
-        GroupRule("decoder", r"\.decoder\.", scale=0.7),
-    ),
+    groups=_vit_groups(_VIT_NO_DECAY),  # util/get_param_dicts.py
     sources=("Atten4Vis/LW-DETR main.py", "Atten4Vis/LW-DETR scripts/lwdetr_tiny_coco_train.sh",
              "Atten4Vis/LW-DETR util/get_param_dicts.py"),
 ))
@@ -291,11 +295,7 @@ register_preset(TrainingPreset(
                 lr_drop=None, schedule="step",  # TrainConfig.lr_drop 100 = epochs 100: constant
                 flat_fraction=0.0, no_aug_fraction=0.0, lr_min_factor=0.1,
                 ema=True, ema_decay=0.993, ema_warmup=100),  # TrainConfig.use_ema, .ema_decay, .ema_tau
-    groups=(  # rfdetr/util/get_param_dicts.py (the grouping of LW-DETR)
-        GroupRule("vit_no_decay", rf"backbone\.backbone\..*{_DINO_NO_DECAY}", "lr_backbone", weight_decay=0.0),
-        GroupRule("vit", r"backbone\.backbone\.", "lr_backbone"),
-        GroupRule("decoder", r"\.decoder\.", scale=0.7),
-    ),
+    groups=_vit_groups(_DINO_NO_DECAY),  # rfdetr/util/get_param_dicts.py (the grouping of LW-DETR)
     sources=("roboflow/rf-detr rfdetr/config.py", "roboflow/rf-detr rfdetr/main.py",
              "roboflow/rf-detr rfdetr/util/get_param_dicts.py"),
 ))

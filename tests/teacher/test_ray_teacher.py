@@ -11,7 +11,6 @@ Bit-identity with the in-process teacher needs the same torch intra-op thread co
 from __future__ import annotations
 
 import collections
-import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +27,7 @@ import torch
 ray = pytest.importorskip("ray")
 
 from kd_detr.data import CocoDetection, make_policy  # noqa: E402
+from tests.support.threads import torch_threads  # noqa: E402
 from kd_detr.data.view_plan import PlanViews, ViewPlan  # noqa: E402
 from kd_detr.teacher import InProcessTeacher, TeacherOutputs  # noqa: E402
 from kd_detr.teacher.loading import load_teacher, resolve_teacher  # noqa: E402
@@ -40,14 +40,6 @@ from kd_detr.teacher.cache.build import build_cache  # noqa: E402
 FIELDS = ("logits", "boxes", "self_attn", "cross_attn", "reference_points", "query_embed")
 
 
-@contextlib.contextmanager
-def _threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _dataset(synth_data):
@@ -70,7 +62,7 @@ def setup(synth_data, tmp_path_factory, ray_session):
     model, _, _ = load_teacher(spec, ds.label_map)
     in_proc = InProcessTeacher(model, attn="per_head")
     views = PlanViews(ds, plan)
-    with _threads(1):
+    with torch_threads(1):
         reference = {key: in_proc.view(views[key][0]) for key in plan.all_views()}
     return spec, ds, plan, reference
 

@@ -43,6 +43,7 @@ from kd_detr.data.view_plan import PlanViews, ViewPlan  # noqa: E402
 from kd_detr.models import save_model  # noqa: E402
 from kd_detr.teacher import CacheSource, InProcessSource, RaySource  # noqa: E402
 from kd_detr.teacher.loading import TeacherSpec, resolve_teacher  # noqa: E402
+from tests.support.threads import torch_threads  # noqa: E402
 
 FIELDS = ("logits", "boxes", "self_attn", "cross_attn", "reference_points", "query_embed")
 
@@ -69,15 +70,6 @@ def test_an_unknown_precision_is_refused_naming_the_option():
         InProcessTeacher(build_model("cond_detr_r10_tiny", num_classes=3), precision="half")
 
 
-@contextlib.contextmanager
-def _threads(n: int):
-    # bit-identity across processes needs the same intra-op thread count (see tests/test_ray_teacher.py)
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +116,11 @@ def test_three_sources_give_identical_outputs_at_bfloat16(bf16_setup, student_am
     hook = cached.loader_hook(plan, plan.all_views())
     ray_source = RaySource(spec, actors=1, prefetch=2)
     ray_source.prepare(ds.label_map, ds.label_map.num_classes, 64)
-    # RaySource.start, with one torch thread per actor (bit-identity, see _threads)
+    # RaySource.start, with one torch thread per actor (bit-identity, see tests/support/threads.py)
     ray_source.server = RayTeacherServer(spec, "per_head", actors=1, prefetch=2, label_map=ds.label_map,
                                          num_threads=1)
     try:
-        with _threads(1), amp:
+        with torch_threads(1), amp:
             got = {"inprocess": list(in_process.batches(_loader(ds, plan), "cpu")),
                    "ray": list(ray_source.batches(_loader(ds, plan), "cpu")),
                    "cache": list(cached.batches(_loader(ds, plan, hook), "cpu"))}
