@@ -36,7 +36,7 @@ from kd_detr.criterion import SetCriterion, weighted_total  # noqa: E402
 from kd_detr.data.view_plan import PlanViews, ViewPlan  # noqa: E402
 from kd_detr.engine.recipe import load_recipe  # noqa: E402
 from kd_detr.engine.step import batch_losses  # noqa: E402
-from kd_detr.engine.trainer import param_groups  # noqa: E402
+from kd_detr.engine.optim import param_groups  # noqa: E402
 from kd_detr.methods import build_methods  # noqa: E402
 from kd_detr.methods.d3etr import D3ETRLoss  # noqa: E402
 from kd_detr.models import DetectorRequest, build_model, save_model  # noqa: E402

@@ -36,14 +36,10 @@ import torch
 from kd_detr.criterion import SetCriterion, weighted_total
 from kd_detr.engine.recipe import load_recipe
 from kd_detr.engine.step import batch_losses
-from kd_detr.engine.presets import get_preset, grouped_parameters
+from kd_detr.engine.optim import param_groups
 from kd_detr.methods.d3etr import D3ETRLoss
 from kd_detr.teacher import InProcessTeacher
 from kd_detr.models import build_model
-
-from types import SimpleNamespace  # noqa: E402
-
-OFFICIAL_LR = SimpleNamespace(lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4)  # Conditional DETR's rates
 
 from train_step import random_targets  # the same random ground truth as the plain step benchmark
 
@@ -60,7 +56,7 @@ class Bench:
         self.kd = D3ETRLoss(self.recipe.distill, self.student.config, self.teacher_model.config,
                             self.criterion).to(dev)
         self.teacher = InProcessTeacher(self.teacher_model, attn=self.kd.attn_mode)
-        params = grouped_parameters(self.student, get_preset("official"), OFFICIAL_LR)
+        params = param_groups(self.student, 1e-4, 1e-5, 1e-4)
         self.opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
         gen = torch.Generator().manual_seed(0)
         h, w = args.hw

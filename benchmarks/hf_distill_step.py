@@ -15,7 +15,7 @@ Per round and per pair, in this order (every variant on the same images, mask an
 
 * ``baseline``: the student alone: training forward with ``targets=`` (its ground-truth loss is the
   family's own, computed by transformers inside the forward: :class:`FamilyLossCriterion`) + backward +
-  clip 0.1 + AdamW over kd-detr's official preset groups;
+  clip 0.1 + AdamW over kd-detr's ``param_groups`` (the official preset's);
 * ``teacher``: the teacher forward (eval, no grad, ``InProcessTeacher(teacher, attn="none")``);
 * ``d3etr``: teacher forward in process + the student step with GT and D3ETR losses (``batch_losses``);
 * ``from_cache``: the same d3etr step, its teacher outputs decoded from a cache entry. The entry is made
@@ -49,17 +49,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from kd_detr.criterion import FamilyLossCriterion, SetCriterion  # noqa: E402
 from kd_detr.engine.recipe import load_recipe  # noqa: E402
 from kd_detr.engine.step import batch_losses  # noqa: E402
-from kd_detr.engine.presets import get_preset, grouped_parameters  # noqa: E402
+from kd_detr.engine.optim import param_groups  # noqa: E402
 from kd_detr.matcher import HungarianMatcher, indices_to_assignment  # noqa: E402
 from kd_detr.methods import build_methods  # noqa: E402
 from kd_detr.models import build_model  # noqa: E402
 from kd_detr.models.hf.registry import is_hf_name  # noqa: E402
 from kd_detr.teacher import InProcessTeacher  # noqa: E402
 from kd_detr.teacher.cache.attention_codec import StoreConfig, decode_batch, encode_batch  # noqa: E402
-
-from types import SimpleNamespace  # noqa: E402
-
-OFFICIAL_LR = SimpleNamespace(lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4)  # Conditional DETR's rates
 
 from train_step import random_targets  # noqa: E402  - the same random ground truth as the plain step benchmark
 
@@ -103,7 +99,7 @@ class PairBench:
         assert modes == {"none"}, f"{RECIPE} should need no teacher attention, its methods ask {modes}"
         self.kd = next(m for m in self.methods if hasattr(m, "match_seconds"))
         self.teacher = InProcessTeacher(self.teacher_model, attn="none")
-        groups = grouped_parameters(self.student, get_preset("official"), OFFICIAL_LR)
+        groups = param_groups(self.student, 1e-4, 1e-5, 1e-4)
         for m in self.methods:  # as the trainer does: the methods' own modules beside the student
             for name, mod in m.trainable_modules().items():
                 params = [p for p in mod.parameters() if p.requires_grad]

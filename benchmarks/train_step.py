@@ -22,7 +22,8 @@ import time
 import torch
 
 from kd_detr.criterion import SetCriterion, weighted_total
-from kd_detr.engine.trainer import param_groups, peak_memory_mb
+from kd_detr.engine.optim import param_groups
+from kd_detr.engine.runtime import peak_memory_mb
 from kd_detr.matcher import HungarianMatcher
 from kd_detr.models import build_model
 

@@ -6,16 +6,25 @@ from __future__ import annotations
 
 import logging
 import math
+from types import SimpleNamespace
 from typing import Mapping
 
 import torch
 
-from .presets import TrainingPreset, grouped_parameters
+from .presets import TrainingPreset, get_preset, grouped_parameters
 from .train_config import TrainConfig
 
 log = logging.getLogger("kd_detr.train")
 
-__all__ = ["lr_lambda", "flat_cosine_lambda", "build_optimizer", "build_scheduler"]
+__all__ = ["param_groups", "lr_lambda", "flat_cosine_lambda", "build_optimizer", "build_scheduler"]
+
+
+def param_groups(model: torch.nn.Module, lr: float, lr_backbone: float, weight_decay: float,
+                 preset: str = "official") -> list[dict]:
+    """``preset``'s parameter groups of ``model`` at these rates (for scripts and benchmarks without a
+    ``TrainConfig``; official: the backbone at ``lr_backbone``, the rest at ``lr``)."""
+    return grouped_parameters(model, get_preset(preset),
+                              SimpleNamespace(lr=lr, lr_backbone=lr_backbone, weight_decay=weight_decay))
 
 
 def lr_lambda(warmup_iters: int, drop_iter: int | None):
