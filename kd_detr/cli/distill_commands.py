@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from kd_detr.runs.quickstart import TEACHER_ITERS as QUICKSTART_TEACHER_ITERS  # light: no torch at import
+from kd_detr.runs.quickstart import DEFAULT_QUICKSTART, QUICKSTARTS  # light: no torch at import
 
 from .group import main
 from .options import (data_options, parse_seeds, partial_weights_option, student_overrides,
@@ -140,7 +140,9 @@ def distill_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_serve, teach
               help="Distil every recipe from this cache (baseline runs on the same view plan).")
 @teacher_precision_option
 @click.option("--student", required=True, help="Student architecture.")
-@click.option("--student-opt", multiple=True, metavar="KEY=VALUE", help="Student model config override (repeatable).")
+@click.option("--student-opt", multiple=True, metavar="KEY=VALUE",
+              help="Student model config override (repeatable); a transformers student's nested field by its "
+                   "dotted path (backbone_config.depths=[2,2,2,2]).")
 @click.option("--recipes", required=True, help="Comma-separated recipe names or paths, e.g. baseline,d3etr.")
 @click.option("--budget", type=int, required=True, help="Training iterations per run.")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds (one run per recipe and seed).")
@@ -192,7 +194,13 @@ def compare_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_precision, s
 
 
 @main.command("quickstart")
-@click.option("--out", default="runs/quickstart", show_default=True, help="Output folder.")
+@click.option("--out", default=None, help="Output folder [default: runs/quickstart; runs/quickstart_rt_detr for "
+                                          "--student rt_detr].")
+@click.option("--student", "setup", type=click.Choice(sorted(QUICKSTARTS)), default=DEFAULT_QUICKSTART,
+              show_default=True,
+              help="Which quickstart: cond_detr (kd-detr's Conditional DETR teacher and student, baseline vs d3etr) "
+                   "or rt_detr (the shipped RT-DETR teacher, a tiny transformers RT-DETR student trained by its "
+                   "family's preset, baseline vs d3etr_cross_family).")
 @click.option("--iters", type=int, default=2000, show_default=True, help="Student training iterations per recipe.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the runs and the cache's views (the data is always the teacher's, seed 0).")
@@ -201,8 +209,9 @@ def compare_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_precision, s
                    "first seed); the table gives mean ± std and the paired gain per seed. Overrides --seed.")
 @click.option("--train-teacher", is_flag=True,
               help="Train the teacher here (about 40 minutes) even if the shipped one exists; a rerun reuses it.")
-@click.option("--teacher-iters", type=int, default=QUICKSTART_TEACHER_ITERS, show_default=True,
-              help="Iterations when the teacher is trained here (the shipped teacher's count).")
+@click.option("--teacher-iters", type=int, default=None,
+              help="Iterations when the teacher is trained here [default: the shipped teacher's count: "
+                   + ", ".join(f"{k} {q.teacher_iters}" for k, q in sorted(QUICKSTARTS.items())) + "].")
 @click.option("--views", type=int, default=2, show_default=True, help="Recorded views per image in the cache.")
 @click.option("--actors", type=int, default=2, show_default=True, help="Ray actors building the cache.")
 @click.option("--num-train", type=int, default=None, hidden=True)
@@ -212,13 +221,15 @@ def compare_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_precision, s
                    "2 or more cores: the published table; 0.64x the wall time of one after another on 2 cores]. "
                    "Another value gives slightly different figures (other thread count).")
 @click.option("--no-progress", is_flag=True)
-def quickstart_cmd(out, iters, seed, seeds, train_teacher, teacher_iters, views, actors, num_train, num_val,
+def quickstart_cmd(out, setup, iters, seed, seeds, train_teacher, teacher_iters, views, actors, num_train, num_val,
                    parallel, no_progress) -> None:
     """The whole flow on generated data on the CPU: data, teacher, Ray-built teacher cache, baseline vs
-    d3etr distillation of a smaller student, comparison table and plots."""
+    distillation of a smaller student, comparison table and plots."""
     from kd_detr.runs.quickstart import run_quickstart
 
+    if out is None:
+        out = "runs/quickstart" if setup == DEFAULT_QUICKSTART else f"runs/quickstart_{setup}"
     run_quickstart(Path(out), iters=iters, seed=seed, echo=click.echo, train_teacher=train_teacher,
                    teacher_iters=teacher_iters, views=views, actors=actors, num_train=num_train, num_val=num_val,
                    progress=not no_progress, parallel=parallel,
-                   seeds=parse_seeds(seeds, "--seeds") if seeds else None)
+                   seeds=parse_seeds(seeds, "--seeds") if seeds else None, setup=setup)

@@ -38,7 +38,8 @@ def train_config_fields(options: dict[str, Any]) -> dict[str, Any]:
 @main.command("train")
 @click.option("--model", "model_name", default="cond_detr_r18_tiny", show_default=True)
 @click.option("--model-opt", multiple=True, metavar="KEY=VALUE",
-              help="Override a model config field (repeatable), e.g. --model-opt num_queries=30.")
+              help="Override a model config field (repeatable), e.g. --model-opt num_queries=30; a transformers "
+                   "model's nested field by its dotted path, e.g. backbone_config.depths=[2,2,2,2].")
 @click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Local torchvision ImageNet ResNet weights for the backbone.")
 @click.option("--init-checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,

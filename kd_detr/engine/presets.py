@@ -31,7 +31,7 @@ import torch
 log = logging.getLogger("kd_detr.train")
 
 __all__ = ["GroupRule", "TrainingPreset", "PRESETS", "FAMILY_PRESETS", "register_preset", "get_preset",
-           "preset_for_model", "resolve_preset", "grouped_parameters"]
+           "preset_for_model", "resolve_preset", "starts_pretrained", "grouped_parameters"]
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,33 @@ def preset_for_model(model_name: str) -> str:
 
 def resolve_preset(cfg):
     """``cfg`` with its unset preset fields filled from its preset (``cfg.preset``; ``auto``: the student's),
-    and the :class:`TrainingPreset`."""
+    and the :class:`TrainingPreset`.
+
+    A family preset's backbone rate below its base rate (RT-DETR's 0.1x, D-FINE's 0.5x, LW-DETR's encoder
+    rate) is the rate of a backbone that starts from ImageNet weights, which every official recipe does; a
+    student that starts from random weights (no ``init_checkpoint``, no ``backbone_weights``, not a
+    ``hf:DIR`` folder with weights) trains its backbone at the base rate instead, and the log says so. An
+    explicit ``train.lr_backbone`` is kept, and ``official`` keeps Conditional DETR's rates as they are."""
     name = preset_for_model(cfg.model) if cfg.preset == "auto" else cfg.preset
     preset = get_preset(name)
     filled = {k: v for k, v in preset.values.items() if getattr(cfg, k) is None}
+    base = cfg.lr if cfg.lr is not None else preset.values["lr"]
+    if name != "official" and filled.get("lr_backbone", base) < base and not starts_pretrained(cfg):
+        log.info("preset %s: lr_backbone %g is the rate of an ImageNet-initialised backbone; %s starts from random "
+                 "weights, so its backbone trains at lr %g (set train.lr_backbone to choose another)", name,
+                 filled["lr_backbone"], cfg.model, base)
+        filled["lr_backbone"] = base
     return dataclasses.replace(cfg, preset=name, **filled), preset
+
+
+def starts_pretrained(cfg) -> bool:
+    """Whether the student starts from trained weights: an init checkpoint, backbone weights, or a transformers
+    ``save_pretrained`` folder (``hf:DIR``, whose weights it loads)."""
+    if cfg.init_checkpoint or cfg.backbone_weights:
+        return True
+    from kd_detr.models import get_config
+
+    return getattr(get_config(cfg.model), "source", None) is not None
 
 
 def grouped_parameters(model: torch.nn.Module, preset: TrainingPreset, cfg) -> list[dict]:

@@ -29,9 +29,28 @@ def test_every_preset_is_complete_and_cited(name):
     preset = PRESETS[name]
     assert set(preset.values) == set(PRESET_FIELDS)
     assert preset.sources and preset.description
-    cfg, got = resolve_preset(TrainConfig(preset=name))
+    # a student that starts from trained weights gets every value as the preset writes it
+    cfg, got = resolve_preset(TrainConfig(preset=name, init_checkpoint="trained.safetensors"))
     assert got is preset and cfg.preset == name
     assert all(getattr(cfg, k) == v for k, v in preset.values.items())
+
+
+@pytest.mark.parametrize("name", [n for n in PRESETS if n != "official"])
+def test_a_random_backbone_trains_at_the_base_rate_under_a_family_preset(name, caplog):
+    """The families' reduced backbone rates are for ImageNet-initialised backbones: a student that starts from
+    random weights trains its backbone at lr (logged); an explicit lr_backbone, or official, is kept."""
+    preset = PRESETS[name]
+    with caplog.at_level(logging.INFO, logger="kd_detr.train"):
+        cfg, _ = resolve_preset(TrainConfig(model="hf_rt_detr_tiny", preset=name))
+    lr, lr_backbone = preset.values["lr"], preset.values["lr_backbone"]
+    assert (cfg.lr, cfg.lr_backbone) == (lr, max(lr, lr_backbone))
+    assert any("starts from random weights" in r.getMessage() for r in caplog.records) == (lr_backbone < lr)
+    assert resolve_preset(TrainConfig(model="hf_rt_detr_tiny", preset=name, lr_backbone=1e-6))[0].lr_backbone == 1e-6
+    assert resolve_preset(TrainConfig(model="hf_rt_detr_tiny", preset=name, lr=1e-3))[0].lr_backbone == \
+        max(1e-3, lr_backbone)
+    assert resolve_preset(TrainConfig(model="hf_rt_detr_tiny", preset=name,
+                                      backbone_weights="r18.pth"))[0].lr_backbone == lr_backbone
+    assert resolve_preset(TrainConfig(model="cond_detr_r10_tiny", preset="official"))[0].lr_backbone == 1e-5
 
 
 @pytest.mark.parametrize("model", HF_MODELS)
@@ -131,6 +150,7 @@ def test_a_run_trains_by_its_family_preset(synth_data, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="kd_detr.train"):
         Trainer(cfg).fit()
     record = json.loads((tmp_path / "run" / "config.json").read_text())["config"]["train"]
-    assert (record["preset"], record["ema"], record["lr_backbone"]) == ("rt_detr", True, 1e-5)
+    # a random-init backbone: at the base rate, not RT-DETR's 0.1x for an ImageNet one
+    assert (record["preset"], record["ema"], record["lr_backbone"]) == ("rt_detr", True, 1e-4)
     assert any(r.getMessage().startswith("parameter group backbone (preset rt_detr") for r in caplog.records)
     assert (tmp_path / "run" / "model_final.safetensors").exists()

@@ -1,6 +1,7 @@
 """Every transformers DETR family kd-detr registers (``list_hf_models()``: a family the installed transformers
-gains is covered without editing this file) trains, checkpoints, resumes exactly, evaluates, distils from a
-transformers teacher in process and from a teacher cache (the same numbers), and exports: a kd-detr
+gains is covered without editing this file) trains, checkpoints, resumes exactly, evaluates, distils (D3ETR's
+cross-family terms and Teach-DETR's teacher boxes) from a transformers teacher in process and from a teacher
+cache (the same numbers), and exports: a kd-detr
 ``.safetensors`` equal bit for bit, a transformers folder ``AutoModelForObjectDetection`` loads with the same
 outputs, and ONNX where the family exports faithfully (refused by name where it does not).
 
@@ -76,9 +77,12 @@ def _distil(env, name, out, cache):
     from kd_detr.runs.assemble import TeacherSourceSpec, assemble_run
 
     source = TeacherSourceSpec(teacher=env["teacher"], cache=env["cache"] if cache else None)
-    run = assemble_run(name, "d3etr_cross_family", env["train"], source, str(out), student_overrides=dict(STUDENT_OPTS),
+    # D3ETR's cross-family terms and Teach-DETR's teacher boxes (the random teacher's 5 most confident)
+    run = assemble_run(name, "d3etr_cross_family_teach", env["train"], source, str(out),
+                       student_overrides=dict(STUDENT_OPTS),
                        overrides=["train.batch_size=1", "train.max_iters=1", "train.log_every=1",
-                                  "train.eval_every_epochs=0", "train.lr_drop=1000"],
+                                  "train.eval_every_epochs=0", "train.lr_drop=1000",
+                                  "teach_detr.score_threshold=0.0", "teach_detr.max_targets=5"],
                        train_options={"num_workers": 0, "progress": False}, views=1)
     run.run()
     return _log(out)
@@ -127,9 +131,9 @@ def test_family_trains_resumes_evaluates_distils_and_exports(name, env, tmp_path
     inproc = _distil(env, name, tmp_path / "inproc", cache=False)
     cached = _distil(env, name, tmp_path / "cached", cache=True)
     assert len(inproc) == len(cached) == 1
-    for key in ("loss", "distill.total"):
+    for key in ("loss", "distill.total", "teach_detr.total"):
         assert cached[0][key] == pytest.approx(inproc[0][key], rel=1e-5, abs=1e-6), key
-    assert inproc[0]["distill.total"] > 0
+    assert inproc[0]["distill.total"] > 0 and inproc[0]["teach_detr.total"] > 0
 
     # export: kd-detr safetensors (bit-exact), a transformers folder (same outputs), ONNX where faithful
     family = final.config.family
@@ -175,3 +179,25 @@ def test_family_trains_resumes_evaluates_distils_and_exports(name, env, tmp_path
         with pytest.raises(ValueError, match=rf"cannot export {name} to ONNX: transformers family '{family}'"):
             export(full, tmp_path / "exp2" / "student", ["onnx"])
         assert not (tmp_path / "exp2").exists() or not any((tmp_path / "exp2").iterdir())
+
+
+def test_a_deformable_teacher_is_cached_without_attention_maps_or_refused_upfront(env, tmp_path):
+    """RT-DETR has no dense decoder attention: a build asking for maps is refused before any actor starts,
+    naming the option; the quickstart's cache of such a teacher stores none."""
+    from kd_detr.models import build_model
+    from kd_detr.teacher import resolve_teacher
+    from kd_detr.teacher.cache import CacheError, StoreConfig
+    from kd_detr.teacher.cache.build import build_cache
+    from kd_detr.data.view_plan import ViewPlan
+
+    dataset = env["train"].train_set()
+    label_map = dataset.label_map
+    teacher = build_model("hf_rt_detr_tiny", num_classes=label_map.num_classes)
+    teacher.hf.config.id2label = {i: label_map.name_of_index(i) for i in range(label_map.num_classes)}
+    teacher.hf.config.label2id = {v: k for k, v in teacher.hf.config.id2label.items()}
+    teacher.hf.save_pretrained(tmp_path / "rt")
+    spec = resolve_teacher(f"hf:{tmp_path / 'rt'}")
+    with pytest.raises(CacheError, match=r"no dense decoder attention maps.*--attention none"):
+        build_cache(spec, dataset, ViewPlan.for_dataset(dataset, num_views=1), tmp_path / "cache",
+                    StoreConfig.parse("topk:4"), actors=1, progress=False, image_size=IMAGE_SIZE)
+    assert not (tmp_path / "cache").exists()  # refused before the folder or its lock was made

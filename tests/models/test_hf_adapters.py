@@ -184,6 +184,23 @@ def test_bad_specs_are_refused_naming_the_problem(tmp_path):
         model(*_batch()[:2], request=DetectorRequest(attention=True))
 
 
+def test_a_nested_config_field_is_overridden_by_its_dotted_path():
+    """``--model-opt backbone_config.hidden_sizes=[...]`` reaches the backbone the model is built with; a
+    dotted path that does not exist is refused naming the sub-config's keys (a typo never builds a default)."""
+    model = build_model(tiny_name("rt_detr"), num_classes=4, **{"backbone_config.hidden_sizes": [8, 16, 24, 40],
+                                                                 "encoder_in_channels": [16, 24, 40]})
+    assert model.config.hf_config["backbone_config"]["hidden_sizes"] == [8, 16, 24, 40]
+    assert model.hf.config.backbone_config.hidden_sizes == [8, 16, 24, 40]
+    # the last backbone stage really has 40 channels
+    assert any(p.shape[0] == 40 for n, p in model.named_parameters() if "backbone" in n)
+    # the base config is untouched
+    assert get_config(tiny_name("rt_detr")).hf_config["backbone_config"]["hidden_sizes"] == [8, 16, 32, 32]
+    with pytest.raises(ValueError, match=r"backbone_config has no key 'hidden_size'.*hidden_sizes"):
+        build_model(tiny_name("rt_detr"), **{"backbone_config.hidden_size": [8]})
+    with pytest.raises(ValueError, match="unknown model override 'nope.x'"):
+        build_model(tiny_name("rt_detr"), **{"nope.x": 1})
+
+
 def test_onnx_parity_of_an_rt_detr_student(tmp_path):
     """RT-DETR (fixed-size family: each image's region resized in the graph) exports to ONNX and runs in
     onnxruntime with the same outputs (1e-4) at the traced size and another batch and image size."""

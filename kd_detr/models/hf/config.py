@@ -176,8 +176,9 @@ class HFModelConfig:
 
     def replace(self, **changes: Any) -> "HFModelConfig":
         """Copy with ``changes``: ``num_classes`` (sets ``num_labels`` and a generic ``id2label``),
-        ``input_size``, or any key of the transformers config (``num_queries``, ``decoder_layers`` ...);
-        another key raises ``ValueError`` listing the valid ones."""
+        ``input_size``, or any key of the transformers config (``num_queries``, ``decoder_layers`` ...), a
+        nested one by its dotted path (``backbone_config.hidden_sizes``); another key raises ``ValueError``
+        listing the valid ones."""
         hf = json.loads(json.dumps(self.hf_config, default=str))
         input_size = self.input_size
         partial = self.allow_partial_weights
@@ -197,6 +198,8 @@ class HFModelConfig:
                 partial = value
             elif key in hf:
                 hf[key] = value
+            elif "." in key and key.split(".", 1)[0] in hf:
+                _set_nested(hf, key, value, self.name)
             else:
                 raise ValueError(f"unknown model override {key!r} for {self.name} ({self.family}); valid keys: "
                                  "num_classes, input_size, allow_partial_weights and the transformers config's: "
@@ -237,3 +240,20 @@ def _check_hf_config(hf: Any, where: str = "") -> None:
     for key, value in hf.items():
         if isinstance(value, dict) and key.endswith("_config"):
             _check_hf_config(value, f"{where}{key}.")
+
+
+def _set_nested(hf: dict[str, Any], key: str, value: Any, name: str) -> None:
+    """Set ``hf["a"]["b"] = value`` for ``key = "a.b"``: every part must exist, so a typo is an error naming the
+    sub-config's valid keys rather than a field the model silently ignores."""
+    node = hf
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            where = ".".join(parts[:i]) or "the config"
+            valid = sorted(node) if isinstance(node, dict) else []
+            raise ValueError(f"unknown model override {key!r} for {name}: {where} has no key {part!r}; valid keys "
+                             f"there: {valid}")
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            node = node[part]

@@ -48,7 +48,8 @@ from kd_detr.data import CocoDetection, LabelMap
 from kd_detr.data.view_plan import ViewPlan
 from kd_detr.progress import Progress
 
-from ..loading import TeacherSpec, load_teacher, teacher_config, teacher_family_record, teacher_weights_sha256
+from ..loading import (TeacherSpec, describe_teacher, load_teacher, teacher_config, teacher_family_record,
+                       teacher_weights_sha256)
 from ..ray_actor import TeacherActor, plan_job, teacher_actor_error, teacher_job
 from ..ray_session import actor_options, ensure_ray, from_numpy, shutdown_ray
 
@@ -183,6 +184,12 @@ def build_cache(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, out: 
                          "Data's, there are no actor handles to give")
     tasks = plan_shards(plan, images_per_shard)
 
+    if store.attention != "none":
+        # a deformable-attention teacher (RT-DETR, D-FINE, ...) has no maps to store: say so before any actor
+        teacher_model = describe_teacher(spec, dataset.label_map)[0]
+        if "attention" not in teacher_model.supports:
+            raise CacheError(f"teacher {spec.name} ({teacher_model.name}) has no dense decoder attention maps "
+                             f"to store (attention {store.attention!r}); build its cache with --attention none")
     # the folder's lock first: a second build into the same folder fails here, before any work
     lock = CacheLock(out)
     target: Optional[_Target] = None
