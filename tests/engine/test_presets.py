@@ -154,3 +154,51 @@ def test_a_run_trains_by_its_family_preset(synth_data, tmp_path, caplog):
     assert (record["preset"], record["ema"], record["lr_backbone"]) == ("rt_detr", True, 1e-4)
     assert any(r.getMessage().startswith("parameter group backbone (preset rt_detr") for r in caplog.records)
     assert (tmp_path / "run" / "model_final.safetensors").exists()
+
+
+def test_a_run_resumed_inside_the_tail_trains_as_the_uninterrupted_one(synth_data, tmp_path, caplog, monkeypatch):
+    """12 iterations (two epochs of 6) with the last half without strong augmentation: interrupted after
+    iteration 8 (a checkpoint) and resumed, the run switches to the tail policy on resuming and logs the same
+    losses as the run without a stop."""
+    from kd_detr.engine.hooks import HookBase
+
+    class Interrupt(HookBase):
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def after_step(self):
+            if self.trainer.iteration == 8:
+                raise KeyboardInterrupt
+
+    def config(out, resume=None):
+        return TrainConfig(model="cond_detr_r10_tiny", model_overrides={"num_queries": 10, "dim_feedforward": 128},
+                           data=str(synth_data), image_size=64, batch_size=4, num_workers=0, lr=1e-3,
+                           lr_backbone=1e-3, lr_drop=1000, output_dir=str(out), log_every=1, progress=False,
+                           eval_every_epochs=0, no_aug_fraction=0.5, ema=False, max_iters=12,
+                           checkpoint_every=4, resume=resume)
+
+    def messages():
+        found = [r.getMessage() for r in caplog.records if "without crop and multi-scale" in r.getMessage()]
+        caplog.clear()
+        return found
+
+    build_hooks = Trainer.build_hooks
+    with caplog.at_level(logging.INFO, logger="kd_detr.train"):
+        Trainer(config(tmp_path / "full")).fit()
+        assert messages() == ["iteration 6: the last 6 iterations train without crop and multi-scale "
+                              "(train.no_aug_fraction)"]
+        monkeypatch.setattr(Trainer, "build_hooks", lambda self: build_hooks(self) + [Interrupt(self)])
+        with pytest.raises(KeyboardInterrupt):
+            Trainer(config(tmp_path / "part")).fit()
+        assert len(messages()) == 1
+        monkeypatch.setattr(Trainer, "build_hooks", build_hooks)
+        Trainer(config(tmp_path / "part", resume="auto")).fit()
+        assert messages() == ["iteration 8: the last 4 iterations train without crop and multi-scale "
+                              "(train.no_aug_fraction)"]
+
+    def losses(run):
+        return {r["iteration"]: r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
+                if "loss" in r}
+
+    full, part = losses(tmp_path / "full"), losses(tmp_path / "part")
+    assert sorted(part) == list(range(1, 13)) and all(part[i] == full[i] for i in range(1, 13))
