@@ -63,6 +63,9 @@ def presets_cmd(name: str | None) -> None:
         scale = f"{rule.scale:g} x " if rule.scale != 1.0 else ""
         click.echo(f"group {rule.name}: /{rule.pattern}/ lr {scale}{rule.lr}, weight decay {wd}")
     click.echo("group rest: every other parameter, lr, the run's weight decay")
+    if preset.name != "official" and preset.values["lr_backbone"] < preset.values["lr"]:
+        click.echo(f"# lr_backbone {preset.values['lr_backbone']:g} is for an ImageNet-initialised backbone: a "
+                   "student that starts from random weights trains its backbone at lr (unless --lr-backbone)")
     for source in preset.sources:
         click.echo(f"# source: {source}")
 

@@ -112,6 +112,12 @@ def resolve_preset(cfg):
     name = preset_for_model(cfg.model) if cfg.preset == "auto" else cfg.preset
     preset = get_preset(name)
     filled = {k: v for k, v in preset.values.items() if getattr(cfg, k) is None}
+    # a recipe's [train], --set or an option wins over the preset: say which values differ from it, once
+    own = {k: getattr(cfg, k) for k in PRESET_FIELDS if k not in filled and getattr(cfg, k) != preset.values[k]}
+    if own:
+        log.info("preset %s: the run sets %s (the preset's: %s)", name,
+                 ", ".join(f"{k}={v}" for k, v in own.items()),
+                 ", ".join(f"{k}={preset.values[k]}" for k in own))
     base = cfg.lr if cfg.lr is not None else preset.values["lr"]
     if name != "official" and filled.get("lr_backbone", base) < base and not starts_pretrained(cfg):
         log.info("preset %s: lr_backbone %g is the rate of an ImageNet-initialised backbone; %s starts from random "

@@ -90,9 +90,12 @@ def test_official_keeps_conditional_detrs_groups():
     assert [g["name"] for g in grouped_parameters(build_model("hf_rt_detr_tiny", num_classes=3), preset, cfg)] == ["rest"]
 
 
-def test_explicit_values_win_over_the_preset_and_a_bad_name_is_refused():
-    cfg, _ = resolve_preset(TrainConfig(model="hf_d_fine_tiny", lr=3e-4, ema=False, warmup_iters=5))
+def test_explicit_values_win_over_the_preset_and_a_bad_name_is_refused(caplog):
+    with caplog.at_level(logging.INFO, logger="kd_detr.train"):
+        cfg, _ = resolve_preset(TrainConfig(model="hf_d_fine_tiny", lr=3e-4, ema=False, warmup_iters=5))
     assert (cfg.preset, cfg.lr, cfg.ema, cfg.warmup_iters, cfg.lr_backbone) == ("d_fine", 3e-4, False, 5, 4e-4)
+    assert "preset d_fine: the run sets lr=0.0003, warmup_iters=5, ema=False (the preset's: lr=0.0008, " \
+           "warmup_iters=500, ema=True)" in [r.getMessage() for r in caplog.records]
     with pytest.raises(ValueError, match="train.preset must be auto or one of official, rt_detr"):
         resolve_preset(TrainConfig(preset="yolo"))
     with pytest.raises(ValueError, match="leaves .*'ema'.* unset"):
