@@ -203,7 +203,7 @@ def compare_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_precision, s
               show_default=True,
               help="Which quickstart: cond_detr (kd-detr's Conditional DETR teacher and student, baseline vs d3etr) "
                    "or rt_detr (the shipped RT-DETR teacher, a tiny transformers RT-DETR student trained by its "
-                   "family's preset, baseline vs d3etr_cross_family).")
+                   "family's preset, baseline vs teach_detr).")
 @click.option("--iters", type=int, default=2000, show_default=True, help="Student training iterations per recipe.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the runs and the cache's views (the data is always the teacher's, seed 0).")

@@ -305,6 +305,20 @@ def format_paired_gains(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _method_totals(cfg: CompareConfig) -> list[str]:
+    """The methods' whole objectives (``<group>.total``: ``distill.total``, ``teach_detr.total`` ...) that some
+    run of the comparison logged, in registration order (``distill.total`` when none did)."""
+    from kd_detr.methods import list_methods
+
+    logged = set()
+    for recipe in cfg.recipes:
+        for seed in cfg.seeds:
+            for rec in _read_log(run_dir(cfg, recipe, seed) / "log.jsonl"):
+                logged.update(k for k in rec if k.endswith(".total"))
+    totals = list(dict.fromkeys(f"{cls.group()}.total" for cls in list_methods().values()))
+    return [k for k in totals if k in logged] or ["distill.total"]
+
+
 def _plot(cfg: CompareConfig, path: Path, keys: list[str], ylabel: str, title: str, scale: float = 1.0) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -332,7 +346,8 @@ def _plot(cfg: CompareConfig, path: Path, keys: list[str], ylabel: str, title: s
         ax.set_ylabel(ylabel if len(keys) == 1 else key)
         ax.set_title(title if len(keys) == 1 else key)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a panel no run logged stays empty, without a legend warning
+            ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
@@ -357,7 +372,7 @@ def write_outputs(cfg: CompareConfig, rows: list[dict[str, Any]]) -> dict[str, P
                     "failed": "; ".join(r["failed"])})
     write_text_atomic(out / "comparison.csv", buf.getvalue())
     _plot(cfg, out / "ap_curve.png", ["eval/AP"], "AP (%)", "AP during training", scale=100)
-    _plot(cfg, out / "losses.png", ["loss", "student.total", "distill.total"], "loss", "loss terms")
+    _plot(cfg, out / "losses.png", ["loss", "student.total", *_method_totals(cfg)], "loss", "loss terms")
     return {"markdown": out / "comparison.md", "csv": out / "comparison.csv", "ap_plot": out / "ap_curve.png",
             "loss_plot": out / "losses.png"}
 

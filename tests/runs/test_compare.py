@@ -49,6 +49,11 @@ def test_compare_table_csv_plots_resume_and_failure(synth_data, tmp_path):
     assert "| baseline |" in md and "failed" in md
     for png in ("ap_curve.png", "losses.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # the loss plot has a panel per method objective some run logged (here D3ETR's only)
+    from kd_detr.runs.compare import _method_totals
+
+    cfg = type("Cfg", (), {"recipes": ["baseline", "d3etr", str(broken)], "seeds": [0], "out": str(out)})()
+    assert _method_totals(cfg) == ["distill.total"]
 
     # rerun: finished runs are not redone (their logs do not grow), the failed one is tried again
     before = (out / "runs" / "d3etr" / "seed0" / "log.jsonl").read_text()
