@@ -92,8 +92,8 @@ def test_no_confident_teacher_box_leaves_only_the_negatives_class_term():
     outputs = student(images, mask)
     terms = method(student, outputs, targets, 3.0,
                    teacher_outputs(torch.full((2, 4, NUM_CLASSES), logit(0.5)), torch.rand(2, 4, 4)))
-    assert all(float(v) == 0.0 for k, v in terms.items() if ".loss_bbox." in k or ".loss_giou." in k)
-    assert all(torch.isfinite(v) and float(v) > 0 for k, v in terms.items() if ".loss_ce." in k)
+    assert all(v.item() == 0.0 for k, v in terms.items() if ".loss_bbox." in k or ".loss_giou." in k)
+    assert all(torch.isfinite(v) and v.item() > 0 for k, v in terms.items() if ".loss_ce." in k)
     sum(terms.values()).backward()  # and it trains the student
 
 
