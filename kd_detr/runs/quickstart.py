@@ -52,7 +52,7 @@ class Quickstart:
     student_opts: Mapping[str, Any]
     recipes: tuple[str, ...]
     student_sets: Callable[[int], list[str]]
-    description: str = ""
+    teacher_step_s: float  # seconds per teacher iteration on an idle 2-core CPU (the time estimate printed)
 
 
 def _cond_detr_student_sets(iters: int) -> list[str]:
@@ -88,15 +88,13 @@ QUICKSTARTS: dict[str, Quickstart] = {
         "cond_detr", "quickstart_teacher", "cond_detr_r10_tiny", {"dec_layers": 3, "num_queries": 30},
         lambda iters: dict(lr=4e-4, lr_backbone=4e-4, warmup_iters=min(100, iters // 5), checkpoint_every=1000),
         16000, "cond_detr_r10_tiny", {"dec_layers": 3, "num_queries": 30, "d_model": 64, "dim_feedforward": 256},
-        ("baseline", "d3etr"), _cond_detr_student_sets,
-        "kd-detr's Conditional DETR: a 28.7-AP cond_detr_r10_tiny teacher, a narrower student"),
+        ("baseline", "d3etr"), _cond_detr_student_sets, 0.14),  # docs/cpu-convergence.md
     "rt_detr": Quickstart(
         "rt_detr", "rt_detr_quickstart_teacher", "hf_rt_detr_tiny", RT_DETR_TEACHER_OPTS,
         lambda iters: dict(preset="rt_detr", lr=2e-4, lr_backbone=2e-4, warmup_iters=min(500, iters // 5),
                            checkpoint_every=500),
         # teach_detr: the best of the recipes measured from this teacher at the quickstart's budget (README)
-        8000, "hf_rt_detr_tiny", {}, ("baseline", "teach_detr"), _rt_detr_student_sets,
-        "transformers RT-DETR: a d=128 RT-DETR teacher, the tiny RT-DETR student trained by its preset"),
+        8000, "hf_rt_detr_tiny", {}, ("baseline", "teach_detr"), _rt_detr_student_sets, 0.3),  # its card's run
 }
 DEFAULT_QUICKSTART = "cond_detr"
 
@@ -247,8 +245,7 @@ def _teacher(out: Path, data_dir: Path, seed: int, echo, train_teacher: bool, te
     ann = data_dir / "annotations"
     params = dict(QUICKSTART_DATA, num_train=TEACHER_DATA_FACTOR * _num_images(ann / "instances_train2017.json"),
                   num_val=_num_images(ann / "instances_val2017.json"))
-    # seconds per iteration on an idle 2-core CPU (docs/cpu-convergence.md; the RT-DETR teacher: its card)
-    minutes = max(1, round(teacher_iters * (0.14 if q.name == "cond_detr" else 0.3) / 60))
+    minutes = max(1, round(teacher_iters * q.teacher_step_s / 60))
     opts = " ".join(f"{k}={_arg(v)}" for k, v in q.teacher_opts.items())
     echo(f"[2/5] training the teacher {q.teacher} ({opts}) for {teacher_iters} iterations on "
          f"{params['num_train']} images (kd-detr train); on a 2-core CPU that takes about {minutes} "
