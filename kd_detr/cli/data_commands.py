@@ -1,4 +1,4 @@
-"""``kd-detr data``: the synthetic COCO-format data set generator."""
+"""``kd-detr data``: the synthetic COCO-format data set generator; conversion of a YOLO data set to a COCO tree."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from .group import main
 
 @main.group("data")
 def data_group() -> None:
-    """Data sets: the synthetic COCO-format generator."""
+    """Data sets: the synthetic COCO-format generator, YOLO -> COCO conversion."""
 
 
 @data_group.command("synth")
@@ -42,3 +42,21 @@ def synth_cmd(out: str, num_train: int, num_val: int, image_size: int, seed: int
         raise click.UsageError(f"{out} exists and was generated with other parameters; pass --overwrite to "
                                "replace it") from e
     click.echo(f"wrote {num_train} train / {num_val} val images to {out}")
+
+
+@data_group.command("convert")
+@click.option("--from", "src_format", type=click.Choice(["yolo"]), required=True, help="Format of --data.")
+@click.option("--to", "dst_format", type=click.Choice(["coco"]), required=True, help="Format written to --out.")
+@click.option("--data", required=True, type=click.Path(exists=True),
+              help="The YOLO data set: its data.yaml or the folder holding it.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="New folder for the COCO tree (annotations/instances_{train,val}2017.json, train2017/, val2017/).")
+@click.option("--copy", is_flag=True, help="Copy the images (default: hard links where possible, else copies).")
+@click.option("--skip-bad-labels", is_flag=True, help="Skip (and count) bad label lines instead of stopping.")
+def convert_cmd(src_format: str, dst_format: str, data: str, out: str, copy: bool, skip_bad_labels: bool) -> None:
+    """Convert a YOLO data set (Ultralytics layout) into a COCO tree. kd-detr also reads the YOLO data set
+    directly (--data PATH/data.yaml) with the same annotations, so the conversion is for other tools."""
+    from kd_detr.data.yolo import convert_to_coco
+
+    counts = convert_to_coco(data, out, skip_bad_labels=skip_bad_labels, copy=copy)
+    click.echo(f"wrote {', '.join(f'{n} {s}' for s, n in counts.items())} images as a COCO tree to {out}")

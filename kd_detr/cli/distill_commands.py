@@ -104,7 +104,8 @@ def presets_cmd(name: str | None) -> None:
 def distill_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_serve, teacher_actors, teacher_precision, views,
                 view_seed, student,
                 student_opt, recipe_name, overrides, data, train_ann,
-                train_images, val_ann, val_images, image_size, num_workers, label_map, output_dir, resume, seed,
+                train_images, val_ann, val_images, image_size, num_workers, skip_bad_labels, label_map, output_dir,
+                resume, seed,
                 device, amp, no_progress, allow_partial_weights) -> None:
     """Distil a teacher into a student with a recipe (D3ETR by default).
 
@@ -121,7 +122,7 @@ def distill_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_serve, teach
     train_options = {"seed": seed, "device": device, "amp": amp, "num_workers": num_workers,
                      "progress": False if no_progress else None}
     run = assemble_run(student, recipe_name,
-                       DataSpec(data, train_ann, train_images, val_ann, val_images, image_size, label_map),
+                       DataSpec(data, train_ann, train_images, val_ann, val_images, image_size, label_map, skip_bad_labels),
                        TeacherSourceSpec(teacher=teacher, checkpoint=teacher_checkpoint, cache=teacher_cache,
                                          serve=teacher_serve, actors=teacher_actors,
                                          allow_partial_weights=allow_partial_weights, precision=teacher_precision),
@@ -165,7 +166,8 @@ def distill_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_serve, teach
 @partial_weights_option
 def compare_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_precision, student, student_opt, recipes, budget,
                 seeds, overrides,
-                data, train_ann, train_images, val_ann, val_images, image_size, num_workers, label_map, eval_points,
+                data, train_ann, train_images, val_ann, val_images, image_size, num_workers, skip_bad_labels, label_map,
+                eval_points,
                 views, out, device, no_ray, parallel, address, no_progress, allow_partial_weights) -> None:
     """Run several recipes (and seeds) on one budget and write a comparison table and plots.
 
@@ -184,7 +186,7 @@ def compare_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_precision, s
                         student_overrides=student_overrides(student, student_opt, "--student-opt",
                                                             allow_partial_weights, teacher),
                         seeds=seed_list, overrides=list(overrides),
-                        data=DataSpec(data, train_ann, train_images, val_ann, val_images, image_size, label_map),
+                        data=DataSpec(data, train_ann, train_images, val_ann, val_images, image_size, label_map, skip_bad_labels),
                         eval_points=eval_points, num_workers=num_workers, device=device,
                         views=views, use_ray=not no_ray, parallel=parallel, address=address, progress=not no_progress)
     rows, files = compare(cfg)

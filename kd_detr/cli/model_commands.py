@@ -67,14 +67,14 @@ def convert_cmd(official: str | None, hf: str | None, model_name: str, model_opt
 @click.option("--device", default="auto", show_default=True)
 @click.option("--per-class", is_flag=True, help="Also print the per-class AP table.")
 def eval_cmd(model_name, checkpoint, num_classes, data, train_ann, train_images, val_ann, val_images, image_size,
-             num_workers, split, batch_size, max_images, output_dir, device, per_class) -> None:
+             num_workers, skip_bad_labels, split, batch_size, max_images, output_dir, device, per_class) -> None:
     """Evaluate a checkpoint with pycocotools COCOeval (bbox): 12-line summary, results and metrics JSON."""
     from kd_detr.runs.inference import evaluate_checkpoint
 
     result, out_dir = evaluate_checkpoint(
         checkpoint, model_name=model_name, num_classes=num_classes, data=data,
         ann=(train_ann if split == "train" else val_ann), images=(train_images if split == "train" else val_images),
-        split=split, image_size=image_size, num_workers=num_workers,
+        split=split, image_size=image_size, num_workers=num_workers, skip_bad_labels=skip_bad_labels,
         batch_size=batch_size, max_images=max_images, output_dir=output_dir, device=device)
     click.echo(result.summary_text)
     if per_class:

@@ -76,12 +76,19 @@ def student_overrides(student: str, student_opt: tuple[str, ...], option: str, a
     return overrides
 
 
+skip_bad_labels_option = click.option(
+    "--skip-bad-labels", is_flag=True, default=False,
+    help="YOLO data: skip (and count) label lines with a wrong field count, a class outside names, coordinates "
+         "outside [0, 1] or zero size, instead of stopping at the first one.")
+
+
 def data_options(f):
     """Where the data is (``--data`` or per-split paths), ``--image-size`` and ``--num-workers``: the
     fields of :class:`~kd_detr.data.DataSpec` (train, distill, compare, eval)."""
     opts = [
-        click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
-                     help="COCO tree: annotations/instances_{train,val}2017.json, train2017/, val2017/."),
+        click.option("--data", type=click.Path(exists=True), default=None,
+                     help="COCO tree (annotations/instances_{train,val}2017.json, train2017/, val2017/) or a YOLO "
+                          "data set (its data.yaml, or the folder holding it: images/, labels/, names)."),
         click.option("--train-ann", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="Custom training annotation JSON (with --train-images)."),
         click.option("--train-images", type=click.Path(exists=True, file_okay=False), default=None),
@@ -92,6 +99,7 @@ def data_options(f):
                      help="Small-image preset S (e.g. 128): DETR sizes scaled by S/800. Default: official sizes "
                           "(800, max 1333); eval: the checkpoint's training preset."),
         click.option("--num-workers", type=int, default=2, show_default=True),
+        skip_bad_labels_option,
     ]
     for o in reversed(opts):
         f = o(f)

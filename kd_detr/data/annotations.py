@@ -6,6 +6,7 @@ and the record."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -16,7 +17,7 @@ from typing import Any
 
 from .dataset_error import DatasetError
 
-__all__ = ["coco_paths", "load_coco_json", "read_categories", "make_coco"]
+__all__ = ["coco_paths", "load_coco_json", "load_annotations", "annotations_sha256", "read_categories", "make_coco"]
 
 
 def coco_paths(root: str | os.PathLike, split: str) -> tuple[Path, Path]:
@@ -171,3 +172,27 @@ def make_coco(data: dict[str, Any], ann_file: str | os.PathLike | None = None):
     if ann_file is not None:
         coco.kd_detr_ann_file = str(ann_file)
     return coco
+
+
+def load_annotations(source: Any) -> dict[str, Any]:
+    """The validated COCO dict of an annotation source: a COCO JSON path, or a
+    :class:`~kd_detr.data.yolo.YoloSplit` (a YOLO data set's split, converted in memory)."""
+    from .yolo import YoloSplit
+
+    if isinstance(source, YoloSplit):
+        return source.load()
+    return load_coco_json(source)
+
+
+def annotations_sha256(source: Any) -> str:
+    """SHA-256 of an annotation source: the JSON file's bytes, or a YOLO split's converted annotations
+    (:meth:`~kd_detr.data.yolo.YoloSplit.sha256`). A cache records it to refuse other annotations."""
+    from .yolo import YoloSplit
+
+    if isinstance(source, YoloSplit):
+        return source.sha256()
+    h = hashlib.sha256()
+    with open(source, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

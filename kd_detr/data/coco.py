@@ -48,11 +48,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .annotations import coco_paths, load_coco_json, make_coco, read_categories
+from .annotations import annotations_sha256, coco_paths, load_annotations, load_coco_json, make_coco, read_categories
 from .dataset_error import DatasetError, one_line
-from .images import _WARNED_HIGH_BIT, bomb_message, read_image, read_rgb, warn_high_bit  # noqa: F401
+from .images import (_TRANSPOSED_ORIENTATIONS, _WARNED_HIGH_BIT, bomb_message, read_image, read_rgb,  # noqa: F401
+                     warn_high_bit)
 from .label_map import LabelMap, LabelMapError
 from .transforms import HIGH_BIT_DEPTH_MODES, AugmentationPolicy, View, apply_view, view_generator
+from .yolo import YoloSplit
 
 __all__ = ["CocoDetection", "DatasetError", "DatasetReport", "coco_paths", "load_coco_json", "read_categories",
            "read_image"]
@@ -162,7 +164,8 @@ class CocoDetection(torch.utils.data.Dataset):
 
     Args:
         img_dir: folder holding the ``file_name`` of each image.
-        ann_file: COCO JSON.
+        ann_file: COCO JSON, or a :class:`~kd_detr.data.yolo.YoloSplit` (a YOLO data set's split, read as COCO
+            annotations built in memory; evaluation then uses them as its ground truth).
         transforms: an :class:`AugmentationPolicy` (``None``: no resize / flip, only normalisation).
         label_map: a :class:`LabelMap`, ``"contiguous"`` (default, from the JSON categories) or
             ``"raw_ids"`` (91 slots, official COCO checkpoints). Categories outside it count as unknown.
@@ -186,7 +189,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def __init__(
         self,
         img_dir: str | os.PathLike,
-        ann_file: str | os.PathLike,
+        ann_file: str | os.PathLike | YoloSplit,
         transforms: AugmentationPolicy | None = None,
         label_map: LabelMap | str | None = None,
         *,
@@ -197,7 +200,7 @@ class CocoDetection(torch.utils.data.Dataset):
         log_report: bool = True,
     ) -> None:
         self.img_dir = Path(img_dir)
-        self.ann_file = Path(ann_file)
+        self.ann_file = ann_file if isinstance(ann_file, YoloSplit) else Path(ann_file)
         if not self.img_dir.is_dir():
             raise DatasetError(f"image directory {self.img_dir} does not exist (annotations: {self.ann_file})")
         if transforms is not None and not isinstance(transforms, AugmentationPolicy):
@@ -207,7 +210,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.epoch = 0
         self.strict = strict
 
-        data = load_coco_json(self.ann_file)
+        data = load_annotations(self.ann_file)
         if isinstance(label_map, str) or label_map is None:
             if not data["categories"]:
                 raise DatasetError(f"{self.ann_file}: 'categories' is empty")
@@ -337,7 +340,8 @@ class CocoDetection(torch.utils.data.Dataset):
             return False
         try:
             with Image.open(path) as im:
-                size, mode = im.size, im.mode
+                mode = im.mode
+                size = im.size[::-1] if im.getexif().get(0x0112, 1) in _TRANSPOSED_ORIENTATIONS else im.size
                 im.verify()  # decodes enough to catch truncated / corrupt files cheaply
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             self.report.add("unreadable_file", bomb_message(path, e, ""))
@@ -360,6 +364,10 @@ class CocoDetection(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation stream of ``epoch`` (call before iterating each epoch)."""
         self.epoch = int(epoch)
+
+    def annotations_sha256(self) -> str:
+        """SHA-256 of the annotations this data set was built from (the JSON file, or a YOLO split's)."""
+        return annotations_sha256(self.ann_file)
 
     @property
     def image_ids(self) -> list[int]:

@@ -9,12 +9,15 @@ import os
 import re
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .dataset_error import DatasetError, one_line
 from .transforms import HIGH_BIT_DEPTH_MODES, to_rgb
 
-__all__ = ["read_image", "read_rgb", "warn_high_bit", "bomb_message"]
+__all__ = ["read_image", "read_rgb", "warn_high_bit", "bomb_message", "oriented_size"]
+
+# EXIF orientations that turn the stored pixels by 90 degrees (width and height swap when applied)
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 
 # the data sets' logger: their warnings keep one name wherever the reading code lives
 logger = logging.getLogger("kd_detr.data.coco")
@@ -30,13 +33,25 @@ def bomb_message(path: Path, e: BaseException, where: str) -> str:
             f"downscale the image")
 
 
+def oriented_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` of an image file as it is read: after its EXIF orientation (a JPEG taken
+    sideways and tagged to be turned has its sides swapped). Reads the header only."""
+    with Image.open(path) as im:
+        w, h = im.size
+        orientation = im.getexif().get(0x0112, 1)  # EXIF Orientation
+    return (h, w) if orientation in _TRANSPOSED_ORIENTATIONS else (w, h)
+
+
 def read_rgb(path: Path, where: str = "") -> tuple[Image.Image, str | None]:
-    """``(8-bit RGB image, source mode if it was high-bit-depth else None)``; any failure is a
-    :class:`DatasetError` naming ``path`` (``where``: extra context such as " (image id 3, ann.json)")."""
+    """``(8-bit RGB image, source mode if it was high-bit-depth else None)``, turned upright by its EXIF
+    orientation (as ``PIL.ImageOps.exif_transpose``; boxes are annotated on the upright image, as every
+    viewer shows it); any failure is a :class:`DatasetError` naming ``path`` (``where``: extra context such
+    as " (image id 3, ann.json)")."""
     try:
         with Image.open(path) as im:
             mode = im.mode
-            image = to_rgb(im)
+            upright = ImageOps.exif_transpose(im) if im.getexif().get(0x0112, 1) != 1 else im
+            image = to_rgb(upright)
     except FileNotFoundError:
         raise DatasetError(f"image file {path}{where} does not exist") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -1,6 +1,7 @@
 """Where a run's data is: one spec shared by train, distill, cache, compare and eval.
 
-A COCO tree (``--data``: ``annotations/instances_{train,val}2017.json``, ``train2017/``, ``val2017/``) or
+A COCO tree (``--data``: ``annotations/instances_{train,val}2017.json``, ``train2017/``, ``val2017/``), a
+YOLO data set (``--data``: its ``data.yaml`` or the folder holding it, :mod:`kd_detr.data.yolo`) or
 explicit annotation/image paths per split (``--train-ann/--train-images``, ``--val-ann/--val-images``: they
 win over the tree), the image-size preset and the label-map mode.
 
@@ -16,6 +17,7 @@ from typing import Any, Optional
 from .coco import CocoDetection, coco_paths
 from .label_map import LabelMap
 from .transforms import make_policy
+from .yolo import YoloSplit, yolo_data_yaml
 
 __all__ = ["DataSpec", "LABEL_MAP_MODES", "label_map_mode"]
 
@@ -31,8 +33,9 @@ def label_map_mode(name: str) -> str:
 
 @dataclass
 class DataSpec:
-    """A run's data: paths, image-size preset (``None``: official sizes) and label map (``contiguous`` |
-    ``coco91``; ``None``: not given, the default ``contiguous`` or a recipe's)."""
+    """A run's data: paths, image-size preset (``None``: official sizes), label map (``contiguous`` |
+    ``coco91``; ``None``: not given, the default ``contiguous`` or a recipe's) and, for a YOLO data set,
+    whether bad label lines are skipped (counted) instead of refused."""
 
     data: Optional[str] = None
     train_ann: Optional[str] = None
@@ -41,23 +44,31 @@ class DataSpec:
     val_images: Optional[str] = None
     image_size: Optional[int] = None
     label_map: Optional[str] = None
+    skip_bad_labels: bool = False
 
     @classmethod
     def of(cls, obj: Any) -> "DataSpec":
         """The data fields of any object that has them (a ``TrainConfig``, a ``CompareConfig``)."""
         return cls(**{f: getattr(obj, f, None) for f in cls.__dataclass_fields__})
 
-    def paths(self) -> dict[str, Optional[str]]:
-        """The path fields, as keyword arguments of ``TrainConfig``."""
-        return {k: getattr(self, k) for k in ("data", "train_ann", "train_images", "val_ann", "val_images")}
+    def paths(self) -> dict[str, Any]:
+        """The path fields and ``skip_bad_labels``, as keyword arguments of ``TrainConfig``."""
+        out = {k: getattr(self, k) for k in ("data", "train_ann", "train_images", "val_ann", "val_images")}
+        return {**out, "skip_bad_labels": bool(self.skip_bad_labels)}
 
-    def files(self, split: str) -> tuple[str, str]:
-        """The (annotation JSON, image folder) of ``split`` (``train`` | ``val``): explicit paths win over ``--data``."""
+    def files(self, split: str) -> tuple[Any, str]:
+        """The (annotation source, image folder) of ``split`` (``train`` | ``val``): explicit paths win over
+        ``--data``. The source is a COCO JSON path, or for a YOLO data set a :class:`YoloSplit`."""
         ann, img = (self.train_ann, self.train_images) if split == "train" else (self.val_ann, self.val_images)
         if ann and img:
             return ann, img
         if self.data is None:
-            raise ValueError(f"no {split} data: give --data DIR (a COCO tree) or --{split}-ann and --{split}-images")
+            raise ValueError(f"no {split} data: give --data DIR (a COCO tree or a YOLO data set) or --{split}-ann "
+                             f"and --{split}-images")
+        yaml = yolo_data_yaml(self.data)
+        if yaml is not None:
+            source = YoloSplit(str(yaml.absolute()), split, bool(self.skip_bad_labels))
+            return (ann or source), str(img or source.image_dir())
         a, i = coco_paths(self.data, split)
         return str(ann or a), str(img or i)
 

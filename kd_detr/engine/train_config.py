@@ -27,6 +27,7 @@ class TrainConfig:
     val_images: str | None = None
     image_size: int | None = None  # None: official DETR sizes (800/1333); else small-image preset
     label_map: str = "contiguous"  # contiguous | coco91
+    skip_bad_labels: bool = False  # YOLO data: skip (and count) bad label lines instead of stopping
     augment: bool = True  # False: training images get the eval resize only (overfitting, debugging)
     num_workers: int = 2
     # optimisation. None: the training preset's value (engine/presets.py; official = Conditional DETR's

@@ -59,7 +59,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, model_name: str | None = None
                         data: str | None = None, ann: str | None = None, images: str | None = None,
                         split: str = "val", image_size: int | None = None,
                         num_workers: int = 2, batch_size: int = 2, max_images: int | None = None,
-                        output_dir: str | None = None, device: str = "auto") -> tuple[EvalResult, Path]:
+                        output_dir: str | None = None, device: str = "auto",
+                        skip_bad_labels: bool = False) -> tuple[EvalResult, Path]:
     """Evaluate a checkpoint on a COCO split; writes ``results.json`` and ``metrics.json``.
 
     The label map is the checkpoint's; official checkpoints index classes by COCO category id.
@@ -73,22 +74,23 @@ def evaluate_checkpoint(checkpoint: str | Path, *, model_name: str | None = None
         image_size = meta.get("extra_metadata", {}).get("image_size")
     if not (ann and images):
         if data is None:
-            raise ValueError(f"no {split} data: give --data DIR or --{split}-ann and --{split}-images")
-        a, i = kd_data.coco_paths(data, split)
-        ann, images = str(ann or a), str(images or i)
+            raise ValueError(f"no {split} data: give --data DIR (a COCO tree or a YOLO data set) or --{split}-ann "
+                             f"and --{split}-images")
+        a, i = kd_data.DataSpec(data, skip_bad_labels=skip_bad_labels).files(split)  # a YOLO split or a JSON path
+        ann, images = (ann or a), str(images or i)
     if label_map is None and meta.get("id2label") is not None:
         # transformers folder: its classes mapped onto the data's categories by name
         import dataclasses
 
-        from kd_detr.data.coco import load_coco_json
+        from kd_detr.data.annotations import load_annotations
         from kd_detr.models.hf.labels import class_map_by_name
 
-        label_map = LabelMap.contiguous(load_coco_json(ann)["categories"])
+        label_map = LabelMap.contiguous(load_annotations(ann)["categories"])
         model.config = dataclasses.replace(
             model.config, class_map=class_map_by_name(meta["id2label"], label_map, f"{checkpoint}"))
     if label_map is None:  # official checkpoint: class index == COCO category id
-        from kd_detr.data.coco import load_coco_json
-        label_map = LabelMap.raw_ids(load_coco_json(ann)["categories"], num_classes=model.config.num_classes)
+        from kd_detr.data.annotations import load_annotations
+        label_map = LabelMap.raw_ids(load_annotations(ann)["categories"], num_classes=model.config.num_classes)
     dataset = kd_data.CocoDetection(images, ann, transforms=kd_data.make_policy(False, image_size),
                                     label_map=label_map, check_files=True)
     if label_map.num_classes != model.config.num_classes:
