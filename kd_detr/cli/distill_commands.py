@@ -191,7 +191,7 @@ def compare_cmd(teacher, teacher_checkpoint, teacher_cache, teacher_precision, s
                         views=views, use_ray=not no_ray, parallel=parallel, address=address, progress=not no_progress)
     rows, files = compare(cfg)
     click.echo(format_table(rows, len(seed_list)))
-    click.echo(f"wrote {files['markdown']}, {files['csv']}, {files['ap_plot']}, {files['loss_plot']}")
+    click.echo(f"wrote {', '.join(str(f) for f in files.values())}")
     failed = [f"{r['recipe']} {f}" for r in rows for f in r["failed"]]
     if failed:  # the table is written, but the comparison is incomplete: say so in the exit status
         raise click.ClickException(f"{len(failed)} of {len(rows) * len(seed_list)} runs failed ({'; '.join(failed)[:300]}); "

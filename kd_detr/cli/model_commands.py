@@ -94,9 +94,15 @@ def eval_cmd(model_name, checkpoint, num_classes, data, train_ann, train_images,
 @click.option("--no-resize", is_flag=True, help="Run at the image's own size (default: the eval resize).")
 @click.option("--image-size", type=int, default=None, help="Eval resize preset used in training (e.g. 128).")
 @click.option("--top-k", type=int, default=100, show_default=True, help="Detections per image.")
+@click.option("--draw", "draw_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write each image with its boxes, class names and scores to this folder (<stem>.png).")
+@click.option("--score-threshold", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="With --draw: draw the detections scoring at least this.")
 @click.option("--device", default="auto", show_default=True)
-def predict_cmd(model_name, checkpoint, num_classes, images, output, no_resize, image_size, top_k, device) -> None:
-    """Detect objects in images; writes one JSON entry per image with absolute xyxy boxes."""
+def predict_cmd(model_name, checkpoint, num_classes, images, output, no_resize, image_size, top_k, draw_dir,
+                score_threshold, device) -> None:
+    """Detect objects in images; writes one JSON entry per image with absolute xyxy boxes (and, with --draw,
+    pictures of the detections)."""
     if top_k < 1:
         raise click.UsageError(f"--top-k must be >= 1, got {top_k}")
     from kd_detr.runs.inference import predict_images
@@ -106,6 +112,10 @@ def predict_cmd(model_name, checkpoint, num_classes, images, output, no_resize, 
     from kd_detr.atomic import write_json_atomic
     write_json_atomic(output, entries)
     click.echo(f"wrote {len(entries)} image(s) to {output}")
+    if draw_dir:
+        from kd_detr.runs.pictures import write_drawn
+        pictures = write_drawn(entries, draw_dir, score_threshold)
+        click.echo(f"drew {len(pictures)} image(s) with detections scoring >= {score_threshold} into {draw_dir}")
 
 
 @main.command("export")

@@ -51,10 +51,9 @@ class DataSpec:
         """The data fields of any object that has them (a ``TrainConfig``, a ``CompareConfig``)."""
         return cls(**{f: getattr(obj, f, None) for f in cls.__dataclass_fields__})
 
-    def paths(self) -> dict[str, Any]:
-        """The path fields and ``skip_bad_labels``, as keyword arguments of ``TrainConfig``."""
-        out = {k: getattr(self, k) for k in ("data", "train_ann", "train_images", "val_ann", "val_images")}
-        return {**out, "skip_bad_labels": bool(self.skip_bad_labels)}
+    def paths(self) -> dict[str, Optional[str]]:
+        """The path fields, as keyword arguments of ``TrainConfig``."""
+        return {k: getattr(self, k) for k in ("data", "train_ann", "train_images", "val_ann", "val_images")}
 
     def files(self, split: str) -> tuple[Any, str]:
         """The (annotation source, image folder) of ``split`` (``train`` | ``val``): explicit paths win over

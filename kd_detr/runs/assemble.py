@@ -111,6 +111,6 @@ def assemble_train_run(model: str, data: DataSpec, output_dir: str, *,
 
 def _train_config(model: str, data: DataSpec, output_dir: str, model_overrides: Optional[dict[str, Any]],
                   resume: Optional[str], options: dict[str, Any]) -> TrainConfig:
-    """The ``TrainConfig`` of a run: ``options`` and the data spec's paths."""
+    """The ``TrainConfig`` of a run: ``options`` and the data spec's paths (and its ``skip_bad_labels``)."""
     return TrainConfig(model=model, model_overrides=dict(model_overrides or {}), output_dir=output_dir,
-                       resume=resume, **data.paths(), **options)
+                       resume=resume, **data.paths(), skip_bad_labels=bool(data.skip_bad_labels), **options)

@@ -395,8 +395,49 @@ def evaluate_teacher(cfg: CompareConfig) -> Optional[dict[str, float]]:
     return result.metrics
 
 
+GALLERY_SCORE_THRESHOLD = 0.3  # detections drawn in gallery.png
+
+
+def write_gallery(cfg: CompareConfig) -> Optional[Path]:
+    """``OUT/gallery.png``: the first validation images (image-id order), one row each; columns ground truth |
+    teacher | each recipe's model at the end of the budget (the first seed's run), detections scoring at least
+    :data:`GALLERY_SCORE_THRESHOLD`. A recipe whose run has no final model shows n/a. ``None`` without
+    validation data."""
+    from kd_detr.data.images import read_image
+    from kd_detr.engine.trainer import resolve_device
+    from kd_detr.runs.inference import load_detector
+    from kd_detr.teacher import load_teacher, resolve_teacher
+
+    from .pictures import GALLERY_IMAGES, ground_truth, predict_items
+    from .pictures import write_gallery as draw_gallery
+
+    data, device = cfg.data, resolve_device(cfg.device)
+    lm = data.train_label_map()
+    val = data.val_set(lm, log_report=False)
+    if len(val) == 0:
+        return None
+    order = sorted(range(len(val)), key=lambda i: val._records[i].image_id)[:GALLERY_IMAGES]
+    images = [read_image(val.img_dir / val._records[i].file_name) for i in order]
+    columns = [("ground truth", ground_truth(val, order, lm))]
+    if cfg.teacher:
+        teacher, _, _ = load_teacher(resolve_teacher(cfg.teacher, cfg.teacher_checkpoint, cfg.allow_partial_weights,
+                                                     cfg.teacher_precision), lm)
+        columns.append((f"teacher ({cfg.teacher})", predict_items(teacher.to(device).eval(), val, order, lm, device)))
+    seed = cfg.seeds[0]
+    for recipe in cfg.recipes:
+        final = run_dir(cfg, recipe, seed) / "model_final.safetensors"
+        if final.is_file():
+            model, _, _ = load_detector(final, device=device)
+            columns.append((Path(recipe).stem, predict_items(model, val, order, lm, device)))
+        else:
+            columns.append((Path(recipe).stem, [None] * len(order)))
+    return draw_gallery(Path(cfg.out) / "gallery.png", images, columns, GALLERY_SCORE_THRESHOLD,
+                        title=f"{cfg.student}, seed {seed}, {cfg.budget} iterations: detections scoring >= "
+                              f"{GALLERY_SCORE_THRESHOLD}")
+
+
 def compare(cfg: CompareConfig) -> tuple[list[dict[str, Any]], dict[str, Path]]:
-    """Run everything, then write ``comparison.md``/``.csv`` and the plots into ``cfg.out``."""
+    """Run everything, then write ``comparison.md``/``.csv``, the plots and the gallery into ``cfg.out``."""
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(cfg.out) / "compare_config.json", asdict(cfg))
     results = run_all(cfg)
@@ -408,4 +449,8 @@ def compare(cfg: CompareConfig) -> tuple[list[dict[str, Any]], dict[str, Path]]:
         if teacher_ap is not None:
             write_json_atomic(teacher_file, teacher_ap)
     rows = summarise(cfg, results, teacher_ap)
-    return rows, write_outputs(cfg, rows)
+    files = write_outputs(cfg, rows)
+    gallery = write_gallery(cfg)
+    if gallery is not None:
+        files["gallery"] = gallery
+    return rows, files

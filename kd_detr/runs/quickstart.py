@@ -188,7 +188,8 @@ def run_quickstart(out: Path, iters: int = 2000, seed: int = 0, echo: Callable[[
     rows, files = compare(cfg)
     echo("[5/5] comparison (COCOeval on the validation images):")
     echo(format_table(rows, len(seeds)))
-    echo(f"plots: {files['ap_plot']} and {files['loss_plot']}; table: {files['markdown']} and {files['csv']}; "
+    echo(f"plots: {files['ap_plot']} and {files['loss_plot']}; detections: {files.get('gallery', 'n/a')}; "
+         f"table: {files['markdown']} and {files['csv']}; "
          f"total {time.perf_counter() - t0:.0f} s")
     return {r["recipe"]: r for r in rows}
 
