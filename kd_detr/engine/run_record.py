@@ -42,11 +42,28 @@ def library_versions() -> dict[str, str]:
 COMMAND_ENV = "KD_DETR_COMMAND"
 
 
+def hub_models(config: dict[str, Any]) -> dict[str, Any]:
+    """For each Hub id among the run's models (``model``, ``teacher``: ``hf:org/name[@revision]``), the commit it
+    resolved to and its weight files' SHA-256, so the record names exactly which weights were used."""
+    from kd_detr.models.hf.hub import is_hub_id, resolve_hub_id
+
+    out = {}
+    for key in ("model", "teacher"):
+        name = config.get(key)
+        if isinstance(name, str) and name.startswith("hf:") and is_hub_id(name[3:]):
+            out[name] = resolve_hub_id(name[3:]).record()  # resolved once per process: no second download
+    return out
+
+
 def run_record(config: dict[str, Any]) -> dict[str, Any]:
     command = os.environ.get(COMMAND_ENV)
-    return {
+    record = {
         "config": config,
         "command": json.loads(command) if command else sys.argv,
         "git_sha": git_sha(),
         "versions": library_versions(),
     }
+    hub = hub_models(config)
+    if hub:
+        record["hub"] = hub
+    return record

@@ -116,8 +116,11 @@ def teacher_family_record(spec: TeacherSpec) -> dict[str, Any]:
     import transformers
 
     blob = json.dumps(config.hf_config, sort_keys=True, default=str).encode()
-    return {"family": config.family, "config_sha256": hashlib.sha256(blob).hexdigest(),
-            "transformers_version": transformers.__version__}
+    record = {"family": config.family, "config_sha256": hashlib.sha256(blob).hexdigest(),
+              "transformers_version": transformers.__version__}
+    if config.hub:  # a Hub id: the repository, revision, commit and weight files' hashes
+        record["hub"] = config.hub
+    return record
 
 
 def _check_card_classes(spec: TeacherSpec, checkpoint_classes: int) -> None:
@@ -162,8 +165,10 @@ def _resolve_teacher(teacher: str, checkpoint: Optional[str]) -> TeacherSpec:
                              "--teacher-checkpoint")
         from kd_detr.models.hf.registry import hf_config
 
-        source = hf_config(teacher).source  # checks config.json, the family and the weights file
-        return TeacherSpec(name=teacher, model=teacher, checkpoint=Path(source), format="hf_folder")
+        config = hf_config(teacher)  # checks config.json, the family and the weights file
+        # a Hub id is pinned to the commit it resolved to: Ray actors and resumed runs load the same files
+        model = f"{HF_PREFIX}{config.hub['repo_id']}@{config.hub['commit']}" if config.hub else teacher
+        return TeacherSpec(name=teacher, model=model, checkpoint=Path(config.source), format="hf_folder")
     card_path = Path(teacher) if teacher.endswith(".toml") else find_card(teacher)
     if card_path is not None:
         card: TeacherCard = load_card(str(card_path))

@@ -30,6 +30,7 @@ from kd_detr.errors import UserError
 from kd_detr.data import CocoDetection, LabelMap
 from kd_detr.data.transforms import AugmentationPolicy
 from kd_detr.data.view_plan import ViewPlan
+from kd_detr.data.yolo import YoloSplit
 from kd_detr.matcher import HungarianMatcher, indices_to_assignment
 
 from .loading import TeacherSpec, load_teacher, spec_from_dict, spec_to_dict
@@ -85,13 +86,18 @@ def teacher_job(spec: TeacherSpec, attn_mode: str, label_map: Optional[LabelMap]
             "device": device, "actors": int(actors), "num_threads": num_threads}
 
 
+def _absolute_source(ann_file: Any) -> Any:
+    """An annotation source with an absolute path (a YOLO split is sent as it is: its YAML path is absolute)."""
+    return ann_file if isinstance(ann_file, YoloSplit) else str(Path(ann_file).absolute())
+
+
 def plan_job(dataset: CocoDetection, plan: ViewPlan) -> dict[str, Any]:
     """The plain-data description of a training set and its view plan, for actors that build cache shards
     (they rebuild both and check the plan's fingerprint)."""
     rep = dataset.report
     return {
         # absolute: actors run in the directory of `ray start` on a cluster, not the driver's
-        "dataset": {"img_dir": str(Path(dataset.img_dir).absolute()), "ann_file": str(Path(dataset.ann_file).absolute()),
+        "dataset": {"img_dir": str(Path(dataset.img_dir).absolute()), "ann_file": _absolute_source(dataset.ann_file),
                     "label_map": dataset.label_map.to_dict(), "strict": bool(dataset.strict),
                     # a data set built with validate_files dropped unreadable images: do the same
                     "validate_files": rep.num_kept_images != rep.num_images},

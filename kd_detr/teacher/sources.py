@@ -202,7 +202,7 @@ class CacheSource(TeacherSource):
         """Open the cache for a run on ``dataset``, refusing one built for other data, labels, sizes, teacher or
         teacher precision (any batch size reads it: it holds one entry per image view). Returns the
         :class:`~kd_detr.teacher.cache.CacheReader`."""
-        from .cache import CacheReader, sha256_file
+        from .cache import CacheReader
         from .cache.fingerprint import images_problem
 
         reader = CacheReader(self.cache)
@@ -211,7 +211,7 @@ class CacheSource(TeacherSource):
         ds = m["dataset"]
         if ds.get("images") != len(dataset):
             problems.append(f"images: cache has {ds.get('images')}, this data set has {len(dataset)}")
-        if ds.get("annotations_sha256") != sha256_file(dataset.ann_file):
+        if ds.get("annotations_sha256") != dataset.annotations_sha256():
             problems.append(f"annotations: the cache was built from another annotation file ({ds.get('annotations')})")
         problem = images_problem(m, dataset)  # the images themselves (names, sizes, modification times)
         if problem:

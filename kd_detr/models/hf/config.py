@@ -39,6 +39,8 @@ class HFModelConfig:
             of another shape (those start from random values; each load says which). Off: a teacher loads
             every tensor or is refused, a student may re-initialise only its class head when its class count
             changes (``--allow-partial-weights`` sets it; serialised, so a run and its checkpoints record it).
+        hub: for a Hub id (``hf:org/name[@revision]``): the repository, the revision asked for, the commit it
+            resolved to and each weight file's SHA-256 (:meth:`kd_detr.models.hf.hub.HubSnapshot.record`).
     """
 
     name: str
@@ -49,6 +51,7 @@ class HFModelConfig:
     description: str = ""
     class_map: Optional[list[int]] = None
     allow_partial_weights: bool = False
+    hub: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------ the detector contract's fields
     def _get(self, *keys: str, default: Any = None) -> Any:
@@ -160,6 +163,8 @@ class HFModelConfig:
             # recorded only when set: every config serialised before the field existed (checkpoints, cache
             # headers that a resumed build compares field by field) stays the same dict
             del d["allow_partial_weights"]
+        if d["hub"] is None:  # likewise: only a Hub id's config records it
+            del d["hub"]
         return d
 
     def to_json(self) -> str:

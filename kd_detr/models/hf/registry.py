@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from .config import HF_PREFIX, HFModelConfig
+from .hub import is_hub_id, resolve_hub_id
 from .families import FAMILIES, family_of_model_type
 
 __all__ = ["check_safetensors_header", "hf_config", "is_hf_name", "list_hf_models", "read_config_json", "tiny_name",
@@ -97,13 +98,19 @@ def check_safetensors_header(path: Path) -> None:
 
 
 def hf_config(name: str) -> HFModelConfig:
-    """The :class:`HFModelConfig` of ``hf:DIR`` (its ``config.json``; weights from the folder) or of a tiny name.
+    """The :class:`HFModelConfig` of ``hf:DIR`` (its ``config.json``; weights from the folder), of a Hub id
+    ``hf:org/name[@revision]`` (its snapshot folder in the Hub cache, :mod:`kd_detr.models.hf.hub`) or of a tiny name.
 
     A folder is checked before anything is built, each problem in one line naming the file: ``config.json``
     (a JSON object with a supported ``model_type``, integer ``id2label`` keys, at least one query, eager/sdpa
     attention) and the header of every ``.safetensors`` weight file (a truncated file or a bad header)."""
     if name.startswith(HF_PREFIX):
-        folder = Path(name[len(HF_PREFIX):]).expanduser()
+        spec, hub = name[len(HF_PREFIX):], None
+        if is_hub_id(spec):  # org/name[@revision]: a snapshot in the Hub cache (downloaded unless offline)
+            snapshot = resolve_hub_id(spec)
+            folder, hub = snapshot.folder, snapshot.record()
+        else:
+            folder = Path(spec).expanduser()
         cfg_file = folder / "config.json"
         data = read_config_json(cfg_file, name)
         model_type = data.get("model_type")
@@ -123,9 +130,10 @@ def hf_config(name: str) -> HFModelConfig:
         # without it such a family runs at its processor's default (640 px)
         square = data.get("kd_detr_input_size")
         try:
-            return HFModelConfig(name=f"{HF_PREFIX}{folder}", family=family.key, hf_config=data, source=str(folder),
-                                 input_size=None if (family.pixel_mask or not square) else int(square),
-                                 description=f"transformers {family.hf_class} from {folder}").validate()
+            origin = f"the Hub: {spec} at commit {hub['commit']}" if hub else str(folder)
+            return HFModelConfig(name=f"{HF_PREFIX}{spec if hub else folder}", family=family.key, hf_config=data,
+                                 source=str(folder), input_size=None if (family.pixel_mask or not square) else int(square),
+                                 description=f"transformers {family.hf_class} from {origin}", hub=hub).validate()
         except (TypeError, ValueError) as e:
             raise ValueError(f"{cfg_file}: {e}") from None
     families = _tiny_families()

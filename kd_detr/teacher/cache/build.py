@@ -56,7 +56,7 @@ from ..ray_session import actor_options, ensure_ray, from_numpy, shutdown_ray
 from .attention_codec import StoreConfig
 from .fingerprint import dataset_fingerprint, images_problem
 from .lock import CacheLock
-from .manifest import IMAGES_FINGERPRINT, MANIFEST, QUERIES, CacheError, sha256_file
+from .manifest import IMAGES_FINGERPRINT, MANIFEST, QUERIES, CacheError
 from .writer import CacheWriter
 
 log = logging.getLogger("kd_detr.teacher.cache")
@@ -86,7 +86,7 @@ def cache_header(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, stor
                     "checkpoint_sha256": teacher_weights_sha256(spec), "card": spec.card,
                     "precision": spec.precision,
                     "config": teacher_config(spec, label_map), **teacher_family_record(spec)},
-        "dataset": {"annotations": str(dataset.ann_file), "annotations_sha256": sha256_file(dataset.ann_file),
+        "dataset": {"annotations": str(dataset.ann_file), "annotations_sha256": dataset.annotations_sha256(),
                     "image_dir": str(dataset.img_dir), IMAGES_FINGERPRINT: dataset_fingerprint(dataset),
                     "images": len(dataset), "image_size": image_size, "label_map": label_map.to_dict()},
         "plan": plan.to_dict(),
