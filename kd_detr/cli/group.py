@@ -33,10 +33,17 @@ class KdDetrGroup(click.Group):
 
 @click.group(cls=KdDetrGroup)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging and full tracebacks.")
+@click.option("--offline", is_flag=True,
+              help="Download nothing (as KD_DETR_OFFLINE=1): teacher checkpoints, ImageNet backbones and Hub "
+                   "models come from their caches, or the command names the file to fetch.")
 @click.version_option(package_name="kd-detr")
 @click.pass_context
-def main(ctx: click.Context, verbose: bool) -> None:
+def main(ctx: click.Context, verbose: bool, offline: bool) -> None:
     """kd-detr: knowledge distillation for DETR-style object detectors."""
+    if offline:  # read by kd_detr.download and kd_detr.models.hf.hub, in this process and the Ray workers it starts
+        import os
+
+        os.environ["KD_DETR_OFFLINE"] = "1"
     ctx.obj = {"verbose": verbose}
     _setup_logging(verbose)
     from kd_detr.dependencies import untested_warnings

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pathlib import Path
+
 import click
 
 from .group import main
@@ -35,13 +37,21 @@ def train_config_fields(options: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def _backbone_weights(ctx, param, value):
+    """``--backbone-weights``: ``imagenet`` or an existing file."""
+    if value is None or value == "imagenet" or Path(value).is_file():
+        return value
+    raise click.BadParameter(f"{value!r} is neither a file nor 'imagenet'")
+
+
 @main.command("train")
 @click.option("--model", "model_name", default="cond_detr_r18_tiny", show_default=True)
 @click.option("--model-opt", multiple=True, metavar="KEY=VALUE",
               help="Override a model config field (repeatable), e.g. --model-opt num_queries=30; a transformers "
                    "model's nested field by its dotted path, e.g. backbone_config.depths=[2,2,2,2].")
-@click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Local torchvision ImageNet ResNet weights for the backbone.")
+@click.option("--backbone-weights", default=None, metavar="PATH|imagenet", callback=_backbone_weights,
+              help="torchvision ImageNet ResNet weights for the backbone: a local file, or 'imagenet' for "
+                   "torchvision's (IMAGENET1K_V1, as the official code), downloaded on first use into KD_DETR_HOME.")
 @click.option("--init-checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Start from these weights (kd-detr .safetensors or official .pth).")
 @data_options

@@ -31,6 +31,8 @@ __all__ = [
 ]
 
 _REGISTRY: dict[str, ModelConfig] = {}
+# ``backbone_weights`` naming torchvision's ImageNet weights of the model's backbone (downloaded on first use)
+IMAGENET = "imagenet"
 
 
 def register_model(config: ModelConfig) -> ModelConfig:
@@ -77,7 +79,9 @@ def build_model(
         name: a registered model name, ``hf:DIR``, or a :class:`ModelConfig` / :class:`HFModelConfig`.
         num_classes: number of class logits ``C`` (default: the config's, 91 for official models).
         backbone_weights: optional local torchvision ImageNet ResNet state dict
-            (``.pth`` / ``.safetensors``) loaded into the backbone trunk.
+            (``.pth`` / ``.safetensors``) loaded into the backbone trunk, or ``"imagenet"``: torchvision's
+            ImageNet weights of the backbone (what the official code starts from), downloaded on first use into
+            ``KD_DETR_HOME`` (:func:`kd_detr.download.imagenet_backbone`).
         role: ``student`` or ``teacher``, for a transformers folder (``hf:DIR``): a teacher loads every tensor
             of the folder or is refused; a student may re-initialise its class head when ``num_classes``
             differs from the folder's (:func:`kd_detr.models.hf.adapter.build_transformers_model`).
@@ -109,6 +113,10 @@ def build_model(
             freeze_stem=backbone_weights is not None or config.backbone_norm == "frozen_bn"
         )
     model = ConditionalDETR(config)
+    if backbone_weights == IMAGENET:  # torchvision's ImageNet weights of the backbone, downloaded on first use
+        from kd_detr.download import imagenet_backbone
+
+        backbone_weights = str(imagenet_backbone(config.backbone))
     if backbone_weights is not None:
         load_backbone_weights(model.backbone, backbone_weights)
     return model

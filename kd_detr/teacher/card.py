@@ -47,6 +47,7 @@ class TeacherCard:
     checkpoint: str
     format: str = "auto"
     url: str = ""
+    sha256: str = ""  # of the checkpoint file at ``url``: a download must match it
     num_classes: int = 91
     label_map: str = "coco91"
     image_size: int = 0
@@ -68,21 +69,34 @@ class TeacherCard:
             path = Path(self.source).parent / path
         return path
 
-    def require_checkpoint(self) -> Path:
-        """The checkpoint path; ``FileNotFoundError`` saying where to get it when it is missing."""
+    def downloaded_path(self) -> Path | None:
+        """Where the checkpoint at ``url`` is kept once downloaded (``KD_DETR_HOME/teachers/``), or ``None``."""
+        from kd_detr.download import cached_file
+
+        return cached_file("teachers", self.url) if self.url else None
+
+    def require_checkpoint(self, progress: bool = True) -> Path:
+        """The checkpoint: the card's file when present, else the one downloaded from ``url`` into the user cache
+        (fetched now on first use, checked against ``sha256``; never written inside the installed package).
+        Without a file and a url: ``FileNotFoundError`` saying so."""
         path = self.checkpoint_path()
         if path.is_file():
             return path
         where = f"teacher card {self.source}" if self.source else f"teacher card {self.name!r}"
-        get = f"download it from {self.url} to {path}" if self.url else "the card gives no url to download it from"
-        raise FileNotFoundError(f"{where}: teacher checkpoint {path} not found; {get}, "
-                                f"or pass --teacher-checkpoint PATH to use a file elsewhere")
+        if not self.url:
+            raise FileNotFoundError(f"{where}: teacher checkpoint {path} not found and the card gives no url to "
+                                    "download it from; pass --teacher-checkpoint PATH")
+        from kd_detr.download import download
+
+        return download(self.url, self.downloaded_path(), self.sha256 or None, progress=progress)
 
     def describe(self) -> str:
         """One line for listings: architecture, known AP and whether the checkpoint is present."""
         ap = f"{self.known_ap:.1f} AP" if self.known_ap is not None else "AP unknown"
         ref = f" ({self.ap_reference})" if self.ap_reference else ""
-        have = "present" if self.checkpoint_path().is_file() else "missing"
+        cached = self.downloaded_path()
+        have = ("present" if self.checkpoint_path().is_file() else "downloaded" if cached and cached.is_file()
+                else "downloads on first use" if self.url else "missing")
         return f"{self.model}, {ap}{ref}, checkpoint {have}"
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import sys
 
 import pytest
@@ -295,17 +297,28 @@ num_queries = 8
 """
 
 
-def test_custom_card_and_checkpoint(tmp_path):
+def test_custom_card_and_checkpoint(tmp_path, monkeypatch):
+    from kd_detr.download import DownloadError
+
+    monkeypatch.setenv("KD_DETR_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KD_DETR_OFFLINE", "1")
     path = write(tmp_path / "tiny.toml", CARD)
     card = load_card(path)
     assert card.name == "tiny" and card.image_size_preset == 128 and card.known_ap == 30.0
     assert card.model_overrides == {"num_queries": 8} and card.source == path
     expected = tmp_path / "weights" / "teacher.safetensors"
     assert card.checkpoint_path() == expected
-    with pytest.raises(FileNotFoundError) as info:
+    # missing beside the card: downloaded from its url into KD_DETR_HOME, here refused offline in one line
+    with pytest.raises(DownloadError) as info:
         card.require_checkpoint()
     msg = str(info.value)
-    assert str(path) in msg and str(expected) in msg and card.url in msg and "--teacher-checkpoint" in msg
+    assert card.url in msg and str(tmp_path / "home" / "teachers") in msg and "\n" not in msg
+    assert card.describe().endswith("checkpoint downloads on first use")
+    no_url = dataclasses.replace(card, url="")
+    with pytest.raises(FileNotFoundError) as info:
+        no_url.require_checkpoint()
+    msg = str(info.value)
+    assert str(path) in msg and str(expected) in msg and "--teacher-checkpoint" in msg
     expected.parent.mkdir()
     expected.write_bytes(b"")
     assert card.require_checkpoint() == expected
