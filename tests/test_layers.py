@@ -42,6 +42,7 @@ LAYERS: dict[str, int] = {
     "dependencies": 0,
     "errors": 0,
     "pickle_scan": 0,
+    "download": 0,
     # 1: data sets, transforms, collation.
     "data": 1,
     # 2: detector building blocks and their evaluation.
