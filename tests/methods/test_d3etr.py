@@ -277,10 +277,12 @@ def test_distill_resume_and_baseline_and_refusals(synth_data, tmp_path):
     res = runner.invoke(main, ["distill", "--teacher", "nope", "--student", "cond_detr_r10_tiny",
                                "--data", str(synth_data)])
     assert res.exit_code != 0 and "neither a teacher card" in res.output
-    # a shipped card whose official checkpoint is absent names the download url
+    # a shipped card whose official checkpoint is absent (and cannot be downloaded: the tests are offline) names
+    # the download url and where the file goes, in the user cache, not the package
     res = runner.invoke(main, ["distill", "--teacher", "cond_detr_r101", "--student", "cond_detr_r50",
                                "--data", str(synth_data)])
-    assert res.exit_code != 0 and "ConditionalDETR_r101_epoch50.pth" in res.output
+    assert res.exit_code != 0 and "releases/download/v1.0/ConditionalDETR_r101_epoch50.pth" in res.output
+    assert "kd_detr/teachers/ConditionalDETR_r101_epoch50.pth" in res.output
     # a bad recipe key names the key
     res = runner.invoke(main, distill_args(synth_data, tmp_path / "x", teacher, "--set", "distill.pred.temprature=2"))
     assert res.exit_code != 0 and "distill.pred.temprature" in res.output
