@@ -1,7 +1,12 @@
-"""The official Conditional DETR distillation pair on ONE GPU, in at most 8 minutes of wall time.
+"""The official distillation pairs on ONE GPU, each in at most 8 minutes of wall time.
 
     python benchmarks/gpu_official.py --json gpu_official.json                        # on a GPU machine
+    python benchmarks/gpu_official.py --pair realtime --json gpu_realtime.json        # the real-time pair
     python benchmarks/gpu_official.py --smoke --device cpu --rounds 2 --warmup 1      # pipeline check, CPU
+    python benchmarks/gpu_official.py --pair realtime --smoke --device cpu --rounds 2 --warmup 1
+
+``--pair official`` (the default) is the Conditional DETR pair below; ``--pair realtime`` the RT-DETR pair
+(section "The real-time pair" at the end).
 
 Teacher ``cond_detr_r101`` -> student ``cond_detr_r50``, random weights, ``800x1066`` inputs, AMP (float16
 autocast + GradScaler, as ``kd-detr`` trains with ``--amp``), the official optimiser (AdamW, lr 1e-4 / backbone
@@ -38,6 +43,35 @@ drift hits them alike. Random weights and ground truth: timing does not depend o
 ``--smoke`` switches to ``cond_detr_r10_tiny`` teacher and student at 128x128, batch 2, a 16-image cache at
 the 128 px preset, so the whole pipeline can be checked on a CPU in a few minutes.
 Reuses :class:`distill_step.Bench` (models, recipe, optimiser, random batch) and the cache codec.
+
+The real-time pair (``--pair realtime``): an RT-DETR R50-sized teacher -> an RT-DETR R18-sized student, both
+transformers ``RTDetrForObjectDetection`` with random weights, 80 classes, ``640x640`` inputs, AMP (float16
+autocast + GradScaler), the same optimiser; at each batch size of ``--batches`` (default 4, RT-DETR's per-GPU
+batch, and 16, its total batch):
+
+* teacher: ``RTDetrConfig()``'s defaults, which are RT-DETR-R50's (ResNet-50-vd backbone, hybrid encoder 256
+  wide, 6 decoder layers, 300 queries, 100 denoising queries; 42.9 M parameters);
+* student: the same with RT-DETR-R18's backbone and neck (:data:`R18_OVERRIDES`: basic-block ResNet-18, depths
+  ``[2, 2, 2, 2]``, widths 64/128/256/512, encoder input channels 128/256/512, CSP expansion 0.5) and 3
+  decoder layers (20.2 M parameters, as the paper's 20 M);
+* recipes: ``--recipes`` (default: every listed recipe whose methods use a teacher that the pair can run,
+  ``d3etr_cross_family``, ``teach_detr`` and ``d3etr_cross_family_teach`` first; the others, e.g. D3ETR's
+  Fixed Matching or attention KD, which an RT-DETR student cannot run, are listed as skipped with the reason);
+* per round: the baseline step, the teacher forward, then each recipe's step with the teacher in process and
+  its step from a cache entry (encoded outside the timer with ``--classes``, default ``topk:4``, attention
+  none for recipes that need none; decoded inside the timer), recipes in a rotating order: exactly
+  :class:`hf_distill_step.PairBench`, whose module docstring has the details (Teach-DETR's targets: the
+  teacher's 7 most confident boxes per image, ``--teach-targets``);
+* peak GPU memory: each recipe's step in process (everything resident), the teacher forward (its weights + the
+  batch + what its forward allocates), then, the teacher moved off the GPU, the baseline and each recipe's
+  from-cache step;
+* ratios ``step / (baseline + teacher)`` (target <= 1.35) and ``from cache / baseline`` per recipe.
+
+No cache build for this pair (``--cache-images`` must stay 0). The same time budget applies: timed rounds
+stop being added when it is near, a batch size that would not fit is skipped. ``--smoke`` runs the RT-DETR
+quickstart's pair instead (the shipped RT-DETR teacher's architecture, random weights, ->
+``hf_rt_detr_tiny``, 5 classes) at 128x128, batch 2, and first builds the full-size teacher and student once
+on the CPU (their parameter counts are reported), so the whole path is checked on a CPU in about a minute.
 """
 
 from __future__ import annotations
@@ -63,7 +97,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from distill_step import Bench  # noqa: E402  (models, recipe, optimiser and random batch of the step benchmark)
+from distill_step import Bench, needs_features  # noqa: E402  (models, recipe, optimiser, random batch of the step benchmark)
+import hf_distill_step as hfd  # noqa: E402  (the per-recipe pair bench of the real-time pair)
 
 from kd_detr.engine.step import batch_losses  # noqa: E402
 from kd_detr.matcher import HungarianMatcher, indices_to_assignment  # noqa: E402
@@ -76,6 +111,13 @@ OFFICIAL = {"teacher": "cond_detr_r101", "student": "cond_detr_r50", "size": "80
 SMOKE = {"teacher": "cond_detr_r10_tiny", "student": "cond_detr_r10_tiny", "size": "128x128", "batches": "2",
          "cache_images": 16, "cache_image_size": 128}
 PHASES = ("baseline", "teacher", "d3etr", "cache", "decode")
+REALTIME = {"size": "640x640", "batches": "4,16", "cache_images": 0}
+REALTIME_SMOKE = {"size": "128x128", "batches": "2", "cache_images": 0}
+REALTIME_CLASSES = 80  # COCO's
+# RT-DETR-R18 (rtdetr_r18vd): basic-block ResNet-18-vd, its neck's input widths and CSP expansion, 3 decoder layers
+R18_OVERRIDES = {"backbone_config.layer_type": "basic", "backbone_config.depths": [2, 2, 2, 2],
+                 "backbone_config.hidden_sizes": [64, 128, 256, 512], "encoder_in_channels": [128, 256, 512],
+                 "hidden_expansion": 0.5, "decoder_layers": 3}
 
 
 def elapsed() -> float:
@@ -95,7 +137,8 @@ class OfficialBench(Bench):
     def __init__(self, args):
         super().__init__(args)
         self.scaler = torch.amp.GradScaler("cuda") if args.amp else None
-        self.store = StoreConfig.parse(args.attention, classes=args.classes)
+        feats = {"features": True} if needs_features(self.methods) else {}  # kd-detr cache --features
+        self.store = StoreConfig.parse(args.attention, classes=args.classes, **feats)
         self.stored: dict[str, torch.Tensor] = {}
         self.query_embed: torch.Tensor | None = None
 
@@ -140,7 +183,7 @@ class OfficialBench(Bench):
         teacher_out = self.decode()
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.args.amp):
             total, _, _, _ = batch_losses(self.student, self.criterion, self.images, self.mask, self.targets,
-                                          [self.kd], teacher_out)
+                                          self.methods, teacher_out)
         self._update(total)
 
 
@@ -180,10 +223,10 @@ def bench_batch(args, batch: int, deadline: float) -> dict:
         t_round = elapsed()
         for name, fn in phases.items():
             if name == "d3etr":
-                b.kd.match_seconds = {"adaptive": 0.0, "gt": 0.0}
+                b.reset_matching()
             times[name].append(b.timed(fn))
             if name == "d3etr":
-                match.append(sum(b.kd.match_seconds.values()))
+                match.append(sum(b.matching().values()))
         t_round = elapsed() - t_round
         # the memory pass runs every phase about twice more: keep room for it and one more round
         mem_est = 2.2 * t_round if args.device.startswith("cuda") else 0.0
@@ -217,6 +260,152 @@ def bench_batch(args, batch: int, deadline: float) -> dict:
         torch.cuda.empty_cache()
     say(f"batch {batch}: {row['rounds']} rounds, {row['total_s']:.1f} s")
     return row
+
+
+# ------------------------------------------------------------------------------------- real-time pair
+
+
+def realtime_configs(input_size: int = 640):
+    """``(teacher, student)`` :class:`HFModelConfig` of the full-size pair: RT-DETR-R50 (``RTDetrConfig()``'s
+    defaults) and RT-DETR-R18 (:data:`R18_OVERRIDES`), random initialisation."""
+    import dataclasses
+
+    from transformers import RTDetrConfig
+
+    from kd_detr.models.hf.config import HFModelConfig
+
+    teacher = HFModelConfig(name="rt_detr_r50 (random init)", family="rt_detr",
+                            hf_config=RTDetrConfig(num_labels=REALTIME_CLASSES).to_dict(),
+                            input_size=input_size,
+                            description="transformers RTDetrForObjectDetection, RT-DETR-R50 sized").validate()
+    student = dataclasses.replace(teacher, name="rt_detr_r18 (random init)",
+                                  description="transformers RTDetrForObjectDetection, RT-DETR-R18 sized")
+    return teacher, student.replace(**R18_OVERRIDES)
+
+
+def realtime_pair(args) -> tuple[tuple, tuple, int]:
+    """``(teacher, overrides), (student, overrides), classes`` of ``--pair realtime`` (``--smoke``: the RT-DETR
+    quickstart's tiny pair)."""
+    if args.smoke:
+        return hfd.card_architecture(hfd.RT_TEACHER_CARD), hfd.STUDENT, hfd.NUM_CLASSES
+    teacher, student = realtime_configs(max(args.hw))
+    return (teacher, {}), (student, {}), REALTIME_CLASSES
+
+
+def count_full_size() -> dict:
+    """Build the full-size real-time teacher and student once on the CPU (a --smoke check of their configs)."""
+    from kd_detr.models import build_model
+
+    out = {}
+    for role, cfg in zip(("teacher", "student"), realtime_configs()):
+        m = build_model(cfg, num_classes=REALTIME_CLASSES)
+        out[role] = {"name": cfg.name, "params_m": sum(p.numel() for p in m.parameters()) / 1e6,
+                     "decoder_layers": m.config.dec_layers, "queries": m.config.num_queries}
+        del m
+    return out
+
+
+def realtime_memory(b) -> dict:
+    """Peak GPU MB of each phase (see the module docstring); the teacher ends up off the GPU."""
+    mem = {}
+    for name, run in b.runs.items():
+        mem[f"{name}:step"], _ = cuda_peak(run.step)  # everything resident: the in-process training process
+    inputs = tensor_mb([b.images, b.mask])
+    teacher_w = tensor_mb([*b.teacher_model.parameters(), *b.teacher_model.buffers()])
+    peak, before = cuda_peak(b.teacher_forward)
+    mem["teacher"] = peak - before + teacher_w + inputs
+    b.teacher_model.to("cpu")  # a baseline or from-cache process holds no teacher
+    mem["baseline"], _ = cuda_peak(b.baseline)
+    for name, run in b.runs.items():
+        if run.cache_error is None and run.entry is not None:
+            mem[f"{name}:from_cache"], _ = cuda_peak(run.from_cache)
+    return mem
+
+
+def bench_realtime_batch(args, batch: int, deadline: float, recipes: dict) -> dict:
+    """Every phase of the real-time pair at one batch size; timed rounds are added while they fit."""
+    t_start = elapsed()
+    teacher, student, classes = realtime_pair(args)
+    data = hfd.random_batch(batch, args.hw, args.device, classes)
+    b = hfd.PairBench(teacher, student, data, recipes, device=args.device, amp=args.amp, hw=args.hw,
+                      num_classes=classes, attention=args.attention, classes=args.classes,
+                      log=lambda msg: say(f"batch {batch}: {msg}"))
+    say(f"batch {batch}: models built, {len(b.runs)} recipes run ({', '.join(b.runs)}), "
+        f"{len(b.skipped)} skipped")
+    for i in range(args.warmup):
+        b.round(None, rotate=i)
+    times = b.new_times()
+    t_setup = elapsed() - t_start
+    while len(times["baseline"]) < args.rounds:
+        t_round = elapsed()
+        b.round(times, rotate=len(times["baseline"]))
+        t_round = elapsed() - t_round
+        mem_est = 2.2 * t_round if args.device.startswith("cuda") else 0.0  # the memory pass: 2 runs of each phase
+        if T0 + elapsed() + t_round + mem_est > deadline:
+            break
+    row = {"batch": batch, "setup_s": t_setup, **b.summary(times)}
+    if b.scaler is not None:
+        row["grad_scale_end"] = float(b.scaler.get_scale())
+    if args.device.startswith("cuda"):
+        try:
+            mem = realtime_memory(b)
+        except Exception as e:  # noqa: BLE001 - the times stand without the memory figures
+            row["memory_error"] = hfd._one_line(e)
+        else:
+            row["mem_baseline_mb"], row["mem_teacher_mb"] = mem["baseline"], mem["teacher"]
+            for name, r in row["recipes"].items():
+                if f"{name}:step" in mem:
+                    r["mem_step_mb"] = mem[f"{name}:step"]
+                    r["mem_ratio_step_over_baseline_plus_teacher"] = r["mem_step_mb"] / (mem["baseline"]
+                                                                                         + mem["teacher"])
+                if f"{name}:from_cache" in mem:
+                    r["mem_from_cache_mb"] = mem[f"{name}:from_cache"]
+                    r["mem_ratio_from_cache_over_baseline"] = r["mem_from_cache_mb"] / mem["baseline"]
+    row["total_s"] = elapsed() - t_start
+    del b
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    say(f"batch {batch}: {row['rounds']} rounds, {row['total_s']:.1f} s")
+    return row
+
+
+def report_realtime(res: dict) -> str:
+    c = res["config"]
+    lines = [f"## {c['teacher']} -> {c['student']}, {c['size']}, {res['device_name']}{', AMP' if c['amp'] else ''}; "
+             f"torch {res['torch']}; medians of the timed rounds; recipe overrides: "
+             f"{', '.join(res['recipe_overrides']) or 'none'}", ""]
+    if "full_size_models" in res:
+        lines += ["full-size models built on the CPU: " + "; ".join(
+            f"{r} {m['name']}: {m['params_m']:.1f} M parameters, {m['decoder_layers']} decoder layers, "
+            f"{m['queries']} queries" for r, m in res["full_size_models"].items()), ""]
+    pairs = {}
+    for r in res["rows"]:
+        if "skipped" in r:
+            lines.append(f"batch {r['batch']}: skipped ({r['skipped']})")
+        else:
+            pairs[f"{r['batch']} ({r['rounds']} rounds)"] = r
+    lines += hfd.table(pairs, first="batch")
+    mem_rows = [r for r in res["rows"] if "mem_baseline_mb" in r]
+    if mem_rows:
+        lines += ["", "| batch | recipe | peak GPU MB: baseline | teacher fwd | step (in process) | from cache | "
+                  "step / (baseline + teacher) | from cache / baseline |", "|---|---|---|---|---|---|---|---|"]
+        for r in mem_rows:
+            for name, x in r["recipes"].items():
+                fc = (f"{x['mem_from_cache_mb']:.0f} | {x['mem_ratio_from_cache_over_baseline']:.2f}x"
+                      if "mem_from_cache_mb" in x else "n/a | n/a")
+                lines.append(f"| {r['batch']} | {name} | {r['mem_baseline_mb']:.0f} | {r['mem_teacher_mb']:.0f} | "
+                             f"{x.get('mem_step_mb', float('nan')):.0f} | {fc.split(' | ')[0]} | "
+                             f"{x.get('mem_ratio_step_over_baseline_plus_teacher', float('nan')):.2f}x | "
+                             f"{fc.split(' | ')[1]} |")
+    elif any("memory_error" in r for r in res["rows"]):
+        lines += ["", "peak GPU memory: " + "; ".join(f"batch {r['batch']}: {r['memory_error']}"
+                                                      for r in res["rows"] if "memory_error" in r)]
+    else:
+        lines += ["", "peak GPU memory: not measured (not a CUDA device)"]
+    if res.get("not_measured"):
+        lines += ["", "not measured: " + ", ".join(f"{k} ({v})" for k, v in res["not_measured"].items())]
+    lines += ["", f"wall time {res['wall_s']:.0f} s of a {c['time_budget_s']:.0f} s budget"]
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------- cache build
@@ -348,11 +537,18 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (cpu only makes sense with --smoke)")
-    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 2,8; --smoke 2)")
-    ap.add_argument("--size", default=None, help="HxW of the input batch (default 800x1066; --smoke 128x128)")
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 2,8; --pair realtime 4,16; --smoke 2)")
+    ap.add_argument("--size", default=None, help="HxW of the input batch (default 800x1066; --pair realtime 640x640; --smoke 128x128)")
+    ap.add_argument("--pair", default="official", choices=("official", "realtime"),
+                    help="official: Conditional DETR R101 -> R50 (default); realtime: RT-DETR R50 -> R18 at 640x640")
+    ap.add_argument("--recipes", default=None,
+                    help="--pair realtime: comma list of recipes (default: every listed recipe that uses a teacher)")
+    ap.add_argument("--teach-targets", type=int, default=hfd.TEACH_TARGETS,
+                    help=f"teacher boxes per image for Teach-DETR (default {hfd.TEACH_TARGETS}; 0: the recipe's "
+                         "score threshold)")
     ap.add_argument("--teacher", default=None, help="default cond_detr_r101 (--smoke cond_detr_r10_tiny)")
     ap.add_argument("--student", default=None, help="default cond_detr_r50 (--smoke cond_detr_r10_tiny)")
-    ap.add_argument("--recipe", default="d3etr")
+    ap.add_argument("--recipe", default="d3etr", help="--pair official: any recipe that uses a teacher (default d3etr)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
     ap.add_argument("--attention", default=DEFAULT_ATTENTION_SPEC, help="cache attention codec (kd-detr cache --attention)")
     ap.add_argument("--classes", default=DEFAULT_CLASSES_SPEC, help="cache class storage (kd-detr cache --classes)")
@@ -371,12 +567,24 @@ def main() -> None:
     ap.add_argument("--cache-image-size", type=int, default=None,
                     help="image-size preset of the cache data, 0 = official 800/1333 (default; --smoke 128)")
     ap.add_argument("--no-amp", action="store_true", help="float32 on CUDA too")
-    ap.add_argument("--smoke", action="store_true", help="tiny models at 128x128, batch 2: a CPU check of the pipeline")
+    ap.add_argument("--smoke", action="store_true", help="tiny models at 128x128, batch 2: a CPU check of the pipeline (either pair)")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args()
-    for k, v in (SMOKE if args.smoke else OFFICIAL).items():
-        if getattr(args, k) is None:
+    realtime = args.pair == "realtime"
+    if realtime:
+        if args.teacher or args.student:
+            sys.exit("gpu_official.py: --pair realtime has its own teacher and student; drop --teacher/--student")
+        if args.cache_images:
+            sys.exit("gpu_official.py: --pair realtime runs no cache build; drop --cache-images")
+    defaults = (REALTIME_SMOKE if args.smoke else REALTIME) if realtime else (SMOKE if args.smoke else OFFICIAL)
+    for k, v in defaults.items():
+        if getattr(args, k, None) is None:
             setattr(args, k, v)
+    if realtime:
+        t, s = realtime_pair(argparse.Namespace(smoke=args.smoke, hw=(640, 640)))[:2]
+        args.teacher, args.student = hfd.model_label(t[0]), hfd.model_label(s[0])
+        if args.smoke:
+            args.teacher += " (shipped card's architecture, random init)"
 
     if args.device.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -397,10 +605,19 @@ def main() -> None:
     device_name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
                    else f"CPU, {torch.get_num_threads()} threads")
     res: dict = {"device_name": device_name, "torch": torch.__version__,
-                 "config": {k: getattr(args, k) for k in ("teacher", "student", "size", "batches", "recipe", "set",
-                                                          "attention", "amp", "device", "rounds", "warmup",
-                                                          "time_budget_s", "cache_reserve_s", "smoke")},
+                 "config": {k: getattr(args, k) for k in ("pair", "teacher", "student", "size", "batches", "recipe",
+                                                          "set", "attention", "classes", "amp", "device", "rounds",
+                                                          "warmup", "time_budget_s", "cache_reserve_s", "smoke")},
                  "rows": []}
+    if realtime:
+        names = [r.strip() for r in args.recipes.split(",") if r.strip()] if args.recipes else None
+        recipes, res["not_measured"] = hfd.teacher_recipes(names, args.set, args.teach_targets)
+        res["config"]["recipes"] = list(recipes)
+        res["recipe_overrides"] = [*(f"{k}={v}" for k, v in hfd.timing_overrides(args.teach_targets).items()),
+                                   *args.set]
+        if args.smoke:
+            say("smoke: building the full-size real-time teacher and student once on the CPU")
+            res["full_size_models"] = count_full_size()
     prev = None
     for i, batch in enumerate(batches):
         now = time.perf_counter()
@@ -412,7 +629,10 @@ def main() -> None:
                 say(f"batch {batch}: skipped (time budget)")
                 continue
         share = batch / sum(batches[i:])  # bigger batches get a bigger share of what is left
-        row = bench_batch(args, batch, now + max(left, 0.0) * share)
+        if realtime:
+            row = bench_realtime_batch(args, batch, now + max(left, 0.0) * share, recipes)
+        else:
+            row = bench_batch(args, batch, now + max(left, 0.0) * share)
         res["rows"].append(row)
         prev = row
     if args.cache_images:
@@ -422,7 +642,7 @@ def main() -> None:
         else:
             res["cache_build"] = run_cache_build(args, timeout)
     res["wall_s"] = elapsed()
-    print(report(res), flush=True)
+    print(report_realtime(res) if realtime else report(res), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=str))
 
