@@ -8,7 +8,8 @@ parameter groups, warm-up, schedule, clipping, EMA); ``official`` is ``--preset 
 (``--resume auto``); a finished one is read back, not redone. The two presets of a seed run side by side
 (``--parallel 2``, one core each), so a pair shares the host's load.
 
-Prints, and writes to ``WORK/preset_baselines.md``, per family: AP mean ± std over seeds for each preset, the
+Prints, and writes to ``WORK/preset_baselines.md``, per family: AP mean ± std over seeds for each preset (and of
+the preset run's raw weights beside its EMA), the
 paired gain (preset - official, per seed and mean ± std) and the mean step time of each preset.
 
     python benchmarks/preset_baselines.py --work runs/preset_baselines --seeds 0,1,2
@@ -72,7 +73,19 @@ def run_one(data: Path, work: Path, family: str, preset: str, seed: int, iters: 
         if rc != 0:
             raise RuntimeError(f"{family} {preset} seed {seed} failed (rc {rc}); see {out.parent}/seed{seed}.log")
     m = finished(out, iters)
-    return {"family": family, "preset": preset, "seed": seed, "AP": 100 * m["AP"], "step_s": step_time(out)}
+    return {"family": family, "preset": preset, "seed": seed, "AP": 100 * m["AP"], "raw_AP": raw_ap(out),
+            "step_s": step_time(out)}
+
+
+def raw_ap(out: Path) -> float | None:
+    """AP (%) of the raw weights at the run's last evaluation (``eval_raw/AP``: logged when the run keeps an EMA,
+    whose AP is the run's), else ``None``."""
+    value = None
+    for line in (out / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("eval_raw/AP") is not None:
+            value = 100 * rec["eval_raw/AP"]
+    return value
 
 
 def mean_std(xs: list[float]) -> str:
@@ -84,17 +97,19 @@ def mean_std(xs: list[float]) -> str:
 
 
 def table(rows: list[dict], seeds: list[int]) -> str:
-    lines = ["| family | preset AP | official AP | gain (preset - official) per seed | gain mean ± std | "
-             "s / step (preset / official) |", "|---|---|---|---|---|---|"]
+    lines = ["| family | preset AP | preset raw-weights AP | official AP | gain (preset - official) per seed | "
+             "gain mean ± std | s / step (preset / official) |", "|---|---|---|---|---|---|---|"]
     for family in dict.fromkeys(r["family"] for r in rows):
         ap = {(r["preset"], r["seed"]): r for r in rows if r["family"] == family}
         own = [ap[("auto", s)]["AP"] for s in seeds if ("auto", s) in ap]
+        raw = [ap[("auto", s)]["raw_AP"] for s in seeds if ("auto", s) in ap and ap[("auto", s)]["raw_AP"] is not None]
         off = [ap[("official", s)]["AP"] for s in seeds if ("official", s) in ap]
         gains = [ap[("auto", s)]["AP"] - ap[("official", s)]["AP"] for s in seeds
                  if ("auto", s) in ap and ("official", s) in ap]
         steps = [statistics.mean([r["step_s"] for (p, _), r in ap.items() if p == preset and r["step_s"]] or [0])
                  for preset in ("auto", "official")]
-        lines.append(f"| {family} | {mean_std(own)} | {mean_std(off)} | {' / '.join(f'{g:+.1f}' for g in gains)} | "
+        lines.append(f"| {family} | {mean_std(own)} | {mean_std(raw)} | {mean_std(off)} | "
+                     f"{' / '.join(f'{g:+.1f}' for g in gains)} | "
                      f"{mean_std(gains) if len(gains) > 1 else (f'{gains[0]:+.1f}' if gains else 'n/a')} | "
                      f"{steps[0]:.3f} / {steps[1]:.3f} |")
     return "\n".join(lines)
@@ -132,7 +147,8 @@ def main() -> None:
                   f"{row['step_s']:.3f} s/step", flush=True)
     md = (f"# Real-time tiny students: own preset vs official, {args.iters} iterations, batch 8, seeds {seeds}\n\n"
           f"{table(rows, seeds)}\n\nAP in % (COCOeval bbox, the quickstart's 100 validation images) of the run's "
-          "model (the EMA where the preset keeps one); `preset` = `kd-detr train --preset auto` (the family's "
+          "model (the EMA where the preset keeps one; the raw weights' AP beside it); `preset` = `kd-detr train --preset "
+          "auto` (the family's "
           f"own), `official` = `--preset official`; {threads} torch thread(s) per run, {args.parallel} at a time.\n")
     write_text_atomic(work / "preset_baselines.md", md)
     print(md)
