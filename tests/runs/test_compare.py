@@ -49,6 +49,12 @@ def test_compare_table_csv_plots_resume_and_failure(synth_data, tmp_path):
     assert "| baseline |" in md and "failed" in md
     for png in ("ap_curve.png", "losses.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # the gallery: 4 validation images x (ground truth, teacher, baseline, d3etr, broken: n/a), and a title band
+    from PIL import Image
+
+    assert str(out / "gallery.png") in res.output
+    with Image.open(out / "gallery.png") as gallery:
+        assert gallery.size == (1300, 1080)
     # the loss plot has a panel per method objective some run logged (here D3ETR's only)
     from kd_detr.runs.compare import _method_totals
 

@@ -1,5 +1,5 @@
 """Pictures of detections: boxes drawn where the detections are (kd_detr/runs/pictures.py), `kd-detr predict
---draw`, and the comparison gallery of `kd-detr compare`."""
+--draw`, and the gallery's layout (`kd-detr compare` writing it: tests/runs/test_compare.py)."""
 
 from __future__ import annotations
 
@@ -68,19 +68,3 @@ def test_predict_draw_writes_each_image_with_its_boxes(synth_data, student_check
     assert res.exit_code == 0, res.output
     with Image.open(tmp_path / "none" / f"{img.stem}.png") as drawn, Image.open(img) as original:
         assert (np.asarray(drawn.convert("RGB")) == np.asarray(original.convert("RGB"))).all()
-
-
-def test_compare_writes_the_gallery(synth_data, tmp_path):
-    teacher = save_teacher(tmp_path, synth_data)
-    out = tmp_path / "cmp"
-    res = CliRunner().invoke(main, [
-        "compare", "--teacher", "cond_detr_r10_tiny", "--teacher-checkpoint", str(teacher), "--student",
-        "cond_detr_r10_tiny", "--student-opt", "num_queries=10", "--student-opt", "dim_feedforward=128",
-        "--recipes", "baseline,logits_kd", "--budget", "2", "--eval-points", "1", "--data", str(synth_data),
-        "--image-size", "64", "--num-workers", "0", "--out", str(out), "--no-progress", "--no-ray",
-        "--set", "train.batch_size=4"])
-    assert res.exit_code == 0, res.output
-    assert str(out / "gallery.png") in res.output
-    with Image.open(out / "gallery.png") as im:
-        # 4 rows (validation images), 4 columns: ground truth, teacher, baseline, logits_kd; the title's band
-        assert im.size == (1040, 1080)
