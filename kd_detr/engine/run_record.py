@@ -43,15 +43,18 @@ COMMAND_ENV = "KD_DETR_COMMAND"
 
 
 def hub_models(config: dict[str, Any]) -> dict[str, Any]:
-    """For each Hub id among the run's models (``model``, ``teacher``: ``hf:org/name[@revision]``), the commit it
-    resolved to and its weight files' SHA-256, so the record names exactly which weights were used."""
+    """For each Hub id among the run's models (the student ``train.model``, the teacher spec's ``model``:
+    ``hf:org/name[@revision]``), the commit it resolved to and its weight files' SHA-256, so the record names
+    exactly which weights were used."""
+    from kd_detr.models.hf.config import HF_PREFIX
     from kd_detr.models.hf.hub import is_hub_id, resolve_hub_id
 
+    names = [(config.get("train") or {}).get("model"), (config.get("teacher") or {}).get("model")]
     out = {}
-    for key in ("model", "teacher"):
-        name = config.get(key)
-        if isinstance(name, str) and name.startswith("hf:") and is_hub_id(name[3:]):
-            out[name] = resolve_hub_id(name[3:]).record()  # resolved once per process: no second download
+    for name in names:
+        if isinstance(name, str) and name.startswith(HF_PREFIX) and is_hub_id(name[len(HF_PREFIX):]):
+            snapshot = resolve_hub_id(name[len(HF_PREFIX):])  # resolved once per process: no second download
+            out[f"{HF_PREFIX}{snapshot.repo_id}"] = snapshot.record()
     return out
 
 

@@ -91,7 +91,36 @@ def test_the_run_record_names_the_hub_weights(hub_cache):
     from kd_detr.engine.run_record import run_record
 
     _snapshot(hub_cache, "acme/rtdetr-tiny", COMMIT_B, seed=1)
-    record = run_record({"model": "hf:acme/rtdetr-tiny", "teacher": None})
+    record = run_record({"train": {"model": "hf:acme/rtdetr-tiny"}, "teacher": None})
     assert record["hub"]["hf:acme/rtdetr-tiny"]["commit"] == COMMIT_B
-    assert "hub" not in run_record({"model": "hf_rt_detr_tiny"})
+    assert "hub" not in run_record({"train": {"model": "hf_rt_detr_tiny"}})
     json.dumps(record)  # JSON-safe
+
+
+def test_distill_from_a_hub_teacher_on_a_yolo_data_set(hub_cache, synth_data, tmp_path):
+    """The user's path, offline: `kd-detr distill --teacher hf:org/name --student hf_rt_detr_tiny --data
+    data.yaml`, the teacher's classes mapped onto the YOLO names by name, and the run's record naming the commit."""
+    from click.testing import CliRunner
+
+    from kd_detr.cli import main
+    from tests.data.test_yolo import export_yolo
+
+    yaml = export_yolo(synth_data, tmp_path / "yolo")
+    names = json.loads((synth_data / "annotations" / "instances_train2017.json").read_text())["categories"]
+    folder = hub_cache / "models--acme--shapes-rtdetr" / "snapshots" / COMMIT_A
+    with hub_offline_and_quiet():
+        torch.manual_seed(0)
+        config = TINY_CONFIGS["rt_detr"](num_labels=len(names) + 1, num_queries=6)
+        config.id2label = {0: "unrelated", **{i + 1: c["name"].upper() for i, c in enumerate(names)}}
+        config.label2id = {v: k for k, v in config.id2label.items()}
+        getattr(transformers, FAMILIES["rt_detr"].hf_class)(config).save_pretrained(folder)
+    (folder.parent.parent / "refs").mkdir()
+    (folder.parent.parent / "refs" / "main").write_text(COMMIT_A)
+    res = CliRunner().invoke(main, [
+        "distill", "--teacher", "hf:acme/shapes-rtdetr", "--student", "hf_rt_detr_tiny", "--recipe", "teach_detr",
+        "--data", str(yaml), "--image-size", "64", "--num-workers", "0", "--output-dir", str(tmp_path / "run"),
+        "--no-progress", "--set", "train.batch_size=4", "--set", "train.max_iters=1",
+        "--set", "train.eval_every_epochs=0", "--set", "teach_detr.score_threshold=0.0"])
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["hub"]["hf:acme/shapes-rtdetr"]["commit"] == COMMIT_A
