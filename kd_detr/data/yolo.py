@@ -15,7 +15,8 @@ is an image without objects. Split paths that start with ``../`` and do not exis
 root, as Ultralytics does for Roboflow's exports (``train: ../train/images`` beside ``data.yaml``).
 
 :class:`YoloSplit` names one split; :meth:`YoloSplit.load` returns the COCO dict (category ``c`` of ``names``
-is category id ``c + 1`` named ``names[c]``; images numbered from 1 in path order; ``width``/``height`` of
+is named ``names[c]``, with id ``c + 1``, or its COCO id when every name is a COCO category's (:func:`category_ids`);
+images numbered from 1 in path order; ``width``/``height`` of
 the file as read, i.e. after its EXIF orientation), so pycocotools evaluates it exactly as a COCO
 conversion of the same data (``kd-detr data convert --from yolo --to coco`` writes that conversion).
 A bad label line (field count other than 5, a class outside ``names``, a value outside ``[0, 1]`` or not a
@@ -38,8 +39,8 @@ from typing import Any, Optional
 from .dataset_error import DatasetError, one_line
 from .images import oriented_size
 
-__all__ = ["IMAGE_SUFFIXES", "YoloLayout", "YoloSplit", "convert_to_coco", "is_yolo_data", "label_path",
-           "read_data_yaml", "yolo_data_yaml"]
+__all__ = ["IMAGE_SUFFIXES", "YoloLayout", "YoloSplit", "category_ids", "convert_to_coco", "is_yolo_data",
+           "label_path", "read_data_yaml", "yolo_data_yaml"]
 
 logger = logging.getLogger("kd_detr.data.coco")
 
@@ -199,8 +200,10 @@ class YoloSplit:
         base = Path(os.path.commonpath([str(p.parent) for p in images]))
         coco: dict[str, Any] = {
             "info": {"description": f"YOLO data set {layout.yaml}, split {self.split}"}, "licenses": [],
-            "categories": [{"id": i + 1, "name": n, "supercategory": ""} for i, n in enumerate(layout.names)],
+            "categories": [{"id": cid, "name": n, "supercategory": ""}
+                           for cid, n in zip(category_ids(layout.names), layout.names)],
             "images": [], "annotations": []}
+        ids = category_ids(layout.names)
         skipped: Counter = Counter()
         examples: list[str] = []
         for image_id, path in enumerate(images, start=1):
@@ -215,7 +218,7 @@ class YoloSplit:
                                    "width": width, "height": height})
             for cls, cx, cy, w, h in self._labels(label_path(path), len(layout.names), skipped, examples):
                 coco["annotations"].append({
-                    "id": len(coco["annotations"]) + 1, "image_id": image_id, "category_id": cls + 1,
+                    "id": len(coco["annotations"]) + 1, "image_id": image_id, "category_id": ids[cls],
                     "bbox": [(cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height],
                     "area": w * width * h * height, "iscrowd": 0})
         if skipped:
@@ -250,6 +253,18 @@ class YoloSplit:
         """A digest of the annotations this split yields (what a cache manifest records for an annotation file)."""
         text = json.dumps(self.load(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
+
+
+def category_ids(names: tuple[str, ...]) -> list[int]:
+    """The COCO category id of each class: COCO's own ids when every name is a COCO category name (Ultralytics'
+    coco.yaml and exports of COCO subsets: then ``--label-map coco91`` and official COCO checkpoints line up),
+    else ``1..N`` in ``names`` order."""
+    from .label_map import COCO_CATEGORIES
+
+    coco = {c["name"]: int(c["id"]) for c in COCO_CATEGORIES}
+    if all(n in coco for n in names):
+        return [coco[n] for n in names]
+    return list(range(1, len(names) + 1))
 
 
 def _check_line(fields: list[str], num_classes: int) -> tuple[Optional[str], Any]:

@@ -231,3 +231,24 @@ def test_exif_orientation_is_applied_when_images_are_read(tmp_path):
     shutil.copy(tmp_path / "img" / "a.jpg", tmp_path / "y/images/train/a.jpg")
     (tmp_path / "y/data.yaml").write_text("train: images/train\nnames: [red]\n")
     assert YoloSplit(str(tmp_path / "y/data.yaml"), "train").load()["images"][0]["width"] == 60
+
+
+def test_coco_names_get_coco_category_ids_so_official_label_maps_line_up(tmp_path):
+    """names that are all COCO categories (Ultralytics' coco.yaml, a COCO subset) keep COCO's ids: with
+    `--label-map coco91` class slot = COCO id, as the official checkpoints index them."""
+    from kd_detr.data import LabelMap
+
+    root = tmp_path / "ds"
+    (root / "images/train").mkdir(parents=True)
+    (root / "labels/train").mkdir(parents=True)
+    Image.new("RGB", (40, 30)).save(root / "images/train/a.png")
+    (root / "labels/train/a.txt").write_text("1 0.5 0.5 0.5 0.5\n2 0.5 0.5 0.2 0.2\n")
+    (root / "data.yaml").write_text("train: images/train\nnames: [person, traffic light, dog]\n")
+    coco = YoloSplit(str(root / "data.yaml"), "train").load()
+    assert [(c["id"], c["name"]) for c in coco["categories"]] == [(1, "person"), (10, "traffic light"), (18, "dog")]
+    assert [a["category_id"] for a in coco["annotations"]] == [10, 18]
+    raw = LabelMap.raw_ids(coco["categories"])
+    assert raw.to_index(10) == 10 and raw.name_of_index(18) == "dog"
+    # one name outside COCO: ids 1..N in names order
+    (root / "data.yaml").write_text("train: images/train\nnames: [person, widget, dog]\n")
+    assert [c["id"] for c in YoloSplit(str(root / "data.yaml"), "train").load()["categories"]] == [1, 2, 3]
