@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .group import main
-from .options import partial_weights_option, teacher_precision_option
+from .options import partial_weights_option, skip_bad_labels_option, teacher_precision_option
 
 # `kd-detr cache`'s storage defaults: kd_detr.teacher.cache.attention_codec.DEFAULT_ATTENTION_SPEC /
 # DEFAULT_CLASSES_SPEC, spelled out here so that `--help` does not import torch (a test asserts they agree)
@@ -16,12 +16,13 @@ DEFAULT_CLASSES_SPEC = "topk:4"
 @main.group("cache", invoke_without_command=True)
 @click.option("--teacher", default=None, help="Teacher card name, or a model name with --teacher-checkpoint.")
 @click.option("--teacher-checkpoint", type=click.Path(exists=True, dir_okay=False), default=None)
-@click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
-              help="COCO tree whose training split is cached.")
+@click.option("--data", type=click.Path(exists=True), default=None,
+              help="COCO tree or YOLO data set (data.yaml or its folder) whose training split is cached.")
 @click.option("--train-ann", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--train-images", type=click.Path(exists=True, file_okay=False), default=None)
 @click.option("--image-size", type=int, default=None, help="Small-image preset (as in distill); default official sizes.")
 @click.option("--label-map", type=click.Choice(["contiguous", "coco91"]), default="contiguous", show_default=True)
+@skip_bad_labels_option
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Cache folder.")
 @click.option("--views", type=int, default=4, show_default=True, help="Recorded augmentation views per image (K).")
 @click.option("--view-seed", type=int, default=0, show_default=True)
@@ -35,6 +36,9 @@ DEFAULT_CLASSES_SPEC = "topk:4"
 @click.option("--classes", default=DEFAULT_CLASSES_SPEC, show_default=True,
               help="Class logits: dense | topk:K | topk:K:REST (each query's K largest logits; the other "
                    "classes rebuilt from REST = floor | mean_logit | mean_prob, default mean_prob).")
+@click.option("--features", is_flag=True,
+              help="Also store the teacher's encoder output feature maps (for [feature_kd]; large: ~0.44 MB per "
+                   "view for Conditional DETR at 800x1066, ~4.3 MB for RT-DETR at 640x640, float16).")
 @click.option("--images-per-shard", type=int, default=32, show_default=True,
               help="Image views per shard file (keep it when resuming). The cache holds one entry per image view: "
                    "students read it at any batch size.")
@@ -48,8 +52,9 @@ DEFAULT_CLASSES_SPEC = "topk:4"
 @partial_weights_option
 @teacher_precision_option
 @click.pass_context
-def cache_group(ctx, teacher, teacher_checkpoint, data, train_ann, train_images, image_size, label_map, out, views,
-                view_seed, actors, attention, dtype, heads, classes, images_per_shard, address, pipeline,
+def cache_group(ctx, teacher, teacher_checkpoint, data, train_ann, train_images, image_size, label_map, skip_bad_labels,
+                out, views,
+                view_seed, actors, attention, dtype, heads, classes, features, images_per_shard, address, pipeline,
                 teacher_batch_size, no_progress, allow_partial_weights, teacher_precision):
     """Precompute a teacher's decoder outputs on K recorded views per image into a safetensors cache.
 
@@ -67,11 +72,12 @@ def cache_group(ctx, teacher, teacher_checkpoint, data, train_ann, train_images,
     from kd_detr.teacher.cache.build import build_cache
 
     try:
-        store = StoreConfig.parse(attention, dtype=dtype, heads=heads, classes=classes)
+        store = StoreConfig.parse(attention, dtype=dtype, heads=heads, classes=classes, features=features)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     spec = resolve_teacher(teacher, teacher_checkpoint, allow_partial_weights, teacher_precision)
-    dataset = DataSpec(data, train_ann, train_images, image_size=image_size, label_map=label_map).train_set()
+    dataset = DataSpec(data, train_ann, train_images, image_size=image_size, label_map=label_map,
+                       skip_bad_labels=skip_bad_labels).train_set()
     config, t_label_map, t_image_size = describe_teacher(spec, dataset.label_map)  # the actors load the weights
     check_teacher_fits(spec, t_label_map, t_image_size, dataset.label_map, config.num_classes, image_size)
     plan = ViewPlan.for_dataset(dataset, num_views=views, seed=view_seed)

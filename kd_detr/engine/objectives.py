@@ -86,7 +86,7 @@ def _build(recipe, student, criterion, teacher, data, cfg, device, dist) -> Obje
     if not wanted:
         return out
     attn = "per_head" if "per_head" in wanted else ("mean" if "mean" in wanted else "none")
-    teacher.start(attn, device)
+    teacher.start(attn, device, features=any(m.teacher_features() for m in out.methods if m.uses_teacher))
     chk = recipe.teacher_check
     if chk.eval_images > 0:
         model = teacher.eval_model()

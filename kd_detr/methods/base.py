@@ -71,7 +71,8 @@ class Method(nn.Module, abc.ABC):
 
     Class attributes (set by :func:`~kd_detr.methods.registry.register_method`): ``section`` (the recipe
     section, e.g. ``"ms_detr"``), ``config_class`` (its dataclass). ``uses_teacher``: the method needs
-    teacher outputs (then :meth:`teacher_attention` says which attention maps). ``log_group``: the group its
+    teacher outputs (then :meth:`teacher_attention` says which attention maps and :meth:`teacher_features`
+    whether it needs the teacher's encoder feature maps). ``log_group``: the group its
     terms are summed in, ``<log_group>.total`` in the logs (default ``""``: the recipe section); unique
     across methods.
 
@@ -132,6 +133,10 @@ class Method(nn.Module, abc.ABC):
     def teacher_attention(self) -> str:
         """Attention maps wanted from the teacher: ``per_head`` | ``mean`` | ``none``."""
         return "none"
+
+    def teacher_features(self) -> bool:
+        """Whether the teacher must also return its encoder output maps (``TeacherOutputs.features``)."""
+        return False
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Modules trained beside the student, by the name their state is saved under."""

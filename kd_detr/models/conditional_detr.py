@@ -122,7 +122,9 @@ class ConditionalDETR(nn.Module):
                 weights and decoder self-attention runs only within a group. ``attention``: the decoder
                 attention maps (memory: ``L*B*H*Q*S`` floats). ``memory``: the encoder output ``encoded =
                 {"memory" [S,B,d], "memory_mask" [B,S], "pos_embed" [S,B,d], "feature_size"}`` (for
-                :meth:`decode` and auxiliary heads). ``candidates``: ``candidates [L,B,Q,d]``, each decoder
+                :meth:`decode` and auxiliary heads). ``features``: the encoder memory as one map,
+                ``features = [[B,d,h,w]]``, ``feature_strides = (stride,)``, ``feature_masks = [[B,h,w]]``
+                (True = pad), for feature distillation. ``candidates``: ``candidates [L,B,Q,d]``, each decoder
                 layer's features after cross-attention, before the FFN (per group too), for one-to-many
                 supervision.
 
@@ -148,12 +150,18 @@ class ConditionalDETR(nn.Module):
         pos = self.position_embedding(fmask).to(features.dtype)
         t = self.transformer(self.input_proj(features), fmask, self.query_embed.weight, pos,
                              extra_groups=request.query_groups, return_attn=request.attention,
-                             return_memory=request.memory, return_candidates=request.candidates)
+                             return_memory=request.memory or request.features,
+                             return_candidates=request.candidates)
         feature_size = (int(features.shape[-2]), int(features.shape[-1]))
         out = self._outputs(t, request.attention, feature_size)
         if request.memory:
             out["encoded"] = {"memory": t["memory"], "memory_mask": t["memory_mask"], "pos_embed": t["pos_embed"],
                               "feature_size": feature_size}
+        if request.features:  # the encoder memory [S,B,d] as one [B,d,h,w] map on the C5 grid
+            h, w = feature_size
+            out["features"] = [t["memory"].permute(1, 2, 0).reshape(images.shape[0], -1, h, w)]
+            out["feature_strides"] = (int(self.config.stride),)
+            out["feature_masks"] = [t["memory_mask"].reshape(-1, h, w)]
         out["query_embed"] = self.query_embed.weight
         return out
 

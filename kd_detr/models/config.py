@@ -65,6 +65,16 @@ class ModelConfig:
         return 16 if self.dilation else 32
 
     @property
+    def feature_levels(self) -> int:
+        """Encoder output maps ``DetectorRequest(features=True)`` returns: one, the encoder memory on C5."""
+        return 1
+
+    @property
+    def feature_channels(self) -> int:
+        """Width of the encoder output maps: ``d_model``."""
+        return int(self.d_model)
+
+    @property
     def supports(self) -> frozenset[str]:
         """The :data:`~kd_detr.models.detector.CAPABILITIES` of this architecture: all of them."""
         from .detector import CAPABILITIES

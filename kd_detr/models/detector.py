@@ -7,8 +7,9 @@ implementing it.
 
 * **Config** (``detector.config``): ``num_classes`` (class logits ``C``), ``num_queries`` (``Q``),
   ``dec_layers`` (``L``), ``d_model`` (``d``), ``nheads`` (``H``), ``stride`` (of the map the decoder
-  cross-attends to), ``dim_feedforward``, ``dropout``, ``activation``, ``pe_temperature`` (for methods that
-  build decoder-shaped modules), ``supports`` (its :data:`CAPABILITIES`: the :class:`DetectorRequest` fields it
+  cross-attends to), ``feature_levels`` and ``feature_channels`` (the encoder output maps
+  ``DetectorRequest(features=True)`` returns: how many, and their one width), ``dim_feedforward``,
+  ``dropout``, ``activation``, ``pe_temperature`` (for methods that build decoder-shaped modules), ``supports`` (its :data:`CAPABILITIES`: the :class:`DetectorRequest` fields it
   can honour and which of ``heads``, ``output_norm``, ``decode`` below it implements).
 * **Forward**: ``detector(images [B,3,H,W], mask [B,H,W] | None, request: DetectorRequest | None)``
   -> :class:`DetectorOutput`. One request argument says everything a method wants beyond the predictions.
@@ -34,7 +35,7 @@ from torch import Tensor
 
 __all__ = ["CAPABILITIES", "Detector", "DetectorOutput", "DetectorRequest", "METHOD_CAPABILITIES", "REQUEST_FIELDS"]
 
-REQUEST_FIELDS = ("attention", "query_groups", "candidates", "memory")
+REQUEST_FIELDS = ("attention", "query_groups", "candidates", "memory", "features")
 # the detector methods beyond forward() that some training methods call on the student
 METHOD_CAPABILITIES = ("heads", "output_norm", "decode")
 # what ``config.supports`` may list; a method's ``requires`` is checked against it when a run is built
@@ -53,12 +54,18 @@ class DetectorRequest:
             [B,N,d]`` and ``reference_points [B,N,2]`` (sigmoid space). Their outputs are ``groups``.
         candidates: each decoder layer's features after cross-attention, before the FFN: ``candidates [L,B,Q,d]``.
         memory: the encoder output, for :meth:`Detector.decode`: ``encoded``.
+        features: the encoder's output feature maps, for feature distillation: ``features``, a list of
+            ``[B,C,h,w]`` maps, highest resolution first (one width ``C = config.feature_channels``,
+            ``config.feature_levels`` of them); ``feature_strides``, each map's stride in input pixels; and
+            ``feature_masks``, a list of ``[B,h,w]`` bool, True outside each image's own region (padding; all
+            False for families that resize each image to their square input).
     """
 
     attention: bool = False
     query_groups: Optional[tuple[dict[str, Tensor], ...]] = None
     candidates: bool = False
     memory: bool = False
+    features: bool = False
 
     def __post_init__(self) -> None:
         if self.query_groups is not None and not isinstance(self.query_groups, tuple):
@@ -73,7 +80,8 @@ class DetectorRequest:
                              "forward; only one may")
         return DetectorRequest(attention=self.attention or other.attention,
                                query_groups=self.query_groups if self.query_groups is not None else other.query_groups,
-                               candidates=self.candidates or other.candidates, memory=self.memory or other.memory)
+                               candidates=self.candidates or other.candidates, memory=self.memory or other.memory,
+                               features=self.features or other.features)
 
     def asked(self) -> set[str]:
         """Names of the fields set (to check them against ``config.supports``)."""
@@ -87,7 +95,8 @@ class DetectorOutput(dict):
     Keys: ``pred_logits [B,Q,C]`` and ``pred_boxes [B,Q,4]`` (normalised cxcywh) of the last decoder layer;
     ``aux_outputs`` (the other ``L-1`` layers, first first); ``hs [L,B,Q,d]``; ``reference_points [B,Q,2]``;
     ``query_embed [Q,d]``; ``feature_size (h, w)``; ``memory_mask [B,S]``; on request ``self_attn``,
-    ``cross_attn``, ``candidates``, ``encoded`` and ``groups`` (one :class:`DetectorOutput` per query group).
+    ``cross_attn``, ``candidates``, ``encoded``, ``groups`` (one :class:`DetectorOutput` per query group) and
+    ``features`` / ``feature_strides`` / ``feature_masks`` (:class:`DetectorRequest`).
     """
 
     @property

@@ -42,9 +42,10 @@ class InProcessTeacher:
         attn: ``per_head`` | ``mean`` | ``none``: how attention maps are returned (``mean`` saves
             memory when the recipe compares head-averaged maps).
         precision: ``float32`` | ``bfloat16`` | ``float16`` (:data:`PRECISIONS`).
+        features: also return the encoder's output maps (``features``, for feature distillation).
     """
 
-    def __init__(self, model: nn.Module, attn: str = "per_head", precision: str = "float32"):
+    def __init__(self, model: nn.Module, attn: str = "per_head", precision: str = "float32", features: bool = False):
         if attn not in ATTN_MODES:
             raise ValueError(f"attn must be one of {ATTN_MODES}, got {attn!r}")
         self.model = model.eval()
@@ -52,6 +53,7 @@ class InProcessTeacher:
             p.requires_grad_(False)
         self.attn = attn
         self.precision = check_precision(precision)
+        self.features = bool(features)
 
     @property
     def config(self):
@@ -78,8 +80,9 @@ class InProcessTeacher:
         dtype = PRECISIONS[self.precision]
         # the teacher's own precision, not its caller's autocast: see the class docstring
         with torch.autocast(image.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = self.model(image[None].float(), mask, request=DetectorRequest(attention=self.attn != "none"))
-        outputs = TeacherOutputs.from_model_output(out, self.attn)
+            out = self.model(image[None].float(), mask,
+                             request=DetectorRequest(attention=self.attn != "none", features=self.features))
+        outputs = TeacherOutputs.from_model_output(out, self.attn, features=self.features)
         return outputs if dtype is None else outputs.float()
 
 

@@ -14,14 +14,16 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["ATTN_MODES", "TeacherOutputs", "WIRE_KEYS", "stack_layers", "embed_grid"]
+__all__ = ["ATTN_MODES", "TeacherOutputs", "WIRE_KEYS", "stack_layers", "embed_grid", "embed_map", "own_grids"]
 
 # How a teacher returns its attention maps: per head, averaged over heads (H = 1), or not at all.
 ATTN_MODES = ("per_head", "mean", "none")
 
 # The wire format's keys (``query_embed`` is constant per teacher: it is sent or stored once, not per batch).
 WIRE_KEYS = ("logits", "boxes", "reference_points", "feature_size", "self_attn", "cross_attn", "gt_assignment",
-             "image_grids")
+             "image_grids", "feature_strides", "feature_grids")
+# the encoder output maps travel as ``features.0``, ``features.1``, ... (one key per level)
+FEATURE_PREFIX = "features."
 
 
 def stack_layers(outputs: dict[str, Any]) -> tuple[Tensor, Tensor]:
@@ -45,6 +47,27 @@ def embed_grid(maps: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Te
     return out.flatten(-2)
 
 
+def embed_map(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """``maps [B,C,h,w]`` -> ``[B,C,H,W]`` over the larger grid ``size = (H, W)``: in the top-left corner, zeros
+    elsewhere (the feature-map twin of :func:`embed_grid`)."""
+    h, w = maps.shape[-2:]
+    big_h, big_w = (int(x) for x in size)
+    if h > big_h or w > big_w:
+        raise ValueError(f"a {h}x{w} feature map does not fit in {big_h}x{big_w}")
+    if (h, w) == (big_h, big_w):
+        return maps
+    out = maps.new_zeros(*maps.shape[:-2], big_h, big_w)
+    out[..., :h, :w] = maps
+    return out
+
+
+def own_grids(masks: list[Tensor]) -> Tensor:
+    """``[B,n,2]`` int64: each image's own ``(rows, cols)`` on each of ``n`` maps, from their ``masks [B,h,w]``
+    (True = padding; an image's region is the top-left block of its map)."""
+    grids = [torch.stack([(~m).any(2).sum(1), (~m).any(1).sum(1)], -1) for m in masks]  # each [B,2]
+    return torch.stack(grids, 1).to(torch.int64)
+
+
 @dataclass
 class TeacherOutputs:
     """Decoder outputs of a teacher for one padded batch.
@@ -65,6 +88,12 @@ class TeacherOutputs:
             every image alone (per view); ``cross_attn`` then holds image ``b``'s map in the top-left
             ``h_b x w_b`` of the ``feature_size`` grid and zeros elsewhere (:meth:`stack_views`). ``None``: the
             teacher saw the padded batch, every map is over the whole ``feature_size`` grid.
+        features: the encoder's output maps, a list of ``[B,C,h_l,w_l]`` (highest resolution first), or ``None``
+            (asked only by feature distillation). Image ``b``'s own map (the teacher saw it alone) lies in the
+            top-left ``feature_grids[b, l]`` block of level ``l``, zeros elsewhere.
+        feature_strides: ``(s_0, ..., s_{n-1})`` each level's stride in input pixels (with ``features``).
+        feature_grids: ``[B,n,2]`` int64: image ``b``'s own ``(rows, cols)`` on level ``l`` (``None``: every map
+            is whole).
     """
 
     logits: Tensor
@@ -76,6 +105,9 @@ class TeacherOutputs:
     feature_size: tuple[int, int]
     gt_assignment: Optional[Tensor] = None
     image_grids: Optional[Tensor] = None
+    features: Optional[list[Tensor]] = None
+    feature_strides: Optional[tuple[int, ...]] = None
+    feature_grids: Optional[Tensor] = None
 
     @property
     def num_layers(self) -> int:
@@ -90,11 +122,13 @@ class TeacherOutputs:
         def conv(t):
             if t is None:
                 return None
+            if isinstance(t, list):
+                return [conv(x) for x in t]
             if not torch.is_tensor(t):
                 return t
             return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
         return dataclasses.replace(self, **{f.name: conv(getattr(self, f.name)) for f in dataclasses.fields(self)
-                                            if f.name != "feature_size"})
+                                            if f.name not in ("feature_size", "feature_strides")})
 
     def float(self) -> "TeacherOutputs":
         return self.to(dtype=torch.float32)
@@ -104,6 +138,7 @@ class TeacherOutputs:
 
         ``logits``, ``boxes``, ``reference_points`` as they are; ``feature_size`` int32 ``[2]``;
         ``self_attn``, ``cross_attn``, ``gt_assignment`` and ``image_grids`` only when present. ``query_embed`` is left out.
+        With ``features``: ``features.<l>`` per level, ``feature_strides`` int32 ``[n]`` and ``feature_grids``.
         """
         out = {"logits": self.logits, "boxes": self.boxes, "reference_points": self.reference_points,
                "feature_size": torch.tensor([int(x) for x in self.feature_size], dtype=torch.int32)}
@@ -111,23 +146,43 @@ class TeacherOutputs:
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
+        if self.features is not None:
+            out.update({f"{FEATURE_PREFIX}{i}": m for i, m in enumerate(self.features)})
+            out["feature_strides"] = torch.tensor([int(x) for x in self.feature_strides], dtype=torch.int32)
+            if self.feature_grids is not None:
+                out["feature_grids"] = self.feature_grids
         return out
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any], query_embed: Tensor) -> "TeacherOutputs":
         """Inverse of :meth:`to_wire` (``query_embed [Nt,d]`` comes from the source's one copy)."""
-        unknown = set(wire) - set(WIRE_KEYS)
+        levels = sorted((k for k in wire if k.startswith(FEATURE_PREFIX)), key=lambda k: int(k[len(FEATURE_PREFIX):]))
+        unknown = set(wire) - set(WIRE_KEYS) - set(levels)
         if unknown:
-            raise ValueError(f"teacher outputs: unknown wire keys {sorted(unknown)} (expected {list(WIRE_KEYS)})")
+            raise ValueError(f"teacher outputs: unknown wire keys {sorted(unknown)} (expected {list(WIRE_KEYS)} and "
+                             f"{FEATURE_PREFIX}<level>)")
+        if [int(k[len(FEATURE_PREFIX):]) for k in levels] != list(range(len(levels))):
+            raise ValueError(f"teacher outputs: feature levels {levels} are not 0..{len(levels) - 1}")
         h, w = (int(x) for x in torch.as_tensor(wire["feature_size"]).tolist())
+        strides = None
+        if levels:
+            if "feature_strides" not in wire:
+                raise ValueError("teacher outputs: feature maps without feature_strides")
+            strides = tuple(int(x) for x in torch.as_tensor(wire["feature_strides"]).tolist())
+            if len(strides) != len(levels):
+                raise ValueError(f"teacher outputs: {len(levels)} feature maps, {len(strides)} strides")
         return cls(logits=wire["logits"], boxes=wire["boxes"], self_attn=wire.get("self_attn"),
                    cross_attn=wire.get("cross_attn"), query_embed=query_embed,
                    reference_points=wire["reference_points"], feature_size=(h, w),
-                   gt_assignment=wire.get("gt_assignment"), image_grids=wire.get("image_grids"))
+                   gt_assignment=wire.get("gt_assignment"), image_grids=wire.get("image_grids"),
+                   features=[wire[k] for k in levels] if levels else None, feature_strides=strides,
+                   feature_grids=wire.get("feature_grids") if levels else None)
 
     @classmethod
-    def from_model_output(cls, out: dict[str, Any], attn: str = "per_head") -> "TeacherOutputs":
-        """Build from a :class:`ConditionalDETR` output (``return_attn=True`` unless ``attn == "none"``)."""
+    def from_model_output(cls, out: dict[str, Any], attn: str = "per_head", features: bool = False) -> "TeacherOutputs":
+        """Build from a detector's output (``attention`` asked unless ``attn == "none"``; ``features``: with its
+        encoder output maps, asked with ``DetectorRequest(features=True)``). A single image's maps (``B = 1``)
+        are cut to the image's own region (a family that pads to whole windows pads a lone image too)."""
         if attn not in ATTN_MODES:
             raise ValueError(f"attn must be one of {ATTN_MODES}, got {attn!r}")
         logits, boxes = stack_layers(out)
@@ -136,9 +191,19 @@ class TeacherOutputs:
             sa, ca = out["self_attn"], out["cross_attn"]
             if attn == "mean":
                 sa, ca = sa.mean(2, keepdim=True), ca.mean(2, keepdim=True)
+        maps = strides = grids = None
+        if features:
+            if out.get("features") is None:
+                raise ValueError("the teacher's output has no encoder feature maps (DetectorRequest(features=True))")
+            maps = [m.detach() for m in out["features"]]
+            strides = tuple(int(x) for x in out["feature_strides"])
+            grids = own_grids(out["feature_masks"])
+            if logits.shape[1] == 1:
+                maps = [m[..., :int(g[0]), :int(g[1])] for m, g in zip(maps, grids[0])]
         return cls(logits=logits, boxes=boxes, self_attn=sa, cross_attn=ca,
                    query_embed=out["query_embed"].detach(), reference_points=out["reference_points"],
-                   feature_size=tuple(out["feature_size"]))
+                   feature_size=tuple(out["feature_size"]), features=maps, feature_strides=strides,
+                   feature_grids=grids)
 
     @classmethod
     def stack_views(cls, views: "list[TeacherOutputs]") -> "TeacherOutputs":
@@ -169,10 +234,26 @@ class TeacherOutputs:
         cross = None
         if views[0].cross_attn is not None:
             cross = torch.cat([embed_grid(v.cross_attn, g, size) for v, g in zip(views, grids)], 1)
+        maps = strides = fgrids = None
+        if any(v.features is not None for v in views):
+            if any(v.features is None for v in views):
+                raise ValueError("stack_views: some views have features, others not")
+            strides = views[0].feature_strides
+            if any(tuple(v.feature_strides) != tuple(strides) or len(v.features) != len(strides) for v in views):
+                raise ValueError("stack_views: the views' feature maps have different levels")
+            per_view = [v.feature_grids if v.feature_grids is not None else
+                        torch.tensor([[list(m.shape[-2:]) for m in v.features]], dtype=torch.int64) for v in views]
+            fgrids = torch.cat([g.to(torch.int64).cpu() for g in per_view], 0)  # [B,n,2]
+            maps = []
+            for level in range(len(strides)):
+                big = (max(int(v.features[level].shape[-2]) for v in views),
+                       max(int(v.features[level].shape[-1]) for v in views))
+                maps.append(torch.cat([embed_map(v.features[level], big) for v in views], 0))
         return cls(logits=cat("logits"), boxes=cat("boxes"), self_attn=cat("self_attn"), cross_attn=cross,
                    query_embed=views[0].query_embed, reference_points=cat("reference_points", 0),
                    feature_size=size, gt_assignment=cat("gt_assignment", 0),
-                   image_grids=torch.tensor(grids, dtype=torch.int64))
+                   image_grids=torch.tensor(grids, dtype=torch.int64), features=maps, feature_strides=strides,
+                   feature_grids=fgrids)
 
     def cross_attn_valid(self, feature_size: tuple[int, int]) -> Optional[Tensor]:
         """``[B, h*w]`` bool over a student's C5 grid ``feature_size = (h, w)``: True inside each image's own grid

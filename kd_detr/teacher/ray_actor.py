@@ -76,14 +76,16 @@ def teacher_actor_error(e: BaseException) -> TeacherActorError:
 
 
 def teacher_job(spec: TeacherSpec, attn_mode: str, label_map: Optional[LabelMap], device: str,
-                actors: int = 1, num_threads: Optional[int] = None) -> dict[str, Any]:
+                actors: int = 1, num_threads: Optional[int] = None, features: bool = False) -> dict[str, Any]:
     """The plain-data arguments an actor loads its teacher from (a model would be pickled to every actor).
+
+    ``features``: the teacher also returns its encoder output maps (feature distillation, ``--features`` caches).
 
     ``label_map``: the data's (only needed for an official checkpoint whose card says ``contiguous``).
     ``num_threads=None``: each actor takes its node's CPUs // ``actors`` (decided on the node)."""
     return {"spec": spec_to_dict(spec), "attn_mode": attn_mode,
             "label_map": label_map.to_dict() if label_map is not None else None,
-            "device": device, "actors": int(actors), "num_threads": num_threads}
+            "device": device, "actors": int(actors), "num_threads": num_threads, "features": bool(features)}
 
 
 def _absolute_source(ann_file: Any) -> Any:
@@ -131,7 +133,8 @@ class TeacherWorker:
         self.device = torch.device(job["device"])
         spec = spec_from_dict(job["spec"])
         model, _, _ = load_teacher(spec, label_map)
-        self.teacher = InProcessTeacher(model.to(self.device), attn=job["attn_mode"], precision=spec.precision)
+        self.teacher = InProcessTeacher(model.to(self.device), attn=job["attn_mode"], precision=spec.precision,
+                                        features=job.get("features", False))
         self.matcher = HungarianMatcher()  # the teacher's own GT matching: default 2/5/2 costs
 
     def ping(self) -> int:

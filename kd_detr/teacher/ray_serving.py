@@ -45,6 +45,7 @@ class RayTeacherServer:
         label_map: the data's label map (only for an official checkpoint with a ``contiguous`` card).
         num_gpus: GPUs per actor (default: 1 when the cluster has GPUs and the driver sees CUDA, else CPU).
         num_threads: torch threads per CPU actor (default: CPUs // actors).
+        features: the actors also return the teacher's encoder output maps (feature distillation).
 
     Usage::
 
@@ -56,7 +57,7 @@ class RayTeacherServer:
 
     def __init__(self, spec: TeacherSpec, attn_mode: str = "per_head", actors: int = 1, prefetch: int = 2,
                  address: Optional[str] = None, *, label_map: Optional[LabelMap] = None,
-                 num_gpus: Optional[float] = None, num_threads: Optional[int] = None):
+                 num_gpus: Optional[float] = None, num_threads: Optional[int] = None, features: bool = False):
         if attn_mode not in ATTN_MODES:
             raise ValueError(f"attn_mode must be one of {ATTN_MODES}, got {attn_mode!r}")
         if actors < 1:
@@ -66,7 +67,7 @@ class RayTeacherServer:
         self.spec, self.attn_mode, self.prefetch = spec, attn_mode, int(prefetch)
         self._started_ray = ensure_ray(address, num_cpus=max(2, actors))
         opts, self.device = actor_options(num_gpus)
-        job = teacher_job(spec, attn_mode, label_map, self.device, actors, num_threads)
+        job = teacher_job(spec, attn_mode, label_map, self.device, actors, num_threads, features=features)
         self.actors = [TeacherActor.options(**opts).remote(job) for _ in range(actors)]
         self._next = 0
         try:

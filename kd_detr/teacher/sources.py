@@ -11,7 +11,7 @@ The trainer asks every source the same things, in this order:
    (:attr:`config`, the teacher's :class:`~kd_detr.models.ModelConfig`: the methods refuse pairs that
    do not fit before any training);
 4. :meth:`TeacherSource.start`: get ready to deliver maps of the kind a method asks (``per_head`` |
-   ``mean`` | ``none``);
+   ``mean`` | ``none``), and the encoder's feature maps when a method distils them (``features``);
 5. every epoch, :meth:`TeacherSource.batches`: the loader's batches on the training device, each with
    ``batch.teacher`` set, the one channel teacher outputs reach the training step through.
 
@@ -75,9 +75,11 @@ class TeacherSource(abc.ABC):
                 check_image_size: bool = True) -> None:
         """Check the teacher against the data and the student; set :attr:`config`."""
 
-    def start(self, attn_mode: str, device: str) -> None:
-        """Get ready to deliver outputs with attention maps of kind ``attn_mode``, on ``device``."""
+    def start(self, attn_mode: str, device: str, features: bool = False) -> None:
+        """Get ready to deliver outputs with attention maps of kind ``attn_mode`` (and with the teacher's encoder
+        output maps when ``features``), on ``device``."""
         self.device = device
+        self.features = bool(features)
 
     def loader_hook(self, plan: Optional[ViewPlan], reads: Sequence[ViewKey]) -> Optional[ViewOutputsReader]:
         """What the loader's workers read with each view of ``plan`` (``None``: nothing, the outputs come in
@@ -121,9 +123,10 @@ class InProcessSource(TeacherSource):
                            check_image_size=check_image_size)
         self.model, self.config = model, model.config
 
-    def start(self, attn_mode: str, device: str) -> None:
-        super().start(attn_mode, device)
-        self.teacher = InProcessTeacher(self.model, attn=attn_mode, precision=self.spec.precision).to(device)
+    def start(self, attn_mode: str, device: str, features: bool = False) -> None:
+        super().start(attn_mode, device, features)
+        self.teacher = InProcessTeacher(self.model, attn=attn_mode, precision=self.spec.precision,
+                                        features=features).to(device)
 
     def batches(self, loader: Iterable, device: str) -> Iterator[Batch]:
         for item in loader:
@@ -156,12 +159,12 @@ class RaySource(TeacherSource):
                            check_image_size=check_image_size)
         self._label_map = data_label_map
 
-    def start(self, attn_mode: str, device: str) -> None:
+    def start(self, attn_mode: str, device: str, features: bool = False) -> None:
         from .ray_serving import RayTeacherServer
 
-        super().start(attn_mode, device)
+        super().start(attn_mode, device, features)
         self.server = RayTeacherServer(self.spec, attn_mode, actors=self.actors, prefetch=self.prefetch,
-                                       address=self.address, label_map=self._label_map)
+                                       address=self.address, label_map=self._label_map, features=features)
 
     def batches(self, loader: Iterable, device: str) -> Iterator[Batch]:
         return super().batches(self.server.prefetching(iter(loader)), device)
@@ -261,9 +264,9 @@ class CacheSource(TeacherSource):
                                "view plan")
         self.config = config_from_dict(self.reader.manifest["teacher"]["config"])
 
-    def start(self, attn_mode: str, device: str) -> None:
-        super().start(attn_mode, device)
-        check_cache_serves(self.reader.manifest, attn_mode, self.cache)
+    def start(self, attn_mode: str, device: str, features: bool = False) -> None:
+        super().start(attn_mode, device, features)
+        check_cache_serves(self.reader.manifest, attn_mode, self.cache, features)
 
     def loader_hook(self, plan, reads) -> ViewOutputsReader:
         """The cache reader, after refusing at start a cache that lacks an ``(image, view)`` of ``reads`` (a
@@ -281,9 +284,14 @@ class CacheSource(TeacherSource):
         return {**super().describe(), "cache": self.cache, "precision": self.precision}
 
 
-def check_cache_serves(manifest: dict, attn_mode: str, cache: str) -> None:
-    """Refuse a cache without the attention maps a method distils (or with coarser ones)."""
+def check_cache_serves(manifest: dict, attn_mode: str, cache: str, features: bool = False) -> None:
+    """Refuse a cache without the attention maps a method distils (or with coarser ones), or without the encoder
+    feature maps (``features``) a method distils."""
     store = manifest["store"]
+    if features and not store.get("features"):
+        raise ValueError(f"teacher cache {cache} stores no encoder feature maps but the recipe distils them "
+                         "([feature_kd]): rebuild it with `kd-detr cache --features`, or switch [feature_kd] off "
+                         "(feature_kd.enabled = false)")
     if attn_mode == "none":
         return
     if store.get("attention") == "none":

@@ -46,7 +46,8 @@ def _step(recipe: str):
     torch.manual_seed(3)
     methods = build_methods(r.sections, student.config, criterion, teacher=lambda: teacher_model.config)
     attn = next((m.teacher_attention() for m in methods if m.uses_teacher), "none")
-    t_out = InProcessTeacher(teacher_model, attn=attn)(images, mask) if r.distils else None
+    features = any(m.teacher_features() for m in methods if m.uses_teacher)
+    t_out = InProcessTeacher(teacher_model, attn=attn, features=features)(images, mask) if r.distils else None
     torch.manual_seed(4)
     total, gt, terms, weights = batch_losses(student, criterion, images, mask, targets, methods, t_out)
     assert isinstance(weights, TermWeights)

@@ -54,7 +54,9 @@ def test_recipe_runs_one_loss_step(name):
     assert recipe.distils == any(m.uses_teacher for m in methods)
 
     images, mask, targets = tiny_batch()
-    teacher_out = InProcessTeacher(teacher, attn=_teacher_attention(methods))(images, mask) if teacher else None
+    features = any(m.teacher_features() for m in methods if m.uses_teacher)  # as the trainer asks (feature_kd)
+    teacher_out = (InProcessTeacher(teacher, attn=_teacher_attention(methods), features=features)(images, mask)
+                   if teacher else None)
     total, gt, terms, weights = batch_losses(student, criterion, images, mask, targets, methods, teacher_out)
 
     assert torch.isfinite(total), float(total)

@@ -1,7 +1,8 @@
 """Every transformers DETR family kd-detr registers (``list_hf_models()``: a family the installed transformers
 gains is covered without editing this file) trains, checkpoints, resumes exactly, evaluates, distils (D3ETR's
-cross-family terms and Teach-DETR's teacher boxes) from a transformers teacher in process and from a teacher
-cache (the same numbers), and exports: a kd-detr
+cross-family terms, Teach-DETR's teacher boxes and feature KD on the encoder output) from a transformers teacher
+in process and from a teacher cache (the same numbers), gives its encoder output maps (or is refused by name),
+and exports: a kd-detr
 ``.safetensors`` equal bit for bit, a transformers folder ``AutoModelForObjectDetection`` loads with the same
 outputs, and ONNX where the family exports faithfully (refused by name where it does not).
 
@@ -55,8 +56,8 @@ def env(tmp_path_factory, ray_session):
     teacher.hf.save_pretrained(folder)
     cache = root / "cache"
     build_cache(resolve_teacher(f"hf:{folder}"), dataset, ViewPlan.for_dataset(dataset, num_views=1), cache,
-                StoreConfig.parse("none", dtype="float32", classes="dense"), actors=1, images_per_shard=8,
-                progress=False, image_size=IMAGE_SIZE)
+                StoreConfig.parse("none", dtype="float32", classes="dense", features=True), actors=1,
+                images_per_shard=8, progress=False, image_size=IMAGE_SIZE)
     return {"data": data, "train": train, "teacher": f"hf:{folder}", "cache": str(cache)}
 
 
@@ -77,12 +78,14 @@ def _distil(env, name, out, cache):
     from kd_detr.runs.assemble import TeacherSourceSpec, assemble_run
 
     source = TeacherSourceSpec(teacher=env["teacher"], cache=env["cache"] if cache else None)
-    # D3ETR's cross-family terms and Teach-DETR's teacher boxes (the random teacher's 5 most confident)
+    # D3ETR's cross-family terms, Teach-DETR's teacher boxes (the random teacher's 5 most confident) and feature KD
+    # on the encoder output (every family gives its maps: test_family_gives_its_encoder_output_maps)
     run = assemble_run(name, "d3etr_cross_family_teach", env["train"], source, str(out),
                        student_overrides=dict(STUDENT_OPTS),
                        overrides=["train.batch_size=1", "train.max_iters=1", "train.log_every=1",
                                   "train.eval_every_epochs=0", "train.lr_drop=1000",
-                                  "teach_detr.score_threshold=0.0", "teach_detr.max_targets=5"],
+                                  "teach_detr.score_threshold=0.0", "teach_detr.max_targets=5",
+                                  "feature_kd.enabled=true"],
                        train_options={"num_workers": 0, "progress": False}, views=1)
     run.run()
     return _log(out)
@@ -131,9 +134,9 @@ def test_family_trains_resumes_evaluates_distils_and_exports(name, env, tmp_path
     inproc = _distil(env, name, tmp_path / "inproc", cache=False)
     cached = _distil(env, name, tmp_path / "cached", cache=True)
     assert len(inproc) == len(cached) == 1
-    for key in ("loss", "distill.total", "teach_detr.total"):
+    for key in ("loss", "distill.total", "teach_detr.total", "feature_kd.total"):
         assert cached[0][key] == pytest.approx(inproc[0][key], rel=1e-5, abs=1e-6), key
-    assert inproc[0]["distill.total"] > 0 and inproc[0]["teach_detr.total"] > 0
+    assert inproc[0]["distill.total"] > 0 and inproc[0]["teach_detr.total"] > 0 and inproc[0]["feature_kd.total"] > 0
 
     # export: kd-detr safetensors (bit-exact), a transformers folder (same outputs), ONNX where faithful
     family = final.config.family
@@ -201,3 +204,47 @@ def test_a_deformable_teacher_is_cached_without_attention_maps_or_refused_upfron
         build_cache(spec, dataset, ViewPlan.for_dataset(dataset, num_views=1), tmp_path / "cache",
                     StoreConfig.parse("topk:4"), actors=1, progress=False, image_size=IMAGE_SIZE)
     assert not (tmp_path / "cache").exists()  # refused before the folder or its lock was made
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_gives_its_encoder_output_maps(name):
+    """``DetectorRequest(features=True)``: ``config.feature_levels`` maps of ``config.feature_channels``, highest
+    resolution first, with their strides and padding masks (a mask family's padded image has padding, a
+    fixed-size family's none); a teacher's maps per view cover each image's own grid."""
+    from kd_detr.models import DetectorRequest, build_model
+    from kd_detr.teacher import InProcessTeacher
+
+    model = build_model(name, num_classes=3, num_queries=10).eval()
+    config = model.config
+    assert "features" in config.supports, f"{name}: give its encoder maps or refuse them by name (see below)"
+    images = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 64, 96, dtype=torch.bool)
+    mask[1, :, 64:] = True
+    with torch.no_grad():
+        out = model(images, mask, request=DetectorRequest(features=True))
+    maps, strides, masks = out["features"], out["feature_strides"], out["feature_masks"]
+    assert len(maps) == len(strides) == len(masks) == config.feature_levels >= 1
+    assert list(strides) == sorted(strides) and all(s in (8, 16, 32, 64) for s in strides)
+    for m, fm in zip(maps, masks):
+        assert m.shape[:2] == (2, config.feature_channels) and fm.shape == (2, *m.shape[-2:]) and fm.dtype == torch.bool
+        assert not fm[0].any()
+        assert fm[1].any() == model.family.pixel_mask  # only a mask family sees the batch's padding
+    teacher = InProcessTeacher(model, attn="none", features=True)(images, mask)
+    assert teacher.feature_strides == tuple(strides) and teacher.feature_grids.shape == (2, len(maps), 2)
+
+
+def test_a_family_without_encoder_maps_is_refused_by_name(monkeypatch):
+    import dataclasses
+
+    from kd_detr.methods.registry import check_capabilities
+    from kd_detr.models import DetectorRequest, build_model
+    from kd_detr.models.hf.families import FAMILIES as REGISTRY
+
+    monkeypatch.setitem(REGISTRY, "detr", dataclasses.replace(REGISTRY["detr"], features=None))
+    model = build_model("hf_detr_tiny", num_classes=3, num_queries=10).eval()
+    assert "features" not in model.config.supports and model.config.feature_levels == 0
+    with pytest.raises(ValueError, match="reads no encoder output maps of the transformers family 'detr'"):
+        model(torch.randn(1, 3, 64, 64), request=DetectorRequest(features=True))
+    with pytest.raises(ValueError, match=r"\[feature_kd\] needs the student's features, which the student "
+                                         r"hf_detr_tiny \(transformers detr\) does not have"):
+        check_capabilities("feature_kd", frozenset({"features"}), model.config)

@@ -282,13 +282,19 @@ class HFDetector(nn.Module):
         if unsupported:
             raise ValueError(f"{self.config.name} ({self.family.hf_class}) cannot return {sorted(unsupported)}"
                              + (": it has no dense attention maps (deformable attention)"
-                                if "attention" in unsupported else ""))
+                                if "attention" in unsupported else "")
+                             + (f": kd-detr reads no encoder output maps of the transformers family "
+                                f"'{self.family.key}'" if "features" in unsupported else ""))
         pixel_values, pixel_mask = self.pixels(images, mask)
         captured: dict[str, Any] = {}
         hooks = [self.hf.model.register_forward_hook(lambda m, a, o: captured.__setitem__("base", o))]
         backbone = self._backbone()
         if backbone is not None:
             hooks.append(backbone.register_forward_hook(lambda m, a, o: captured.__setitem__("features", o)))
+        encoder = getattr(self.hf.model, "encoder", None)
+        if request.features and isinstance(encoder, nn.Module):
+            hooks.append(encoder.register_forward_hook(
+                lambda m, a, kw, o: captured.__setitem__("encoder", (kw, o)), with_kwargs=True))
         if self.family.layer_modules is not None:
             captured["layers"] = []
             hooks += [m.register_forward_hook(lambda m, a, o: captured["layers"].append(o))
@@ -318,6 +324,8 @@ class HFDetector(nn.Module):
         result["dn_queries"] = layers.dn_queries
         if request.attention:
             self._attention(out, result)
+        if request.features:
+            self._features(captured, pixel_values, result)
         if labels is not None:
             result["family_losses"] = dict(out.loss_dict)
             result["family_loss"] = out.loss
@@ -386,6 +394,20 @@ class HFDetector(nn.Module):
                              "(the eager attention implementation is needed)")
         result["self_attn"] = torch.stack(list(sa))  # [L,B,H,Q,Q]
         result["cross_attn"] = torch.stack(list(ca))  # [L,B,H,Q,S]
+
+    def _features(self, captured: dict[str, Any], pixel_values: Tensor, result: DetectorOutput) -> None:
+        """The family's encoder output maps (:attr:`Family.features`) -> ``features [B,C,h,w]`` (highest resolution
+        first), ``feature_strides`` (the power of two nearest ``input height / h``) and ``feature_masks [B,h,w]``
+        (True = padding; all False when every position lies inside the image)."""
+        levels = sorted(self.family.features(self.hf, captured), key=lambda p: -p[0].shape[-2] * p[0].shape[-1])
+        if not levels:
+            raise ValueError(f"{self.config.name}: transformers returned no encoder output maps")
+        height = int(pixel_values.shape[-2])
+        result["features"] = [m for m, _ in levels]
+        result["feature_strides"] = tuple(int(2 ** round(math.log2(height / m.shape[-2]))) for m, _ in levels)
+        result["feature_masks"] = [~v if v is not None else
+                                   torch.zeros(m.shape[0], *m.shape[-2:], dtype=torch.bool, device=m.device)
+                                   for m, v in levels]
 
     # ------------------------------------------------------------------ the rest of the contract
     def heads(self, hs: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:

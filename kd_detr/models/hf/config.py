@@ -112,6 +112,23 @@ class HFModelConfig:
         return 32
 
     @property
+    def feature_levels(self) -> int:
+        """Encoder output maps ``DetectorRequest(features=True)`` returns (0: the family gives none)."""
+        from .families import get_family
+
+        family = get_family(self.family)
+        return int(family.feature_levels(self.hf_config)) if family.features is not None else 0
+
+    @property
+    def feature_channels(self) -> int:
+        """Width of the encoder output maps (the hybrid encoder's ``encoder_hidden_dim`` for RT-DETR-like
+        families, else ``d_model``)."""
+        from .families import get_family
+
+        width = get_family(self.family).feature_width
+        return int(width(self.hf_config)) if width is not None else self.d_model
+
+    @property
     def id2label(self) -> dict[int, str]:
         return {int(k): str(v) for k, v in (self.hf_config.get("id2label") or {}).items()}
 

@@ -64,6 +64,13 @@ class Family:
         pad_multiple: ``(transformers config) -> m``: a mask family whose backbone needs the padded height and
             width to be multiples of ``m`` (a windowed ViT splits the patch grid into equal windows); the
             adapter pads the batch further, as masked padding.
+        features: ``(model, captured) -> [(map [B,C,h,w], valid [B,h,w] bool | None), ...]``: the encoder's
+            output maps, highest resolution first (``valid`` True inside the image, ``None``: everywhere), read
+            from ``captured["encoder"] = (kwargs, output)`` (a hook on ``model.model.encoder``) or
+            ``captured["features"]`` (the backbone's output); ``None``: the family has none to give
+            (``DetectorRequest(features=True)`` is then refused by name).
+        feature_levels: ``(hf_config dict) -> n``, how many maps ``features`` gives.
+        feature_width: ``(hf_config dict) -> C``, their width (``None``: ``d_model``).
     """
 
     key: str
@@ -85,13 +92,18 @@ class Family:
     dynamic_queries: Callable[[dict], Optional[str]] = (
         lambda cfg: "its queries are the encoder's top-k tokens of each image (no learned [Q,d] queries)")
     count_queries: Callable[[dict], int] = lambda cfg: _num_queries(cfg)
+    features: Optional[Callable[[Any, dict], list]] = None
+    feature_levels: Callable[[dict], int] = lambda cfg: 1
+    feature_width: Optional[Callable[[dict], int]] = None
     note: str = ""
 
     @property
     def supports(self) -> frozenset[str]:
         # the HF families run their own decoder: no injected query groups, candidates, memory, shared heads,
-        # output norm or decode() (kd_detr.models.detector.CAPABILITIES)
-        return frozenset({"attention"} if self.dense_attention else set())
+        # output norm or decode() (kd_detr.models.detector.CAPABILITIES); their encoder output maps where a
+        # reader gives them (``features``)
+        return frozenset(({"attention"} if self.dense_attention else set())
+                         | ({"features"} if self.features is not None else set()))
 
 
 FAMILIES: dict[str, Family] = {}
@@ -174,6 +186,80 @@ def _dab_count(cfg: dict) -> int:
 def _group_dynamic(cfg: dict) -> Optional[str]:
     return ("its queries' reference boxes are the encoder's top-k proposals of each image (two-stage; no "
             "learned [Q,d] queries)")
+
+
+# ---------------------------------------------------------------------------- encoder output maps
+def map_mask_pairs(obj: Any) -> list[tuple[Tensor, Tensor]]:
+    """Every ``(map [B,C,h,w], mask [B,h,w] bool)`` pair in a backbone's output (nested lists / tuples), in
+    order: what DETR-style backbones return per level (the mask True inside the image)."""
+    if isinstance(obj, (list, tuple)):
+        if (len(obj) == 2 and torch.is_tensor(obj[0]) and torch.is_tensor(obj[1]) and obj[0].dim() == 4
+                and obj[1].dim() == 3 and obj[1].dtype == torch.bool):
+            return [(obj[0], obj[1])]
+        return [p for o in obj for p in map_mask_pairs(o)]
+    return []
+
+
+def _flat_encoder_features(model: Any, captured: dict) -> list:
+    """DETR, Conditional, DAB and Deformable DETR: the encoder's ``last_hidden_state [B,S,d]`` over its levels'
+    tokens, cut back into ``[B,d,h,w]`` maps (the levels' shapes: the encoder's ``spatial_shapes_list``, else the
+    backbone's C5 map) with the encoder's ``attention_mask [B,S]`` (True inside the image)."""
+    kwargs, output = captured["encoder"]
+    tokens = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+    shapes = kwargs.get("spatial_shapes_list")
+    if shapes is None:
+        pairs = map_mask_pairs(captured.get("features"))
+        shapes = [tuple(pairs[-1][0].shape[-2:])]
+    valid = kwargs.get("attention_mask")
+    b, _, d = tokens.shape
+    out, start = [], 0
+    for h, w in ((int(h), int(w)) for h, w in shapes):
+        level = tokens[:, start:start + h * w]
+        mask = valid[:, start:start + h * w].reshape(b, h, w).bool() if valid is not None else None
+        out.append((level.transpose(1, 2).reshape(b, d, h, w), mask))
+        start += h * w
+    if start != tokens.shape[1]:
+        raise ValueError(f"the encoder's {tokens.shape[1]} tokens are not its levels' {shapes}")
+    return out
+
+
+def _hybrid_encoder_features(model: Any, captured: dict) -> list:
+    """RT-DETR, RT-DETRv2, D-FINE, DEIMv2: the hybrid encoder's output maps ``[B,C,h,w]`` (strides 8/16/32 of
+    the square input: every position lies inside the image)."""
+    _, output = captured["encoder"]
+    maps = getattr(output, "last_hidden_state", None)
+    if maps is None:
+        maps = getattr(output, "feature_maps", None)
+    if maps is None:
+        maps = output[0]
+    return [(m, None) for m in maps]
+
+
+def _projector_features(model: Any, captured: dict) -> list:
+    """LW-DETR, RF-DETR: no transformer encoder; their ViT encoder and multi-scale projector (the backbone
+    module) give the ``[B,d,h,w]`` maps the decoder reads, with their masks."""
+    return [(m, mask.bool()) for m, mask in map_mask_pairs(captured.get("features"))]
+
+
+def _hybrid_levels(cfg: dict) -> int:
+    return len(cfg.get("encoder_in_channels") or cfg.get("feat_strides") or (0, 0, 0))
+
+
+def _hybrid_width(cfg: dict) -> int:
+    return int(cfg["encoder_hidden_dim"])
+
+
+def _deformable_levels(cfg: dict) -> int:
+    return int(cfg.get("num_feature_levels") or 4)
+
+
+def _projector_levels(cfg: dict) -> int:
+    return len(cfg.get("projector_scale_factors") or ()) or int(cfg.get("num_feature_levels") or 1)
+
+
+_FLAT = dict(features=_flat_encoder_features)
+_HYBRID = dict(features=_hybrid_encoder_features, feature_levels=_hybrid_levels, feature_width=_hybrid_width)
+_PROJECTOR = dict(features=_projector_features, feature_levels=_projector_levels)
 
 
 # ---------------------------------------------------------------------------- weight dicts
@@ -331,46 +417,49 @@ register_family(Family(
     key="detr", model_type="detr", hf_class="DetrForObjectDetection", softmax=True, dense_attention=True,
     queries=_embedding_queries, dynamic_queries=_static_queries, summed_loss=False, layers=_detr_layers,
     layer_modules=_decoder_layers,
-    loss_weights=detr_loss_weights, note="softmax + no-object; decoder layers hooked, its heads applied", **_MASKED))
+    loss_weights=detr_loss_weights, note="softmax + no-object; decoder layers hooked, its heads applied", **_FLAT,
+    **_MASKED))
 register_family(Family(
     key="conditional_detr", model_type="conditional_detr", hf_class="ConditionalDetrForObjectDetection",
     softmax=False, dense_attention=True, summed_loss=False, layers=_conditional_detr_layers,
     queries=_embedding_queries, dynamic_queries=_static_queries,
     layer_modules=_decoder_layers, loss_weights=detr_loss_weights,
-    note="decoder layers hooked; heads with the shared 2-d reference points", **_MASKED))
+    note="decoder layers hooked; heads with the shared 2-d reference points", **_FLAT, **_MASKED))
 register_family(Family(
     key="dab_detr", model_type="dab-detr", hf_class="DabDetrForObjectDetection", softmax=False,
     dense_attention=True, summed_loss=False, layers=_dab_detr_layers, dynamic_queries=_dab_dynamic,
     count_queries=_dab_count,
-    loss_weights=detr_loss_weights, note="intermediate_hidden_states + per-layer 4-d anchors", **_MASKED))
+    loss_weights=detr_loss_weights, note="intermediate_hidden_states + per-layer 4-d anchors", **_FLAT, **_MASKED))
 register_family(Family(
     key="deformable_detr", model_type="deformable_detr", hf_class="DeformableDetrForObjectDetection",
     softmax=False, dense_attention=False, summed_loss=False, layers=_deformable_detr_layers,
     queries=_deformable_queries, dynamic_queries=_deformable_dynamic, count_queries=_deformable_count,
-    loss_weights=detr_loss_weights, note="per-layer class_embed/bbox_embed on intermediate_hidden_states", **_MASKED))
+    loss_weights=detr_loss_weights, note="per-layer class_embed/bbox_embed on intermediate_hidden_states",
+    features=_flat_encoder_features, feature_levels=_deformable_levels, **_MASKED))
 register_family(Family(
     key="rt_detr", model_type="rt_detr", hf_class="RTDetrForObjectDetection", softmax=False, dense_attention=False,
     summed_loss=True, layers=_rt_detr_layers,
-    note="intermediate_logits / intermediate_reference_points; denoising queries cut", **_FIXED_640))
+    note="intermediate_logits / intermediate_reference_points; denoising queries cut", **_HYBRID, **_FIXED_640))
 register_family(Family(
     key="rt_detr_v2", model_type="rt_detr_v2", hf_class="RTDetrV2ForObjectDetection", softmax=False,
     dense_attention=False, summed_loss=True, layers=_rt_detr_layers, note="as RT-DETR",
-    **_FIXED_640))
+    **_HYBRID, **_FIXED_640))
 register_family(Family(
     key="d_fine", model_type="d_fine", hf_class="DFineForObjectDetection", softmax=False, dense_attention=False,
     summed_loss=True, layers=_d_fine_layers, all_layers_in_eval=_DecoderEmitsAllLayers,
-    note="every layer in eval through the decoder's own training flag; denoising queries cut", **_FIXED_640))
+    note="every layer in eval through the decoder's own training flag; denoising queries cut", **_HYBRID,
+    **_FIXED_640))
 register_family(Family(
     key="deimv2", model_type="deimv2", hf_class="Deimv2ForObjectDetection", softmax=False, dense_attention=False,
     summed_loss=True, layers=_d_fine_layers, all_layers_in_eval=_DecoderEmitsAllLayers,
-    note="as D-FINE", **_FIXED_640))
+    note="as D-FINE", **_HYBRID, **_FIXED_640))
 register_family(Family(
     key="lw_detr", model_type="lw_detr", hf_class="LwDetrForObjectDetection", softmax=False, dense_attention=False,
     summed_loss=False, layers=_group_detr_layers, loss_weights=group_detr_loss_weights,
     group_queries=True, dynamic_queries=_group_dynamic, pad_multiple=_lw_detr_windows,
-    note="Group DETR groups in training: group 0 kept; batch padded to whole windows", **_MASKED))
+    note="Group DETR groups in training: group 0 kept; batch padded to whole windows", **_PROJECTOR, **_MASKED))
 register_family(Family(
     key="rf_detr", model_type="rf_detr", hf_class="RfDetrForObjectDetection", softmax=False, dense_attention=False,
     summed_loss=False, layers=_group_detr_layers, loss_weights=group_detr_loss_weights,
     group_queries=True, dynamic_queries=_group_dynamic, pad_multiple=_rf_detr_windows, note="as LW-DETR",
-    **_MASKED))
+    **_PROJECTOR, **_MASKED))

@@ -7,13 +7,13 @@ Storage layer (see ``docs/teacher_cache.md``): ``manifest`` (the format, the man
 """
 
 from .attention_codec import (StoreConfig, batch_keys, bytes_per_view, decode_attention, decode_batch,
-                              encode_attention, encode_batch)
+                              encode_attention, encode_batch, feature_bytes)
 from .manifest import CACHE_FORMAT, FORMAT_VERSION, CacheError, sha256_file
 from .reader import CacheReader
 from .verify import VerifyReport, cache_info, missing_views, verify_cache, verify_report
 from .writer import CacheWriter
 
 __all__ = ["StoreConfig", "batch_keys", "bytes_per_view", "decode_attention", "decode_batch", "encode_attention",
-           "encode_batch", "CACHE_FORMAT", "FORMAT_VERSION", "CacheError", "CacheReader", "CacheWriter",
+           "encode_batch", "feature_bytes", "CACHE_FORMAT", "FORMAT_VERSION", "CacheError", "CacheReader", "CacheWriter",
            "cache_info", "sha256_file", "verify_cache", "verify_report", "VerifyReport",
            "missing_views"]

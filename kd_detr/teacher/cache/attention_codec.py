@@ -15,6 +15,12 @@ fp16 self-attention ≈ 1.1 MB and cross-attention ≈ 3–4 MB, 8x that per hea
 Class logits are stored dense (``--classes dense``, the default) or as each query's top-k classes plus
 one value for the others (``--classes topk:k[:rest]``; codec in :mod:`.class_codec`).
 
+The teacher's encoder output maps (feature distillation, ``[feature_kd]``) are stored on request only
+(``--features``, :attr:`StoreConfig.features`), in the store dtype, each view's maps over its own grids:
+``features [1,C,sum(h_l*w_l)]`` with ``feature_shapes [n,2]`` and ``feature_strides [n]`` (int32). They are large
+(:func:`feature_bytes`: Conditional DETR R101 at 800x1066, ``d = 256``, stride 32: 435,212 bytes per view in
+float16; RT-DETR R50 at 640x640, 256 channels, strides 8/16/32: 4,300,836 bytes).
+
 Shapes: ``L`` decoder layers, ``B`` images of the padded batch, ``H`` heads, ``N`` teacher queries,
 ``K`` keys (``N`` for self-attention, ``S = h * w`` C5 tokens for cross-attention), ``C`` classes.
 """
@@ -34,7 +40,8 @@ from .class_codec import (CLASS_REST_SCHEMES, DEFAULT_CLASS_REST, class_bytes, c
 
 __all__ = ["DTYPES", "ATTENTION_MODES", "ATTENTION_REST_SCHEMES", "DEFAULT_ATTENTION_SPEC", "DEFAULT_CLASSES_SPEC",
            "HEAD_MODES", "StoreConfig", "encode_attention", "decode_attention",
-           "encode_batch", "decode_batch", "batch_keys", "bytes_per_view", "store_section_defaults"]
+           "encode_batch", "decode_batch", "batch_keys", "bytes_per_view", "store_section_defaults",
+           "encode_features", "decode_features", "feature_bytes", "FEATURE_KEYS"]
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 ATTENTION_MODES = ("none", "full", "topk")
@@ -70,6 +77,7 @@ class StoreConfig:
             see :mod:`.class_codec`); ``None`` picks the default scheme; normalised to ``"none"`` when dense.
         attn_rest: how a ``topk`` attention row's other keys are rebuilt (``uniform`` | ``renorm``, see the
             module docstring); ``None`` picks ``uniform``; normalised to ``"none"`` unless ``topk``.
+        features: also store the teacher's encoder output maps (``--features``; feature distillation).
     """
 
     dtype: str = "float16"
@@ -79,6 +87,7 @@ class StoreConfig:
     class_topk: int = 0
     class_rest: Optional[str] = None
     attn_rest: Optional[str] = None
+    features: bool = False
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -97,6 +106,8 @@ class StoreConfig:
         else:
             self.topk = 0
             self.attn_rest = "none"
+        if not isinstance(self.features, bool):
+            raise ValueError(f"store features must be true or false, got {self.features!r}")
         if isinstance(self.class_topk, bool) or not isinstance(self.class_topk, int) or self.class_topk < 0:
             raise ValueError(f"store class_topk must be 0 (dense) or k >= 1, got {self.class_topk!r}")
         if self.class_topk == 0:
@@ -108,14 +119,14 @@ class StoreConfig:
 
     @classmethod
     def parse(cls, attention_spec: str, dtype: str = "float16", heads: str = "mean",
-              classes: str = "dense") -> "StoreConfig":
+              classes: str = "dense", features: bool = False) -> "StoreConfig":
         """``none`` | ``full`` | ``topk:K[:REST]`` (the ``--attention`` option) and ``dense`` | ``topk:K[:REST]``
-        (the ``--classes`` option) -> :class:`StoreConfig`."""
+        (the ``--classes`` option) -> :class:`StoreConfig` (``features``: the ``--features`` flag)."""
         spec = str(attention_spec).strip().lower()
         usage = (f"--attention must be none, full or topk:K[:REST] (K a positive integer, REST one of "
                  f"{', '.join(ATTENTION_REST_SCHEMES)}), got {attention_spec!r}")
         class_topk, class_rest = cls.parse_classes(classes)
-        common = dict(dtype=dtype, heads=heads, class_topk=class_topk, class_rest=class_rest)
+        common = dict(dtype=dtype, heads=heads, class_topk=class_topk, class_rest=class_rest, features=bool(features))
         if spec in ("none", "full"):
             return cls(attention=spec, topk=0, **common)
         if spec.startswith("topk:"):
@@ -162,9 +173,10 @@ class StoreConfig:
         return f"topk:{self.class_topk}:{self.class_rest}" if self.class_topk else "dense"
 
     def describe(self) -> str:
+        feats = ", encoder features" if self.features else ""
         if self.attention == "none":
-            return f"attention none, {self.dtype}, classes {self.classes_spec}"
-        return f"attention {self.spec}, {self.dtype}, heads {self.heads}, classes {self.classes_spec}"
+            return f"attention none, {self.dtype}, classes {self.classes_spec}{feats}"
+        return f"attention {self.spec}, {self.dtype}, heads {self.heads}, classes {self.classes_spec}{feats}"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -181,13 +193,15 @@ class StoreConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "StoreConfig":
         """From a manifest ``store`` section; other keys (``layers``, ``queries``, ...) are ignored. A section
-        without ``class_topk`` (a cache written before class top-k existed) reads as dense."""
+        without ``class_topk`` (a cache written before class top-k existed) reads as dense, one without
+        ``features`` as storing none."""
         rest = d.get("class_rest")
         attn_rest = d.get("attn_rest")
         return cls(dtype=d.get("dtype", "float16"), attention=d.get("attention", "none"),
                    topk=int(d.get("topk") or 0), heads=d.get("heads", "mean"),
                    class_topk=int(d.get("class_topk") or 0), class_rest=None if rest in (None, "none") else rest,
-                   attn_rest=None if attn_rest in (None, "none") else attn_rest)
+                   attn_rest=None if attn_rest in (None, "none") else attn_rest,
+                   features=bool(d.get("features", False)))
 
 
 def store_section_defaults(store: Mapping[str, Any]) -> dict[str, Any]:
@@ -198,6 +212,7 @@ def store_section_defaults(store: Mapping[str, Any]) -> dict[str, Any]:
     out.setdefault("class_topk", 0)
     out.setdefault("class_rest", "none")
     out.setdefault("attn_rest", "renorm" if out.get("attention") == "topk" else "none")  # what topk decoded as
+    out.setdefault("features", False)  # caches written before --features stored no encoder maps
     return out
 
 
@@ -281,6 +296,8 @@ def decode_attention(tensors: Mapping[str, Tensor], cfg: StoreConfig, num_keys: 
 
 # Keys every stored batch has, whatever the attention mode.
 _BASE_KEYS = ("logits", "boxes", "reference_points", "feature_size", "image_index", "gt_assignment")
+# Keys of the encoder output maps (``StoreConfig.features``).
+FEATURE_KEYS = ("features", "feature_shapes", "feature_strides")
 
 
 def batch_keys(cfg: StoreConfig) -> tuple[str, ...]:
@@ -294,7 +311,7 @@ def batch_keys(cfg: StoreConfig) -> tuple[str, ...]:
         attn = ("self_attn", "cross_attn")
     else:
         attn = ("self_attn.values", "self_attn.indices", "cross_attn.values", "cross_attn.indices")
-    return base + attn
+    return base + attn + (FEATURE_KEYS if cfg.features else ())
 
 
 def encode_batch(outputs: TeacherOutputs, image_index: Tensor, cfg: StoreConfig) -> dict[str, Tensor]:
@@ -335,7 +352,39 @@ def encode_batch(outputs: TeacherOutputs, image_index: Tensor, cfg: StoreConfig)
     out["gt_assignment"] = wire["gt_assignment"].detach().to(torch.int64).contiguous()
     out.update(encode_attention(wire.get("self_attn"), cfg, "self_attn"))
     out.update(encode_attention(wire.get("cross_attn"), cfg, "cross_attn"))
+    if cfg.features:
+        out.update(encode_features(outputs, dt))
     return out
+
+
+def encode_features(outputs: TeacherOutputs, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The encoder output maps of one view (``B = 1``, each over the view's own grid) -> ``features
+    [1,C,sum(h_l*w_l)]`` in ``dtype``, ``feature_shapes [n,2]`` and ``feature_strides [n]`` int32."""
+    if outputs.features is None:
+        raise ValueError("the cache stores the teacher's encoder feature maps (--features) but the teacher "
+                         "returned none: run the teacher with features=True")
+    maps = outputs.features
+    if maps[0].shape[0] != 1:
+        raise ValueError(f"encoder feature maps are stored per view (B = 1), got B = {maps[0].shape[0]}")
+    if outputs.feature_grids is not None and any(
+            tuple(int(x) for x in g) != tuple(m.shape[-2:]) for m, g in zip(maps, outputs.feature_grids[0])):
+        raise ValueError("encoder feature maps must be over the view's own grid (TeacherOutputs.feature_grids)")
+    return {"features": torch.cat([m.detach().flatten(2) for m in maps], -1).to(dtype).contiguous(),
+            "feature_shapes": torch.tensor([list(m.shape[-2:]) for m in maps], dtype=torch.int32),
+            "feature_strides": torch.tensor([int(s) for s in outputs.feature_strides], dtype=torch.int32)}
+
+
+def decode_features(tensors: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Inverse of :func:`encode_features`: the wire keys ``features.<l>`` (``[1,C,h_l,w_l]`` float32) and
+    ``feature_strides``."""
+    flat = _get(tensors, "features").float()
+    shapes = [(int(h), int(w)) for h, w in _get(tensors, "feature_shapes").tolist()]
+    if sum(h * w for h, w in shapes) != flat.shape[-1]:
+        raise ValueError(f"features: {flat.shape[-1]} stored positions, the shapes {shapes} say otherwise")
+    wire: dict[str, Any] = {"feature_strides": _get(tensors, "feature_strides")}
+    for level, part in enumerate(flat.split([h * w for h, w in shapes], -1)):
+        wire[f"features.{level}"] = part.reshape(*flat.shape[:-1], *shapes[level])
+    return wire
 
 
 def decode_batch(tensors: Mapping[str, Tensor], cfg: StoreConfig, query_embed: Tensor) -> TeacherOutputs:
@@ -356,20 +405,32 @@ def decode_batch(tensors: Mapping[str, Tensor], cfg: StoreConfig, query_embed: T
         maps = decode_attention(tensors, cfg, num_keys, key)
         if maps is not None:
             wire[key] = maps
+    if cfg.features:
+        wire.update(decode_features(tensors))
     return TeacherOutputs.from_wire(wire, query_embed)
 
 
 # -------------------------------------------------------------------------------------------- sizes
 
 
+def feature_bytes(channels: int, grids: Any, dtype: str = "float16") -> int:
+    """Exact bytes of the encoder output maps stored for one view (``--features``): ``channels x sum(h*w)``
+    values in ``dtype`` plus ``feature_shapes`` and ``feature_strides`` (int32). ``grids``: each level's
+    ``(h, w)`` on the view (e.g. ``[(80, 80), (40, 40), (20, 20)]`` for a 640x640 input at strides 8/16/32)."""
+    e = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    grids = [(int(h), int(w)) for h, w in grids]
+    return channels * sum(h * w for h, w in grids) * e + len(grids) * (2 * 4 + 4)
+
+
 def bytes_per_view(cfg: Union[StoreConfig, str], L: int = 6, N: int = 300, C: int = 91, H: int = 8,
-                   S: int = 25 * 34) -> int:
+                   S: int = 25 * 34, feature_channels: int = 256, feature_grids: Any = ((25, 34),)) -> int:
     """Exact bytes of the tensors stored for one image view (a batch of one image, ``B = 1``).
 
     Counts the tensor data of :func:`encode_batch` (``feature_size`` included), not the safetensors
     JSON header. Defaults are the official Conditional DETR R50 sizes: 6 layers, 300 queries,
     91 classes, 8 heads, ``S = 25 * 34`` C5 tokens for an 800x1066 input. ``cfg`` may be an
-    ``--attention`` spec (fp16, mean heads, dense classes).
+    ``--attention`` spec (fp16, mean heads, dense classes). With ``cfg.features``: plus the encoder output maps
+    of ``feature_channels`` over ``feature_grids`` (:func:`feature_bytes`; default the C5 memory, ``d = 256``).
     """
     if isinstance(cfg, str):
         cfg = StoreConfig.parse(cfg)
@@ -385,4 +446,6 @@ def bytes_per_view(cfg: Union[StoreConfig, str], L: int = 6, N: int = 300, C: in
             k = min(cfg.topk, keys)
             idx = torch.empty((), dtype=_index_dtype(keys)).element_size()
             total += L * heads * N * k * (e + idx)
+    if cfg.features:
+        total += feature_bytes(feature_channels, feature_grids, cfg.dtype)
     return total

@@ -184,6 +184,9 @@ def build_cache(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, out: 
                          "Data's, there are no actor handles to give")
     tasks = plan_shards(plan, images_per_shard)
 
+    if store.features and "features" not in describe_teacher(spec, dataset.label_map)[0].supports:
+        raise CacheError(f"teacher {spec.name} gives no encoder feature maps to store (--features): build its cache "
+                         "without --features")
     if store.attention != "none":
         # a deformable-attention teacher (RT-DETR, D-FINE, ...) has no maps to store: say so before any actor
         teacher_model = describe_teacher(spec, dataset.label_map)[0]
@@ -211,7 +214,8 @@ def build_cache(spec: TeacherSpec, dataset: CocoDetection, plan: ViewPlan, out: 
                 opts, run.device = actor_options(num_gpus)
                 run.pipeline = pipeline if pipeline != "auto" else (
                     "stream" if "num_gpus" in opts and on_actors is None else "actor_pool")
-                job = teacher_job(spec, store.attn_mode, dataset.label_map, run.device, actors, num_threads)
+                job = teacher_job(spec, store.attn_mode, dataset.label_map, run.device, actors, num_threads,
+                                  features=store.features)
                 data = plan_job(dataset, plan)
                 if run.pipeline == "stream":
                     _build_stream(target, run, spec, dataset, job, data, store, opts.get("num_gpus", 0),
