@@ -50,7 +50,7 @@ from PIL import Image
 
 from .annotations import annotations_sha256, coco_paths, load_annotations, load_coco_json, make_coco, read_categories
 from .dataset_error import DatasetError, one_line
-from .images import (_TRANSPOSED_ORIENTATIONS, _WARNED_HIGH_BIT, bomb_message, read_image, read_rgb,  # noqa: F401
+from .images import (_WARNED_HIGH_BIT, bomb_message, oriented_size, read_image, read_rgb,  # noqa: F401
                      warn_high_bit)
 from .label_map import LabelMap, LabelMapError
 from .transforms import HIGH_BIT_DEPTH_MODES, AugmentationPolicy, View, apply_view, view_generator
@@ -341,8 +341,8 @@ class CocoDetection(torch.utils.data.Dataset):
         try:
             with Image.open(path) as im:
                 mode = im.mode
-                size = im.size[::-1] if im.getexif().get(0x0112, 1) in _TRANSPOSED_ORIENTATIONS else im.size
                 im.verify()  # decodes enough to catch truncated / corrupt files cheaply
+            size = oriented_size(path)  # after its EXIF orientation, as it is read (verify() leaves im unusable)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             self.report.add("unreadable_file", bomb_message(path, e, ""))
             return False

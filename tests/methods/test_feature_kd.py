@@ -240,27 +240,37 @@ def _values(tree, key):
     return []
 
 
-def _run(pipeline, out, recipe="feature_kd", **source):
+def _run(pipeline, out, recipe="feature_kd", extra=(), **source):
     from kd_detr.runs.assemble import TeacherSourceSpec, assemble_run
 
     spec = TeacherSourceSpec(teacher="cond_detr_r10_tiny", checkpoint=pipeline["checkpoint"], **source)
     run = assemble_run("hf_rt_detr_tiny", recipe, pipeline["data"], spec, str(out),
                        student_overrides={"num_queries": 10},
                        overrides=["train.batch_size=2", "train.max_iters=2", "train.log_every=1",
-                                  "train.eval_every_epochs=0", "train.lr_drop=1000", "train.checkpoint_every=2"],
+                                  "train.eval_every_epochs=0", "train.lr_drop=1000", "train.checkpoint_every=2",
+                                  *extra],
                        train_options={"num_workers": 0, "progress": False}, views=1)
     run.run()
     return [r for r in read_log(out) if "loss" in r]
 
 
+# the new methods together: D3ETR's cross-family terms, feature KD and Teach-DETR (the random teacher's 5 best boxes)
+COMBINED = ("d3etr_cross_family_feature", ("teach_detr.enabled=true", "teach_detr.score_threshold=0.0",
+                                           "teach_detr.max_targets=5"))
+
+
 def test_rt_detr_student_from_a_conditional_detr_teacher_in_process_cache_and_ray(pipeline, tmp_path):
     """Cross family (d = 128 at stride 32 -> RT-DETR's three 32-wide levels at strides 8/16/32): every level's
-    term, the same losses from the three teacher sources, and the projectors trained and checkpointed."""
-    inproc = _run(pipeline, tmp_path / "inproc")
-    cached = _run(pipeline, tmp_path / "cached", cache=pipeline["cache"])
-    ray = _run(pipeline, tmp_path / "ray", serve="ray")
+    term, the same losses from the three teacher sources (feature KD with Teach-DETR and D3ETR's cross-family
+    terms beside it), and the projectors trained and checkpointed."""
+    recipe, extra = COMBINED
+    inproc = _run(pipeline, tmp_path / "inproc", recipe, extra)
+    cached = _run(pipeline, tmp_path / "cached", recipe, extra, cache=pipeline["cache"])
+    ray = _run(pipeline, tmp_path / "ray", recipe, extra, serve="ray")
     assert len(inproc) == len(cached) == len(ray) == 2
-    for key in ("loss", "feature_kd.total", "feature_kd.mse.p0", "feature_kd.mse.p1", "feature_kd.mse.p2"):
+    assert inproc[0]["teach_detr.total"] > 0 and inproc[0]["distill.total"] > 0
+    for key in ("loss", "feature_kd.total", "feature_kd.mse.p0", "feature_kd.mse.p1", "feature_kd.mse.p2",
+                "teach_detr.total", "distill.total"):
         for i in range(2):
             a = inproc[i][key]
             assert cached[i][key] == pytest.approx(a, rel=1e-5, abs=1e-6), ("cache", i, key)
