@@ -30,7 +30,7 @@ from typing import Optional
 from kd_detr.errors import UserError
 
 __all__ = ["DownloadError", "cached_file", "download", "expected_hash", "imagenet_backbone", "kd_detr_home",
-           "offline"]
+           "offline", "sha256_file"]
 
 log = logging.getLogger("kd_detr.download")
 
@@ -75,7 +75,8 @@ def expected_hash(url: str, sha256: Optional[str] = None) -> Optional[str]:
     return m.group(1) if m else None
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a file, read in 4 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -89,7 +90,7 @@ def download(url: str, dest: str | os.PathLike, sha256: Optional[str] = None, pr
     dest = Path(dest)
     want = expected_hash(url, sha256)
     if dest.is_file():
-        if want and not _sha256(dest).startswith(want):
+        if want and not sha256_file(dest).startswith(want):
             raise DownloadError(f"{dest} (from {url}) does not have the recorded SHA-256 {want}: remove it and run "
                                 "again to download it anew")
         return dest

@@ -6,7 +6,6 @@ and the record."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -14,6 +13,8 @@ from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from kd_detr.download import sha256_file
 
 from .dataset_error import DatasetError
 
@@ -191,8 +192,4 @@ def annotations_sha256(source: Any) -> str:
 
     if isinstance(source, YoloSplit):
         return source.sha256()
-    h = hashlib.sha256()
-    with open(source, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(source)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import hashlib
 import json
 import os
 from collections import OrderedDict
@@ -375,12 +374,10 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """SHA-256 hex digest of a file (:func:`kd_detr.download.sha256_file`)."""
+    from kd_detr.download import sha256_file
+
+    return sha256_file(path)
 
 
 def convert_official(pth_path: str | os.PathLike, model_name: str, num_classes: Optional[int],

@@ -37,19 +37,14 @@ def embed_grid(maps: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Te
     """``maps [..., h*w]`` over a C5 grid ``(h, w)`` -> ``[..., H*W]`` over the larger grid ``size = (H, W)``:
     the ``(h, w)`` grid in the top-left corner (where a padded batch puts the image), zeros elsewhere."""
     h, w = (int(x) for x in grid)
-    big_h, big_w = (int(x) for x in size)
-    if h > big_h or w > big_w:
-        raise ValueError(f"a C5 grid of {h}x{w} does not fit in {big_h}x{big_w}")
-    if (h, w) == (big_h, big_w):
+    if (h, w) == tuple(int(x) for x in size):
         return maps
-    out = maps.new_zeros(*maps.shape[:-1], big_h, big_w)
-    out[..., :h, :w] = maps.reshape(*maps.shape[:-1], h, w)
-    return out.flatten(-2)
+    return embed_map(maps.reshape(*maps.shape[:-1], h, w), size).flatten(-2)
 
 
 def embed_map(maps: Tensor, size: tuple[int, int]) -> Tensor:
     """``maps [B,C,h,w]`` -> ``[B,C,H,W]`` over the larger grid ``size = (H, W)``: in the top-left corner, zeros
-    elsewhere (the feature-map twin of :func:`embed_grid`)."""
+    elsewhere (:func:`embed_grid` is it for maps flattened over their grid)."""
     h, w = maps.shape[-2:]
     big_h, big_w = (int(x) for x in size)
     if h > big_h or w > big_w:

@@ -15,13 +15,13 @@ run records) and in cache manifests. A path that exists locally is always a fold
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from kd_detr.download import sha256_file
 from kd_detr.errors import UserError
 
 __all__ = ["HubError", "HubSnapshot", "hub_cache_dir", "hub_offline", "is_hub_id", "resolve_hub_id"]
@@ -78,14 +78,6 @@ class HubSnapshot:
         return {"repo_id": self.repo_id, "revision": self.revision, "commit": self.commit, "files": dict(self.files)}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @functools.lru_cache(maxsize=32)
 def _resolve(repo_id: str, revision: str, offline: bool, cache_dir: str) -> HubSnapshot:
     from huggingface_hub import snapshot_download
@@ -108,7 +100,7 @@ def _resolve(repo_id: str, revision: str, offline: bool, cache_dir: str) -> HubS
     except RepositoryNotFoundError:
         raise HubError(f"hf:{repo_id}: no such model repository on the Hub (or it is private: log in with "
                        "`hf auth login`)") from None
-    files = {p.name: _sha256(p) for p in sorted(folder.glob("*.safetensors"))}
+    files = {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors"))}
     return HubSnapshot(repo_id=repo_id, revision=revision, commit=folder.name, folder=folder, files=files)
 
 
